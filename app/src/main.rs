@@ -1,0 +1,214 @@
+//! `qwenvl`: run Qwen-VL-Chat locally. `qwenvl run` answers a conversation file from the command
+//! line; the desktop app comes with no arguments.
+
+mod engine;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::{Parser, Subcommand, ValueEnum};
+use lm::generate::{Decoding, GenerateOptions, SamplingParams};
+use lm::prompt::Conversation;
+
+use crate::engine::{Engine, Reply};
+
+#[derive(Parser)]
+#[command(name = "qwenvl", version, about = "Run Qwen-VL-Chat locally")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Answer one conversation file (the neutral JSON format) and print the reply.
+    Run(RunArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl DtypeArg {
+    fn dtype(self) -> DType {
+        match self {
+            DtypeArg::F32 => DType::F32,
+            DtypeArg::F16 => DType::F16,
+            DtypeArg::Bf16 => DType::BF16,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Model folder (config.json, generation_config.json, qwen.tiktoken, weights).
+    #[arg(long)]
+    model: PathBuf,
+    /// Conversation JSON: {"system", "history", "query"}; image paths relative to its folder.
+    #[arg(long)]
+    conversation: PathBuf,
+    /// In-memory weight type (f32 is the exact reference path).
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DtypeArg,
+    /// Most new tokens (default: the checkpoint's max_new_tokens).
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// Argmax at every step (ties to the lowest id).
+    #[arg(long, conflicts_with_all = ["temperature", "top_p", "top_k", "seed", "repetition_penalty"])]
+    greedy: bool,
+    #[arg(long)]
+    temperature: Option<f64>,
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// 0 disables top-k.
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    repetition_penalty: Option<f64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Print one JSON object (ids, text, boxes, timings) instead of streaming the reply.
+    #[arg(long)]
+    json: bool,
+    /// Write the last prompt position's logits (f32 [vocab], tensor `logits`) to a safetensors file.
+    #[arg(long)]
+    logits_out: Option<PathBuf>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Run(args)) => run(args),
+        None => {
+            eprintln!("The desktop app is not built yet; use `qwenvl run --help`.");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn generate_options(args: &RunArgs, engine: &Engine) -> Result<GenerateOptions> {
+    let gen_cfg = &engine.checkpoint.generation;
+    let mut opts = GenerateOptions::from_generation_config(gen_cfg);
+    if let Some(n) = args.max_new_tokens {
+        opts.max_new_tokens = n;
+    }
+    let sampling_flags = args.temperature.is_some()
+        || args.top_p.is_some()
+        || args.top_k.is_some()
+        || args.seed.is_some()
+        || args.repetition_penalty.is_some();
+    if args.greedy {
+        opts.decoding = Decoding::Greedy;
+    } else if sampling_flags {
+        let mut p = SamplingParams::from_generation_config(gen_cfg);
+        if let Some(t) = args.temperature {
+            if !(t >= 0.0 && t.is_finite()) {
+                bail!("--temperature must be a finite number >= 0, got {t}");
+            }
+            p.temperature = t;
+        }
+        if let Some(top_p) = args.top_p {
+            if !(top_p > 0.0 && top_p <= 1.0) {
+                bail!("--top-p must be in (0, 1], got {top_p}");
+            }
+            p.top_p = Some(top_p).filter(|x| *x < 1.0);
+        }
+        if let Some(k) = args.top_k {
+            p.top_k = Some(k).filter(|k| *k > 0);
+        }
+        if let Some(r) = args.repetition_penalty {
+            if !(r > 0.0 && r.is_finite()) {
+                bail!("--repetition-penalty must be a finite number > 0, got {r}");
+            }
+            p.repetition_penalty = Some(r).filter(|r| *r != 1.0);
+        }
+        if let Some(s) = args.seed {
+            p.seed = s;
+        }
+        opts.decoding = Decoding::Sample(p);
+    }
+    Ok(opts)
+}
+
+fn read_conversation(path: &Path) -> Result<Conversation> {
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read the conversation {}", path.display()))?;
+    serde_json::from_slice(&bytes)
+        .with_context(|| format!("{}: not a valid conversation JSON", path.display()))
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    let conv = read_conversation(&args.conversation)?;
+    let base_dir = args
+        .conversation
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let device = Device::Cpu;
+    let engine = Engine::load(&args.model, args.dtype.dtype(), &device)?;
+    let opts = generate_options(&args, &engine)?;
+    let cancel = AtomicBool::new(false);
+    let stream = !args.json;
+    let mut stdout = std::io::stdout().lock();
+    let reply = engine.reply(&conv, &base_dir, &opts, &cancel, |piece| {
+        if stream {
+            // A closed pipe must not abort generation bookkeeping; ignore write errors here.
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        }
+    })?;
+    if let Some(path) = &args.logits_out {
+        write_logits(path, &reply.last_logits)?;
+    }
+    if args.json {
+        let out = json_output(&engine, &reply);
+        writeln!(stdout, "{}", serde_json::to_string(&out)?)?;
+    } else {
+        writeln!(stdout)?;
+    }
+    Ok(())
+}
+
+fn write_logits(path: &Path, logits: &Tensor) -> Result<()> {
+    let logits = logits.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+    candle_core::safetensors::save(&std::collections::HashMap::from([("logits", logits)]), path)
+        .with_context(|| format!("cannot write logits to {}", path.display()))
+}
+
+fn json_output(engine: &Engine, reply: &Reply) -> serde_json::Value {
+    // Boxes refer to the latest picture of the conversation, as the reference draws them.
+    let latest = reply.pictures.last();
+    let boxes: Vec<serde_json::Value> = lm::grounding::boxes(&reply.text)
+        .into_iter()
+        .map(|b| {
+            let px = latest.map(|p| lm::grounding::grid_to_pixels(b.grid, p.width, p.height));
+            serde_json::json!({
+                "ref": b.label,
+                "box": b.grid,
+                "image": latest.map(|p| p.path.clone()),
+                "box_px": px,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "prompt_ids": reply.prompt.ids,
+        "generated_ids": reply.generation.ids,
+        "text": reply.text,
+        "finish": format!("{:?}", reply.generation.finish),
+        "boxes": boxes,
+        "history_turns_kept": reply.prompt.history_turns_kept,
+        "history_turns_dropped": reply.prompt.history_turns_dropped,
+        "timings": reply.timings,
+        "load_ms": engine.load_ms,
+    })
+}

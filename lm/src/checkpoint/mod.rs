@@ -1,0 +1,465 @@
+//! Loading a Hugging Face Qwen-VL model folder: `config.json`, `generation_config.json`
+//! (optional), `qwen.tiktoken` and the weights in any of the layouts the hub uses:
+//!
+//! * a single `model.safetensors`;
+//! * sharded safetensors listed by `model.safetensors.index.json`;
+//! * sharded PyTorch pickles `pytorch_model-*.bin` listed by `pytorch_model.bin.index.json` (the
+//!   layout `Qwen/Qwen-VL-Chat` ships), or a single `pytorch_model.bin`.
+//!
+//! Every shard is memory-mapped once; [`Checkpoint::open`] only indexes the tensors (name → shard,
+//! dtype, shape, byte range) and validates them against the file sizes. Tensors are created
+//! straight from the mapped bytes when requested and converted to the requested dtype.
+//! PyTorch pickles go through a restricted interpreter ([`pickle`]) that only understands the
+//! objects a `torch.save`d state dict is made of.
+
+mod index;
+mod pickle;
+mod pth;
+mod safetensors;
+mod zip;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+
+use crate::config::{GenerationConfig, QwenConfig};
+use crate::error::{Error, Result};
+
+pub use safetensors::MAX_HEADER_LEN as MAX_SAFETENSORS_HEADER_LEN;
+
+const CONFIG: &str = "config.json";
+const GENERATION_CONFIG: &str = "generation_config.json";
+const TOKENIZER: &str = "qwen.tiktoken";
+const SAFETENSORS_INDEX: &str = "model.safetensors.index.json";
+const SAFETENSORS: &str = "model.safetensors";
+const PYTORCH_INDEX: &str = "pytorch_model.bin.index.json";
+const PYTORCH: &str = "pytorch_model.bin";
+
+/// How the weights of a checkpoint are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightsFormat {
+    /// `model.safetensors`.
+    Safetensors,
+    /// `model.safetensors.index.json` + shards.
+    ShardedSafetensors,
+    /// `pytorch_model.bin`.
+    Pytorch,
+    /// `pytorch_model.bin.index.json` + shards.
+    ShardedPytorch,
+}
+
+impl WeightsFormat {
+    fn is_pytorch(self) -> bool {
+        matches!(self, Self::Pytorch | Self::ShardedPytorch)
+    }
+}
+
+/// What the index knows about one tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    /// Dtype on disk.
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    /// The shard file holding it.
+    pub file: PathBuf,
+}
+
+/// Where the bytes of a tensor are, relative to the start of its shard file.
+#[derive(Debug, Clone)]
+pub(crate) enum Span {
+    /// Row-major bytes starting at `start`.
+    Contiguous { start: usize },
+    /// A strided view (in elements) over a storage of `storage_len` bytes starting at `start`.
+    Strided {
+        start: usize,
+        storage_len: usize,
+        offset: usize,
+        stride: Vec<usize>,
+    },
+}
+
+/// One tensor as a shard parser reports it.
+#[derive(Debug, Clone)]
+pub(crate) struct RawTensor {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub span: Span,
+}
+
+/// Bytes of a dense tensor of `shape` and `dtype`, `None` on overflow.
+pub(crate) fn byte_len(shape: &[usize], dtype: DType) -> Option<usize> {
+    shape
+        .iter()
+        .try_fold(dtype.size_in_bytes(), |acc, &d| acc.checked_mul(d))
+}
+
+struct Shard {
+    path: PathBuf,
+    mmap: memmap2::Mmap,
+}
+
+#[derive(Debug)]
+struct Entry {
+    shard: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    span: Span,
+}
+
+/// All shards of a checkpoint, mapped, with the tensor index.
+pub(crate) struct Weights {
+    dir: PathBuf,
+    format: WeightsFormat,
+    shards: Vec<Shard>,
+    tensors: BTreeMap<String, Entry>,
+}
+
+impl std::fmt::Debug for Weights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Weights")
+            .field("dir", &self.dir)
+            .field("format", &self.format)
+            .field("shards", &self.shards.len())
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+impl Weights {
+    fn open(dir: &Path) -> Result<Self> {
+        let layouts = [
+            (SAFETENSORS_INDEX, WeightsFormat::ShardedSafetensors),
+            (SAFETENSORS, WeightsFormat::Safetensors),
+            (PYTORCH_INDEX, WeightsFormat::ShardedPytorch),
+            (PYTORCH, WeightsFormat::Pytorch),
+        ];
+        let Some((file, format)) = layouts.iter().find(|(f, _)| dir.join(f).is_file()) else {
+            return Err(Error::checkpoint(
+                dir,
+                format!(
+                    "no weights found: looked for {}",
+                    layouts.map(|(f, _)| f).join(", ")
+                ),
+            ));
+        };
+        let mut weights = Weights {
+            dir: dir.to_path_buf(),
+            format: *format,
+            shards: Vec::new(),
+            tensors: BTreeMap::new(),
+        };
+        match format {
+            WeightsFormat::Safetensors | WeightsFormat::Pytorch => {
+                for t in weights.add_shard(&dir.join(file))? {
+                    weights.insert(t, 0);
+                }
+            }
+            WeightsFormat::ShardedSafetensors | WeightsFormat::ShardedPytorch => {
+                weights.open_sharded(&dir.join(file))?
+            }
+        }
+        Ok(weights)
+    }
+
+    fn open_sharded(&mut self, index_path: &Path) -> Result<()> {
+        let map = index::read_weight_map(index_path)?;
+        // Shards in order of first appearance, each opened once.
+        let mut shard_of_file: BTreeMap<&str, usize> = BTreeMap::new();
+        for (name, file) in &map {
+            if shard_of_file.contains_key(file.as_str()) {
+                continue;
+            }
+            let path = self.dir.join(file);
+            if !path.is_file() {
+                return Err(Error::checkpoint(
+                    index_path,
+                    format!(
+                        "shard {file} (holding tensor `{name}`) not found at {}",
+                        path.display()
+                    ),
+                ));
+            }
+            let shard = self.shards.len();
+            shard_of_file.insert(file, shard);
+            for t in self.add_shard(&path)? {
+                // A tensor the index assigns to another shard is ignored here.
+                if map.get(&t.name).is_none_or(|f| f == file) {
+                    self.insert(t, shard);
+                }
+            }
+        }
+        for (name, file) in &map {
+            if !self.tensors.contains_key(name) {
+                return Err(Error::Tensor {
+                    name: name.clone(),
+                    path: self.dir.join(file),
+                    msg: format!(
+                        "listed in {} but not present in the shard",
+                        index_path.display()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Maps `path` as the next shard and returns its tensors.
+    fn add_shard(&mut self, path: &Path) -> Result<Vec<RawTensor>> {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the map is read-only; like every mmap-based loader we rely on the checkpoint not
+        // being truncated or rewritten while it is open.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let tensors = if self.format.is_pytorch() {
+            pth::index(path, &mmap)?
+        } else {
+            safetensors::index(path, &mmap)?
+        };
+        self.shards.push(Shard {
+            path: path.to_path_buf(),
+            mmap,
+        });
+        Ok(tensors)
+    }
+
+    fn insert(&mut self, t: RawTensor, shard: usize) {
+        self.tensors.insert(
+            t.name,
+            Entry {
+                shard,
+                dtype: t.dtype,
+                shape: t.shape,
+                span: t.span,
+            },
+        );
+    }
+
+    fn entry(&self, name: &str) -> Result<&Entry> {
+        self.tensors.get(name).ok_or_else(|| Error::Tensor {
+            name: name.to_string(),
+            path: self.dir.clone(),
+            msg: "not found in the checkpoint".to_string(),
+        })
+    }
+
+    fn file_of(&self, entry: &Entry) -> &Path {
+        self.shards
+            .get(entry.shard)
+            .map_or(self.dir.as_path(), |s| s.path.as_path())
+    }
+
+    fn info(&self, name: &str) -> Option<TensorInfo> {
+        let entry = self.tensors.get(name)?;
+        Some(TensorInfo {
+            dtype: entry.dtype,
+            shape: entry.shape.clone(),
+            file: self.file_of(entry).to_path_buf(),
+        })
+    }
+
+    /// The tensor `name` in its on-disk dtype, then converted to `dtype` on `device`.
+    fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        let entry = self.entry(name)?;
+        let path = self.file_of(entry);
+        let err = |msg: String| Error::Tensor {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            msg,
+        };
+        let data: &[u8] = self
+            .shards
+            .get(entry.shard)
+            .map_or(&[], |s| s.mmap.as_ref());
+        let nbytes = byte_len(&entry.shape, entry.dtype)
+            .ok_or_else(|| err(format!("shape {:?} overflows", entry.shape)))?;
+        let past_eof = || {
+            err(format!(
+                "byte range past the end of the file ({} bytes)",
+                data.len()
+            ))
+        };
+        let gathered;
+        let bytes = match &entry.span {
+            Span::Contiguous { start } => start
+                .checked_add(nbytes)
+                .and_then(|end| data.get(*start..end))
+                .ok_or_else(past_eof)?,
+            Span::Strided {
+                start,
+                storage_len,
+                offset,
+                stride,
+            } => {
+                let storage = start
+                    .checked_add(*storage_len)
+                    .and_then(|end| data.get(*start..end))
+                    .ok_or_else(past_eof)?;
+                gathered = gather(storage, entry.dtype.size_in_bytes(), &entry.shape, stride, *offset)
+                    .ok_or_else(|| err("strided view reaches past its storage".to_string()))?;
+                gathered.as_slice()
+            }
+        };
+        Tensor::from_raw_buffer(bytes, entry.dtype, &entry.shape, device)
+            .and_then(|t| t.to_dtype(dtype))
+            .map_err(|e| err(format!("cannot load as {dtype:?} on {device:?}: {e}")))
+    }
+}
+
+/// Copies the strided view `(shape, stride, offset)` of `storage` (elements of `elem` bytes)
+/// into row-major order; `None` if an element lies outside the storage.
+fn gather(
+    storage: &[u8],
+    elem: usize,
+    shape: &[usize],
+    stride: &[usize],
+    offset: usize,
+) -> Option<Vec<u8>> {
+    let numel: usize = shape.iter().product();
+    let mut out = Vec::with_capacity(numel.checked_mul(elem)?);
+    let mut idx = vec![0usize; shape.len()];
+    for _ in 0..numel {
+        let e = idx
+            .iter()
+            .zip(stride)
+            .try_fold(offset, |acc, (&i, &s)| acc.checked_add(i.checked_mul(s)?))?;
+        let b = e.checked_mul(elem)?;
+        out.extend_from_slice(storage.get(b..b.checked_add(elem)?)?);
+        for (i, &n) in idx.iter_mut().zip(shape).rev() {
+            *i += 1;
+            if *i < n {
+                break;
+            }
+            *i = 0;
+        }
+    }
+    Some(out)
+}
+
+/// [`SimpleBackend`] over all shards, so one `VarBuilder` serves the whole model.
+struct Backend(Arc<Weights>);
+
+impl SimpleBackend for Backend {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let entry = self.0.entry(name).map_err(candle_core::Error::wrap)?;
+        if entry.shape.as_slice() != s.dims() {
+            return Err(candle_core::Error::wrap(Error::Tensor {
+                name: name.to_string(),
+                path: self.0.file_of(entry).to_path_buf(),
+                msg: format!(
+                    "wrong shape: expected {:?}, found {:?}",
+                    s.dims(),
+                    entry.shape
+                ),
+            }));
+        }
+        self.0
+            .load(name, dtype, dev)
+            .map_err(candle_core::Error::wrap)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0
+            .load(name, dtype, dev)
+            .map_err(candle_core::Error::wrap)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.tensors.contains_key(name)
+    }
+}
+
+/// An opened model folder: parsed configs plus the indexed, memory-mapped weights.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub config: QwenConfig,
+    pub generation: GenerationConfig,
+    weights: Arc<Weights>,
+}
+
+impl Checkpoint {
+    /// Parses the configs, finds the weights layout, maps the shards and indexes every tensor.
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::checkpoint(
+                dir,
+                "checkpoint folder not found (or not a directory)",
+            ));
+        }
+        let config_path = dir.join(CONFIG);
+        if !config_path.is_file() {
+            return Err(Error::checkpoint(
+                &config_path,
+                "config.json not found: not a Hugging Face model folder",
+            ));
+        }
+        let config = QwenConfig::from_file(&config_path)?;
+        let generation_path = dir.join(GENERATION_CONFIG);
+        let generation = if generation_path.is_file() {
+            GenerationConfig::from_file(&generation_path)?
+        } else {
+            GenerationConfig::default()
+        };
+        let weights = Weights::open(dir)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+            generation,
+            weights: Arc::new(weights),
+        })
+    }
+
+    /// One `VarBuilder` over all shards; tensors are loaded lazily and converted to `dtype`.
+    /// Getting an absent tensor or one of another shape fails with an error naming it.
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(
+            Box::new(Backend(self.weights.clone())),
+            dtype,
+            device.clone(),
+        )
+    }
+
+    /// `qwen.tiktoken` in the checkpoint folder (not checked for existence here).
+    pub fn tokenizer_file(&self) -> PathBuf {
+        self.dir.join(TOKENIZER)
+    }
+
+    /// The storage layout found by [`Checkpoint::open`].
+    pub fn format(&self) -> WeightsFormat {
+        self.weights.format
+    }
+
+    pub fn tensor_info(&self, name: &str) -> Option<TensorInfo> {
+        self.weights.info(name)
+    }
+
+    /// Every tensor name, sorted.
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.weights.tensors.keys().map(String::as_str)
+    }
+
+    /// Loads one tensor and converts it to `dtype` on `device`.
+    pub fn load_tensor(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        self.weights.load(name, dtype, device)
+    }
+
+    /// Bytes of all tensors as stored (for progress reporting).
+    pub fn total_bytes(&self) -> u64 {
+        self.weights
+            .tensors
+            .values()
+            .map(|e| byte_len(&e.shape, e.dtype).unwrap_or(0) as u64)
+            .sum()
+    }
+}

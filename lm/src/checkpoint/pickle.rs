@@ -1,0 +1,1 @@
+//! Restricted pickle interpreter (stub).

@@ -1,0 +1,173 @@
+//! `config.json` and `generation_config.json` of a Qwen-VL checkpoint, mirrored as serde structs.
+//! Missing keys fall back to the values of the published Qwen-VL-Chat checkpoint.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+fn d_seq_length() -> usize {
+    2048
+}
+fn d_rotary_base() -> f64 {
+    10000.0
+}
+fn d_rotary_pct() -> f64 {
+    1.0
+}
+fn d_eps() -> f64 {
+    1e-6
+}
+fn d_true() -> bool {
+    true
+}
+fn d_max_pos() -> usize {
+    8192
+}
+
+/// `config.json` (model_type "qwen").
+#[derive(Debug, Clone, Deserialize)]
+pub struct QwenConfig {
+    #[serde(default)]
+    pub model_type: Option<String>,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub kv_channels: Option<usize>,
+    #[serde(default = "d_eps")]
+    pub layer_norm_epsilon: f64,
+    #[serde(default = "d_rotary_base")]
+    pub rotary_emb_base: f64,
+    #[serde(default = "d_rotary_pct")]
+    pub rotary_pct: f64,
+    #[serde(default = "d_seq_length")]
+    pub seq_length: usize,
+    #[serde(default = "d_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "d_true")]
+    pub use_dynamic_ntk: bool,
+    #[serde(default = "d_true")]
+    pub use_logn_attn: bool,
+    #[serde(default = "d_true")]
+    pub scale_attn_weights: bool,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// No bias on the MLP and the attention output projection (`c_attn` always has one).
+    #[serde(default = "d_true")]
+    pub no_bias: bool,
+    #[serde(default)]
+    pub torch_dtype: Option<String>,
+    /// The vision tower's own config; the `vision` crate parses it.
+    #[serde(default)]
+    pub visual: Option<serde_json::Value>,
+}
+
+impl QwenConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let cfg: Self = read_json(path)?;
+        if let Some(mt) = &cfg.model_type {
+            if mt != "qwen" {
+                return Err(Error::checkpoint(
+                    path,
+                    format!("unsupported model_type {mt:?} (expected \"qwen\")"),
+                ));
+            }
+        }
+        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+            return Err(Error::checkpoint(
+                path,
+                format!(
+                    "hidden_size {} is not a multiple of num_attention_heads {}",
+                    cfg.hidden_size, cfg.num_attention_heads
+                ),
+            ));
+        }
+        if cfg.head_dim() == 0 || cfg.rotary_dim() % 2 != 0 || cfg.rotary_dim() > cfg.head_dim() {
+            return Err(Error::checkpoint(
+                path,
+                format!(
+                    "head dim {} / rotary_pct {} give an unusable rotary dimension {}",
+                    cfg.head_dim(),
+                    cfg.rotary_pct,
+                    cfg.rotary_dim()
+                ),
+            ));
+        }
+        Ok(cfg)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.kv_channels
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Number of rotary dimensions per head (`rotary_pct` of the head dim).
+    pub fn rotary_dim(&self) -> usize {
+        (self.head_dim() as f64 * self.rotary_pct) as usize
+    }
+}
+
+fn d_chat_format() -> String {
+    "chatml".into()
+}
+fn d_eos() -> u32 {
+    151643
+}
+fn d_max_window() -> usize {
+    6144
+}
+fn d_max_new() -> usize {
+    512
+}
+fn d_top_p() -> f64 {
+    0.8
+}
+
+/// `generation_config.json`: the sampling defaults the checkpoint ships with.
+#[derive(Debug, Clone, Deserialize)]
+pub struct GenerationConfig {
+    #[serde(default = "d_chat_format")]
+    pub chat_format: String,
+    #[serde(default = "d_eos")]
+    pub eos_token_id: u32,
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+    #[serde(default = "d_max_window")]
+    pub max_window_size: usize,
+    #[serde(default = "d_max_new")]
+    pub max_new_tokens: usize,
+    #[serde(default)]
+    pub do_sample: bool,
+    #[serde(default)]
+    pub top_k: usize,
+    #[serde(default = "d_top_p")]
+    pub top_p: f64,
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    #[serde(default)]
+    pub repetition_penalty: Option<f64>,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("defaults deserialize")
+    }
+}
+
+impl GenerationConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        read_json(path)
+    }
+}
+
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_slice(&bytes).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })
+}

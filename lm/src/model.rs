@@ -1,0 +1,502 @@
+//! QWen, the language model of Qwen-VL-Chat (Qwen-7B architecture).
+//!
+//! RMSNorm, fused `c_attn` (with bias) split into q | k | v, rotary embeddings on the full head dim
+//! ("rotate-half") with dynamic NTK scaling of the base, log-n query scaling beyond `seq_length`,
+//! SwiGLU MLP `c_proj(w1(x) * silu(w2(x)))`, untied `lm_head`. Image features are written over the
+//! token embeddings between `<img>` and `</img>` during the prefill.
+//!
+//! Tensor names follow the checkpoint: `transformer.wte`, `transformer.h.{i}.attn.c_attn`, ...,
+//! `transformer.ln_f`, `lm_head`.
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::{Embedding, Linear, VarBuilder};
+
+use crate::config::QwenConfig;
+
+/// Queries per attention chunk: bounds the score matrix to `heads × CHUNK × kv_len` floats, so a
+/// 6000-token prefill of the 32-head model does not need gigabytes of scores.
+const ATTN_CHUNK: usize = 512;
+
+/// Dynamic-NTK alpha for a prefill of `n` positions (reference: `2^ceil(log2(n / seq_length) + 1) - 1`,
+/// at least 1).
+pub fn ntk_alpha(n: usize, seq_length: usize) -> f64 {
+    let context_value = (n as f64 / seq_length as f64).log2() + 1.0;
+    let alpha = 2f64.powf(context_value.ceil()) - 1.0;
+    alpha.max(1.0)
+}
+
+/// Log-n attention factor of the query at 0-based position `p`.
+pub fn logn_factor(p: usize, seq_length: usize) -> f32 {
+    let i = p + 1;
+    if i > seq_length {
+        ((i as f64).ln() / (seq_length as f64).ln()) as f32
+    } else {
+        1.0
+    }
+}
+
+/// Rotary tables for absolute positions `[offset, offset + len)`, computed in f32 like the
+/// reference (`inv_freq = 1 / base^(2j/d)`, angle = `p * inv_freq`). Returns `(cos, sin)`, each
+/// `[len, rot_dim / 2]`.
+fn rotary_tables(
+    rot_dim: usize,
+    base: f64,
+    offset: usize,
+    len: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = rot_dim / 2;
+    let base = base as f32;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|j| 1.0 / base.powf((2 * j) as f32 / rot_dim as f32))
+        .collect();
+    let mut cos = Vec::with_capacity(len * half);
+    let mut sin = Vec::with_capacity(len * half);
+    for p in offset..offset + len {
+        for f in &inv_freq {
+            let angle = p as f32 * f;
+            cos.push(angle.cos());
+            sin.push(angle.sin());
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (len, half), device)?,
+        Tensor::from_vec(sin, (len, half), device)?,
+    ))
+}
+
+/// Per-forward-pass positional state shared by all layers.
+struct Positions {
+    cos: Tensor,
+    sin: Tensor,
+    /// `[1, 1, T, 1]` log-n factors, `None` when every factor is 1.
+    logn: Option<Tensor>,
+    offset: usize,
+}
+
+/// Key/value cache of every layer plus the NTK alpha frozen at prefill.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    ntk_alpha: Option<f64>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: vec![None; num_layers],
+            ntk_alpha: None,
+        }
+    }
+
+    /// Number of positions already in the cache.
+    pub fn len(&self) -> usize {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.dim(2).unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The NTK alpha chosen at prefill (frozen during decoding, as the reference does).
+    pub fn ntk_alpha(&self) -> Option<f64> {
+        self.ntk_alpha
+    }
+
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(|l| *l = None);
+        self.ntk_alpha = None;
+    }
+
+    /// Drops every position from `len` on (keeps a shared prefix for reuse).
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if len >= self.len() {
+            return Ok(());
+        }
+        if len == 0 {
+            self.clear();
+            return Ok(());
+        }
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.narrow(2, 0, len)?.contiguous()?;
+            *v = v.narrow(2, 0, len)?.contiguous()?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(size, "weight")?,
+            eps,
+        })
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // The reference normalises in f32 and casts back before scaling by the weight.
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = xf.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
+        normed.to_dtype(dtype)?.broadcast_mul(&self.weight)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    c_attn: Linear,
+    c_proj: Linear,
+    n_heads: usize,
+    head_dim: usize,
+    rot_dim: usize,
+    scale_attn: bool,
+}
+
+impl Attention {
+    fn new(cfg: &QwenConfig, vb: VarBuilder) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let proj = cfg.num_attention_heads * cfg.head_dim();
+        Ok(Self {
+            c_attn: candle_nn::linear(h, 3 * proj, vb.pp("c_attn"))?,
+            c_proj: candle_nn::linear_b(proj, h, !cfg.no_bias, vb.pp("c_proj"))?,
+            n_heads: cfg.num_attention_heads,
+            head_dim: cfg.head_dim(),
+            rot_dim: cfg.rotary_dim(),
+            scale_attn: cfg.scale_attn_weights,
+        })
+    }
+
+    fn rotary(&self, x: &Tensor, pos: &Positions) -> Result<Tensor> {
+        let d = self.head_dim;
+        let dtype = x.dtype();
+        // The reference rotates in f32 and casts back.
+        let xf = x.to_dtype(DType::F32)?;
+        let rotated = if self.rot_dim == d {
+            candle_nn::rotary_emb::rope(&xf, &pos.cos, &pos.sin)?
+        } else {
+            let rot = xf.narrow(D::Minus1, 0, self.rot_dim)?.contiguous()?;
+            let pass = xf.narrow(D::Minus1, self.rot_dim, d - self.rot_dim)?;
+            let rot = candle_nn::rotary_emb::rope(&rot, &pos.cos, &pos.sin)?;
+            Tensor::cat(&[rot, pass], D::Minus1)?
+        };
+        rotated.to_dtype(dtype)
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        pos: &Positions,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (n, d) = (self.n_heads, self.head_dim);
+        let qkv = self.c_attn.forward(x)?;
+        let split = |i: usize| -> Result<Tensor> {
+            qkv.narrow(D::Minus1, i * n * d, n * d)?
+                .reshape((b, t, n, d))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = self.rotary(&split(0)?, pos)?;
+        let k = self.rotary(&split(1)?, pos)?;
+        let v = split(2)?;
+        let q = match &pos.logn {
+            Some(f) => q.broadcast_mul(&f.to_dtype(q.dtype())?)?,
+            None => q,
+        };
+        let (k, v) = match cache.take() {
+            Some((pk, pv)) => (
+                Tensor::cat(&[&pk, &k], 2)?.contiguous()?,
+                Tensor::cat(&[&pv, &v], 2)?.contiguous()?,
+            ),
+            None => (k, v),
+        };
+        *cache = Some((k.clone(), v.clone()));
+
+        let kv_len = k.dim(2)?;
+        let scale = if self.scale_attn { (d as f64).sqrt() } else { 1.0 };
+        let kt = k.transpose(2, 3)?.contiguous()?;
+        let mut outs = Vec::with_capacity(t.div_ceil(ATTN_CHUNK));
+        let mut q0 = 0;
+        while q0 < t {
+            let c = ATTN_CHUNK.min(t - q0);
+            let qc = q.narrow(2, q0, c)?;
+            let scores = (qc.matmul(&kt)? / scale)?.to_dtype(DType::F32)?;
+            // Causal: the query at absolute position p sees keys 0..=p.
+            let first_abs = pos.offset + q0;
+            let scores = if kv_len > first_abs + 1 {
+                let mask: Vec<f32> = (0..c)
+                    .flat_map(|i| {
+                        (0..kv_len).map(move |j| {
+                            if j > first_abs + i {
+                                f32::NEG_INFINITY
+                            } else {
+                                0.0
+                            }
+                        })
+                    })
+                    .collect();
+                let mask = Tensor::from_vec(mask, (1, 1, c, kv_len), x.device())?;
+                scores.broadcast_add(&mask)?
+            } else {
+                scores
+            };
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+            outs.push(probs.matmul(&v)?);
+            q0 += c;
+        }
+        let out = if outs.len() == 1 {
+            outs.remove(0)
+        } else {
+            Tensor::cat(&outs, 2)?
+        };
+        let out = out.transpose(1, 2)?.reshape((b, t, n * d))?;
+        self.c_proj.forward(&out)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    w1: Linear,
+    w2: Linear,
+    c_proj: Linear,
+}
+
+impl Mlp {
+    fn new(cfg: &QwenConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, ff) = (cfg.hidden_size, cfg.intermediate_size / 2);
+        Ok(Self {
+            w1: candle_nn::linear_b(h, ff, !cfg.no_bias, vb.pp("w1"))?,
+            w2: candle_nn::linear_b(h, ff, !cfg.no_bias, vb.pp("w2"))?,
+            c_proj: candle_nn::linear_b(ff, h, !cfg.no_bias, vb.pp("c_proj"))?,
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // SiLU is on w2; w1 is the plain factor.
+        let gate = candle_nn::ops::silu(&self.w2.forward(x)?)?;
+        self.c_proj.forward(&(self.w1.forward(x)? * gate)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    ln_1: RmsNorm,
+    attn: Attention,
+    ln_2: RmsNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn new(cfg: &QwenConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, eps) = (cfg.hidden_size, cfg.layer_norm_epsilon);
+        Ok(Self {
+            ln_1: RmsNorm::new(h, eps, vb.pp("ln_1"))?,
+            attn: Attention::new(cfg, vb.pp("attn"))?,
+            ln_2: RmsNorm::new(h, eps, vb.pp("ln_2"))?,
+            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        pos: &Positions,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let a = (x + self.attn.forward(&self.ln_1.forward(x)?, pos, cache)?)?;
+        &a + self.mlp.forward(&self.ln_2.forward(&a)?)?
+    }
+}
+
+/// Image features to write over the embeddings of one image span.
+#[derive(Debug, Clone)]
+pub struct ImageFeatures {
+    /// Index of the first of the 256 positions strictly between `<img>` and `</img>`.
+    pub first_position: usize,
+    /// `[256, hidden]` features from the visual encoder.
+    pub features: Tensor,
+}
+
+/// Hidden states of every stage of one forward pass (for golden tests and debugging).
+#[derive(Debug, Clone)]
+pub struct ForwardTrace {
+    pub embeddings: Tensor,
+    pub block_outputs: Vec<Tensor>,
+    pub ln_f_out: Tensor,
+}
+
+/// The QWen language model with its LM head.
+#[derive(Debug, Clone)]
+pub struct QwenLm {
+    wte: Embedding,
+    h: Vec<Block>,
+    ln_f: RmsNorm,
+    lm_head: Linear,
+    cfg: QwenConfig,
+    dtype: DType,
+    device: Device,
+}
+
+impl QwenLm {
+    /// `vb` is rooted at the checkpoint's top level (it holds `transformer.*` and `lm_head`).
+    pub fn new(cfg: &QwenConfig, vb: VarBuilder) -> Result<Self> {
+        let t = vb.pp("transformer");
+        let wte = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, t.pp("wte"))?;
+        let h = (0..cfg.num_hidden_layers)
+            .map(|i| Block::new(cfg, t.pp("h").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let ln_f = RmsNorm::new(cfg.hidden_size, cfg.layer_norm_epsilon, t.pp("ln_f"))?;
+        let lm_head = if cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight") {
+            Linear::new(wte.embeddings().clone(), None)
+        } else {
+            candle_nn::linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
+        };
+        Ok(Self {
+            wte,
+            h,
+            ln_f,
+            lm_head,
+            cfg: cfg.clone(),
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+
+    pub fn config(&self) -> &QwenConfig {
+        &self.cfg
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.h.len())
+    }
+
+    /// Token embeddings `[T, hidden]` with image features written over their spans.
+    pub fn embed(&self, ids: &[u32], images: &[ImageFeatures]) -> Result<Tensor> {
+        let vocab = self.cfg.vocab_size as u32;
+        if let Some(bad) = ids.iter().find(|&&id| id >= vocab) {
+            candle_core::bail!("token id {bad} is outside the vocabulary ({vocab})");
+        }
+        let ids_t = Tensor::new(ids, &self.device)?;
+        let mut x = self.wte.forward(&ids_t)?;
+        for img in images {
+            let n = img.features.dim(0)?;
+            if img.first_position + n > ids.len() {
+                candle_core::bail!(
+                    "image features for positions {}..{} do not fit a {}-token prompt",
+                    img.first_position,
+                    img.first_position + n,
+                    ids.len()
+                );
+            }
+            let feats = img.features.to_dtype(x.dtype())?.to_device(&self.device)?;
+            x = x.slice_assign(&[img.first_position..img.first_position + n, 0..x.dim(1)?], &feats)?;
+        }
+        Ok(x)
+    }
+
+    fn positions(&self, offset: usize, len: usize, alpha: f64) -> Result<Positions> {
+        let rot_dim = self.cfg.rotary_dim();
+        let base = self.cfg.rotary_emb_base * alpha.powf(rot_dim as f64 / (rot_dim as f64 - 2.0));
+        let (cos, sin) = rotary_tables(rot_dim, base, offset, len, &self.device)?;
+        let seq = self.cfg.seq_length;
+        let logn = if self.cfg.use_logn_attn && offset + len > seq {
+            let f: Vec<f32> = (offset..offset + len).map(|p| logn_factor(p, seq)).collect();
+            Some(Tensor::from_vec(f, (1, 1, len, 1), &self.device)?)
+        } else {
+            None
+        };
+        Ok(Positions {
+            cos,
+            sin,
+            logn,
+            offset,
+        })
+    }
+
+    /// Runs the blocks over `embeds` (`[T, hidden]`) appended after the cache's contents and returns
+    /// the final hidden states after `ln_f` (`[T, hidden]`). With an empty cache this is a prefill and
+    /// fixes the NTK alpha for later steps.
+    pub fn forward_embeds(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        Ok(self.run(embeds, cache, false)?.ln_f_out)
+    }
+
+    /// Like [`forward_embeds`](Self::forward_embeds) but also returns every block's output.
+    pub fn forward_trace(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<ForwardTrace> {
+        self.run(embeds, cache, true)
+    }
+
+    fn run(&self, embeds: &Tensor, cache: &mut KvCache, trace: bool) -> Result<ForwardTrace> {
+        let t = embeds.dim(0)?;
+        if cache.layers.len() != self.h.len() {
+            *cache = self.new_cache();
+        }
+        let offset = cache.len();
+        let alpha = match (offset, cache.ntk_alpha) {
+            (_, Some(a)) if offset > 0 => a,
+            _ if self.cfg.use_dynamic_ntk => ntk_alpha(t, self.cfg.seq_length),
+            _ => 1.0,
+        };
+        cache.ntk_alpha = Some(alpha);
+        let pos = self.positions(offset, t, alpha)?;
+        let mut x = embeds.to_dtype(self.dtype)?.unsqueeze(0)?;
+        let mut block_outputs = Vec::new();
+        for (block, layer_cache) in self.h.iter().zip(cache.layers.iter_mut()) {
+            x = block.forward(&x, &pos, layer_cache)?;
+            if trace {
+                block_outputs.push(x.squeeze(0)?);
+            }
+        }
+        let ln_f_out = self.ln_f.forward(&x)?.squeeze(0)?;
+        Ok(ForwardTrace {
+            embeddings: embeds.clone(),
+            block_outputs,
+            ln_f_out,
+        })
+    }
+
+    /// LM-head logits (f32, `[vocab]`) of one hidden state `[hidden]`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head
+            .forward(&hidden.unsqueeze(0)?)?
+            .squeeze(0)?
+            .to_dtype(DType::F32)
+    }
+
+    /// Forward pass over `ids` (appended after the cache) and the logits of the last position.
+    pub fn forward(
+        &self,
+        ids: &[u32],
+        images: &[ImageFeatures],
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        if ids.is_empty() {
+            candle_core::bail!("forward over an empty token sequence");
+        }
+        let x = self.embed(ids, images)?;
+        let hidden = self.forward_embeds(&x, cache)?;
+        self.logits(&hidden.get(ids.len() - 1)?)
+    }
+}

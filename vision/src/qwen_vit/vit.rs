@@ -1,0 +1,132 @@
+//! The ViT part of Qwen-VL's vision tower: pre-norm residual blocks with per-head packed
+//! q/k/v attention and an exact-GELU MLP.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{linear, Linear, VarBuilder};
+
+/// LayerNorm eps of the whole vision tower (hard-coded upstream, independent of the LM's eps).
+pub const LN_EPS: f64 = 1e-6;
+
+/// LayerNorm with weight and bias, computed in `f32` whatever the activation dtype.
+///
+/// The mean is subtracted first, so the variance does not suffer from cancellation when
+/// activations have a large mean.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?.to_dtype(DType::F32)?,
+            bias: vb.get(dim, "bias")?.to_dtype(DType::F32)?,
+            eps,
+        })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dtype = xs.dtype();
+        let xs = xs.to_dtype(DType::F32)?;
+        let centred = xs.broadcast_sub(&xs.mean_keepdim(D::Minus1)?)?;
+        candle_nn::ops::layer_norm(&centred, &self.weight, &self.bias, self.eps as f32)?
+            .to_dtype(dtype)
+    }
+}
+
+/// Softmax over the last dimension, in `f32`.
+pub fn softmax_f32(xs: &Tensor) -> Result<Tensor> {
+    let dtype = xs.dtype();
+    candle_nn::ops::softmax_last_dim(&xs.to_dtype(DType::F32)?.contiguous()?)?.to_dtype(dtype)
+}
+
+/// Self-attention whose `in_proj` output is laid out per head as `[q_h | k_h | v_h]`
+/// (upstream `VisualAttention`), not as `[all q | all k | all v]`.
+#[derive(Debug, Clone)]
+pub struct VisualAttention {
+    in_proj: Linear,
+    out_proj: Linear,
+    num_heads: usize,
+    head_dim: usize,
+}
+
+impl VisualAttention {
+    pub fn new(width: usize, num_heads: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            in_proj: linear(width, 3 * width, vb.pp("in_proj"))?,
+            out_proj: linear(width, width, vb.pp("out_proj"))?,
+            num_heads,
+            head_dim: width / num_heads,
+        })
+    }
+}
+
+impl Module for VisualAttention {
+    /// `xs`: `[B, N, W]` → `[B, N, W]`.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, n, w) = xs.dims3()?;
+        let (h, hd) = (self.num_heads, self.head_dim);
+        let qkv = self.in_proj.forward(xs)?.reshape((b, n, h, 3 * hd))?;
+        let part = |i: usize| qkv.narrow(3, i * hd, hd)?.transpose(1, 2)?.contiguous();
+        // Upstream divides q by sqrt(head_dim) before the product.
+        let q = part(0)?.affine(1.0 / (hd as f64).sqrt(), 0.0)?;
+        let k = part(1)?;
+        let v = part(2)?;
+        let probs = softmax_f32(&q.matmul(&k.t()?)?)?;
+        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, w))?;
+        self.out_proj.forward(&ctx)
+    }
+}
+
+/// `c_fc` → exact (erf) GELU → `c_proj`.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    c_fc: Linear,
+    c_proj: Linear,
+}
+
+impl Mlp {
+    pub fn new(width: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            c_fc: linear(width, hidden, vb.pp("c_fc"))?,
+            c_proj: linear(hidden, width, vb.pp("c_proj"))?,
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.c_proj.forward(&self.c_fc.forward(xs)?.gelu_erf()?)
+    }
+}
+
+/// One pre-norm block: `x += attn(ln_1(x))`, `x += mlp(ln_2(x))`.
+#[derive(Debug, Clone)]
+pub struct ResidualAttentionBlock {
+    ln_1: LayerNorm,
+    attn: VisualAttention,
+    ln_2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl ResidualAttentionBlock {
+    pub fn new(width: usize, heads: usize, mlp_width: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            ln_1: LayerNorm::new(width, LN_EPS, vb.pp("ln_1"))?,
+            attn: VisualAttention::new(width, heads, vb.pp("attn"))?,
+            ln_2: LayerNorm::new(width, LN_EPS, vb.pp("ln_2"))?,
+            mlp: Mlp::new(width, mlp_width, vb.pp("mlp"))?,
+        })
+    }
+}
+
+impl Module for ResidualAttentionBlock {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = (xs + self.attn.forward(&self.ln_1.forward(xs)?)?)?;
+        &xs + self.mlp.forward(&self.ln_2.forward(&xs)?)?
+    }
+}
