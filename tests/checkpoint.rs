@@ -15,9 +15,15 @@ fn expected_tensors() -> Vec<(String, Vec<usize>)> {
         ("transformer.wte.weight", &[151936, 128]),
         ("transformer.ln_f.weight", &[128]),
         ("transformer.visual.attn_pool.attn.in_proj_bias", &[384]),
-        ("transformer.visual.attn_pool.attn.in_proj_weight", &[384, 128]),
+        (
+            "transformer.visual.attn_pool.attn.in_proj_weight",
+            &[384, 128],
+        ),
         ("transformer.visual.attn_pool.attn.out_proj.bias", &[128]),
-        ("transformer.visual.attn_pool.attn.out_proj.weight", &[128, 128]),
+        (
+            "transformer.visual.attn_pool.attn.out_proj.weight",
+            &[128, 128],
+        ),
         ("transformer.visual.attn_pool.kv_proj.weight", &[128, 64]),
         ("transformer.visual.attn_pool.ln_kv.bias", &[128]),
         ("transformer.visual.attn_pool.ln_kv.weight", &[128]),
@@ -59,10 +65,22 @@ fn expected_tensors() -> Vec<(String, Vec<usize>)> {
             "transformer.visual.transformer.resblocks.{i}.attn.out_proj.weight",
             &[64, 64],
         ),
-        ("transformer.visual.transformer.resblocks.{i}.ln_1.bias", &[64]),
-        ("transformer.visual.transformer.resblocks.{i}.ln_1.weight", &[64]),
-        ("transformer.visual.transformer.resblocks.{i}.ln_2.bias", &[64]),
-        ("transformer.visual.transformer.resblocks.{i}.ln_2.weight", &[64]),
+        (
+            "transformer.visual.transformer.resblocks.{i}.ln_1.bias",
+            &[64],
+        ),
+        (
+            "transformer.visual.transformer.resblocks.{i}.ln_1.weight",
+            &[64],
+        ),
+        (
+            "transformer.visual.transformer.resblocks.{i}.ln_2.bias",
+            &[64],
+        ),
+        (
+            "transformer.visual.transformer.resblocks.{i}.ln_2.weight",
+            &[64],
+        ),
         (
             "transformer.visual.transformer.resblocks.{i}.mlp.c_fc.bias",
             &[315],
@@ -104,6 +122,7 @@ fn open_err(dir: &Path) -> String {
 }
 
 fn assert_mentions(msg: &str, parts: &[&str]) {
+    eprintln!("error: {msg}");
     for p in parts {
         assert!(msg.contains(p), "error {msg:?} does not mention {p:?}");
     }
@@ -186,14 +205,13 @@ fn tiny_a_single_safetensors() {
         let t = vb.get(shape.as_slice(), name).unwrap();
         assert_eq!(t.dtype(), DType::F32);
         assert_eq!(t.dims(), shape.as_slice());
-        assert!(bits(&t) == want, "{name}: values differ from the bf16 upcast");
+        assert!(
+            bits(&t) == want,
+            "{name}: values differ from the bf16 upcast"
+        );
     }
     // A prefixed builder resolves the same names.
-    let ln_f = vb
-        .pp("transformer")
-        .pp("ln_f")
-        .get(128, "weight")
-        .unwrap();
+    let ln_f = vb.pp("transformer").pp("ln_f").get(128, "weight").unwrap();
     assert_eq!(ln_f.dims(), &[128]);
     // Other dtypes convert on load.
     for dtype in [DType::F16, DType::BF16] {
@@ -319,8 +337,7 @@ fn write_stored_zip(path: &Path, entries: &[(&str, &[u8])]) {
         central.extend(0x0201_4b50u32.to_le_bytes());
         central.extend(20u16.to_le_bytes()); // version made by
         common(&mut central);
-        central.extend([0u8; 8]); // comment length, disk, internal and external attributes
-        central.extend(0u32.to_le_bytes());
+        central.extend([0u8; 10]); // comment length, disk, internal and external attributes
         central.extend(offset.to_le_bytes());
         central.extend(name.as_bytes());
     }
@@ -453,6 +470,57 @@ fn pickle_with_forbidden_global_is_refused() {
     assert_mentions(&open_err(tmp.path()), &["builtins.eval"]);
 }
 
+/// Opening (and loading everything from) a damaged file must give an error, never a panic.
+fn open_and_load_all(dir: &Path) {
+    if let Ok(ckpt) = Checkpoint::open(dir) {
+        let names: Vec<String> = ckpt.tensor_names().map(str::to_string).collect();
+        for name in names {
+            let _ = ckpt.load_tensor(&name, DType::F32, &Device::Cpu);
+        }
+    }
+}
+
+#[test]
+fn damaged_files_never_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_minimal_model(tmp.path());
+    let storage: Vec<u8> = (0..8).flat_map(|i| (i as f32).to_le_bytes()).collect();
+    let pkl = state_dict_pickle("w", "FloatStorage", 8, 1, &[2, 3], &[1, 2]);
+    let bin = tmp.path().join("pytorch_model.bin");
+    write_stored_zip(
+        &bin,
+        &[("archive/data.pkl", &pkl), ("archive/data/0", &storage)],
+    );
+    let good = std::fs::read(&bin).unwrap();
+    for i in 0..good.len() {
+        std::fs::write(&bin, &good[..i]).unwrap();
+        open_and_load_all(tmp.path());
+        for flip in [0xff, 0x01, 0x80] {
+            let mut bad = good.clone();
+            bad[i] ^= flip;
+            std::fs::write(&bin, &bad).unwrap();
+            open_and_load_all(tmp.path());
+        }
+    }
+    std::fs::remove_file(&bin).unwrap();
+
+    let st = tmp.path().join("model.safetensors");
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 4], &storage)
+        .unwrap();
+    safetensors::serialize_to_file([("w", view)], None, &st).unwrap();
+    let good = std::fs::read(&st).unwrap();
+    for i in 0..good.len() {
+        std::fs::write(&st, &good[..i]).unwrap();
+        open_and_load_all(tmp.path());
+        for flip in [0xff, 0x01, 0x80] {
+            let mut bad = good.clone();
+            bad[i] ^= flip;
+            std::fs::write(&st, &bad).unwrap();
+            open_and_load_all(tmp.path());
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Broken folders.
 
@@ -493,7 +561,10 @@ fn invalid_json() {
 
     std::fs::remove_file(tmp.path().join("generation_config.json")).unwrap();
     std::fs::write(tmp.path().join("model.safetensors.index.json"), b"nope").unwrap();
-    assert_mentions(&open_err(tmp.path()), &["model.safetensors.index.json", "JSON"]);
+    assert_mentions(
+        &open_err(tmp.path()),
+        &["model.safetensors.index.json", "JSON"],
+    );
 }
 
 #[test]
@@ -647,7 +718,10 @@ fn truncated_pytorch_bin() {
     let path = tmp.path().join("pytorch_model.bin");
     write_stored_zip(
         &path,
-        &[("archive/data.pkl", &pkl), ("archive/data/0", &storage[..16])],
+        &[
+            ("archive/data.pkl", &pkl),
+            ("archive/data/0", &storage[..16]),
+        ],
     );
     // The pickle says 8 floats, the entry holds 4.
     assert_mentions(&open_err(tmp.path()), &["`w`", "pytorch_model.bin"]);
@@ -671,7 +745,10 @@ fn var_builder_errors_name_the_tensor() {
         ],
     );
 
-    let msg = vb.get(128, "transformer.nope.weight").unwrap_err().to_string();
+    let msg = vb
+        .get(128, "transformer.nope.weight")
+        .unwrap_err()
+        .to_string();
     assert_mentions(
         &msg,
         &["transformer.nope.weight", tiny_a().to_str().unwrap()],

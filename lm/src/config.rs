@@ -77,7 +77,10 @@ impl QwenConfig {
                 ));
             }
         }
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0
+            || (cfg.kv_channels.is_none()
+                && !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads))
+        {
             return Err(Error::checkpoint(
                 path,
                 format!(
@@ -86,7 +89,10 @@ impl QwenConfig {
                 ),
             ));
         }
-        if cfg.head_dim() == 0 || cfg.rotary_dim() % 2 != 0 || cfg.rotary_dim() > cfg.head_dim() {
+        if cfg.rotary_dim() < 2
+            || !cfg.rotary_dim().is_multiple_of(2)
+            || cfg.rotary_dim() > cfg.head_dim()
+        {
             return Err(Error::checkpoint(
                 path,
                 format!(

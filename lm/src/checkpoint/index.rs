@@ -22,7 +22,10 @@ pub(crate) fn read_weight_map(path: &Path) -> Result<BTreeMap<String, String>> {
         .weight_map
         .ok_or_else(|| Error::checkpoint(path, "index file has no \"weight_map\""))?;
     if map.is_empty() {
-        return Err(Error::checkpoint(path, "index file has an empty \"weight_map\""));
+        return Err(Error::checkpoint(
+            path,
+            "index file has an empty \"weight_map\"",
+        ));
     }
     for (name, file) in &map {
         let mut comps = Path::new(file).components();

@@ -298,8 +298,14 @@ impl Weights {
                     .checked_add(*storage_len)
                     .and_then(|end| data.get(*start..end))
                     .ok_or_else(past_eof)?;
-                gathered = gather(storage, entry.dtype.size_in_bytes(), &entry.shape, stride, *offset)
-                    .ok_or_else(|| err("strided view reaches past its storage".to_string()))?;
+                gathered = gather(
+                    storage,
+                    entry.dtype.size_in_bytes(),
+                    &entry.shape,
+                    stride,
+                    *offset,
+                )
+                .ok_or_else(|| err("strided view reaches past its storage".to_string()))?;
                 gathered.as_slice()
             }
         };
@@ -318,7 +324,7 @@ fn gather(
     stride: &[usize],
     offset: usize,
 ) -> Option<Vec<u8>> {
-    let numel: usize = shape.iter().product();
+    let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))?;
     let mut out = Vec::with_capacity(numel.checked_mul(elem)?);
     let mut idx = vec![0usize; shape.len()];
     for _ in 0..numel {
@@ -401,7 +407,7 @@ impl Checkpoint {
         if !config_path.is_file() {
             return Err(Error::checkpoint(
                 &config_path,
-                "config.json not found: not a Hugging Face model folder",
+                "not found: not a Hugging Face model folder",
             ));
         }
         let config = QwenConfig::from_file(&config_path)?;

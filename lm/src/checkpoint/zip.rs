@@ -20,15 +20,21 @@ const LOCAL_SIG: u32 = 0x0403_4b50;
 const EOCD_LEN: usize = 22;
 
 fn u16_at(data: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(data.get(at..at.checked_add(2)?)?.try_into().ok()?))
+    Some(u16::from_le_bytes(
+        data.get(at..at.checked_add(2)?)?.try_into().ok()?,
+    ))
 }
 
 fn u32_at(data: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(data.get(at..at.checked_add(4)?)?.try_into().ok()?))
+    Some(u32::from_le_bytes(
+        data.get(at..at.checked_add(4)?)?.try_into().ok()?,
+    ))
 }
 
 fn u64_at(data: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(data.get(at..at.checked_add(8)?)?.try_into().ok()?))
+    Some(u64::from_le_bytes(
+        data.get(at..at.checked_add(8)?)?.try_into().ok()?,
+    ))
 }
 
 fn to_usize(v: u64, what: &str) -> Result<usize, String> {
@@ -62,9 +68,7 @@ pub(crate) fn entries(data: &[u8]) -> Result<Vec<ZipEntry>, String> {
             "zip64 record offset",
         )?;
         if u32_at(data, rec) != Some(EOCD64_SIG) {
-            return Err(format!(
-                "{truncated} (zip64 record expected at byte {rec})"
-            ));
+            return Err(format!("{truncated} (zip64 record expected at byte {rec})"));
         }
         count = u64_at(data, rec + 32).ok_or_else(|| bad("short zip64 record"))?;
         cd_size = u64_at(data, rec + 40).ok_or_else(|| bad("short zip64 record"))?;
@@ -75,7 +79,9 @@ pub(crate) fn entries(data: &[u8]) -> Result<Vec<ZipEntry>, String> {
         .checked_add(to_usize(cd_size, "central directory size")?)
         .filter(|&e| e <= data.len())
         .ok_or_else(|| format!("{truncated} (central directory past the end of the file)"))?;
-    let cd = data.get(cd_start..cd_end).ok_or_else(|| bad("central directory"))?;
+    let cd = data
+        .get(cd_start..cd_end)
+        .ok_or_else(|| bad("central directory"))?;
 
     // Every entry takes at least 46 bytes, so `count` cannot make us allocate beyond the file.
     let mut out = Vec::with_capacity(cd.len() / 46);
@@ -167,4 +173,24 @@ fn central_entry(data: &[u8], cd: &[u8], at: &mut usize) -> Result<ZipEntry, Str
         return Err(past_eof());
     }
     Ok(ZipEntry { name, start, size })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoint_zip_not_an_archive() {
+        assert!(entries(b"PK\x03\x04 hello")
+            .unwrap_err()
+            .contains("truncated"));
+        assert!(entries(&[0u8; 100_000]).unwrap_err().contains("truncated"));
+    }
+
+    #[test]
+    fn checkpoint_zip_empty_archive() {
+        let mut eocd = EOCD_SIG.to_le_bytes().to_vec();
+        eocd.extend([0u8; 18]);
+        assert!(entries(&eocd).unwrap().is_empty());
+    }
 }
