@@ -70,6 +70,10 @@ impl Engine {
         let tok_path = checkpoint.tokenizer_file();
         let tokenizer = QwenTokenizer::from_file(&tok_path)
             .with_context(|| format!("cannot load the tokenizer {}", tok_path.display()))?;
+        // Build the BPE now rather than on the first message.
+        tokenizer
+            .warm_up()
+            .with_context(|| format!("cannot build the tokenizer {}", tok_path.display()))?;
         let visual_value = checkpoint
             .config
             .visual

@@ -76,8 +76,8 @@ pub enum Specials {
     /// The nine `<ref> </ref> <box> </box> <quad> </quad> <img> </img> <imgpad>` (the reference's
     /// prompt-content encoding).
     ImageMarkup,
-    /// Only the six ref/box/quad tokens: typed `<img>`/`<|im_start|>`/... stay plain text, so user text
-    /// can neither open files nor forge turns.
+    /// Only the six ref/box/quad tokens: typed `<img>`/`<|im_start|>`/... stay plain text, so user
+    /// text can neither open files nor forge turns.
     GroundingMarkup,
     /// No specials at all.
     None,
@@ -211,7 +211,8 @@ impl QwenTokenizer {
             }
             let lineno = i + 1;
             let mut fields = line.split(|&b| b == b' ').filter(|f| !f.is_empty());
-            let (Some(tok), Some(rank), None) = (fields.next(), fields.next(), fields.next()) else {
+            let (Some(tok), Some(rank), None) = (fields.next(), fields.next(), fields.next())
+            else {
                 return Err(bad(lineno, "expected `base64 rank`".into()));
             };
             let tok = base64::engine::general_purpose::STANDARD
@@ -276,7 +277,6 @@ impl QwenTokenizer {
             })?;
         }
 
-        drop(rank_of);
         Ok(Self {
             bpe: OnceLock::new(),
             bytes,
@@ -394,7 +394,8 @@ impl QwenTokenizer {
     ///
     /// * `<img>` + path bytes (ids 0..255 up to the first `<imgpad>`) + `</img>` decodes to
     ///   `<img>path</img>` (just `path` when specials are skipped).
-    /// * `skip_special` drops every id >= 151643; `keep_image_special` keeps the six ref/box/quad ones.
+    /// * `skip_special` drops every id >= 151643; `keep_image_special` keeps the six ref/box/quad
+    ///   ones.
     /// * Ids >= 151860 have no text (the reference raises on them) and are dropped.
     /// * Invalid UTF-8 becomes U+FFFD per maximal invalid subsequence (Python's "replace").
     pub fn decode(&self, ids: &[u32], skip_special: bool, keep_image_special: bool) -> String {
@@ -412,7 +413,8 @@ impl QwenTokenizer {
                     .iter()
                     .position(|&x| x == IMG_END)
                     .map(|len| &ids[i..i + len + 2]);
-                if let Some(path) = span.and_then(image_path_from_span) {
+                let path = span.and_then(image_path_from_span);
+                if let (Some(span), Some(path)) = (span, path) {
                     if keep(IMG_START) {
                         out.extend_from_slice(b"<img>");
                     }
@@ -420,9 +422,10 @@ impl QwenTokenizer {
                     if keep(IMG_END) {
                         out.extend_from_slice(b"</img>");
                     }
-                    i += span.map_or(1, <[u32]>::len);
+                    i += span.len();
                     continue;
                 }
+                // Unclosed or not a byte span: the ids decode one by one below.
             }
             if keep(id) {
                 if let Some(b) = self.token_bytes(id) {
@@ -468,7 +471,10 @@ pub fn image_span(path: &[u8]) -> Result<Vec<u32>> {
 /// value); `None` if `ids` is not such a span.
 pub fn image_path_from_span(ids: &[u32]) -> Option<Vec<u8>> {
     let inner = ids.strip_prefix(&[IMG_START])?.strip_suffix(&[IMG_END])?;
-    let end = inner.iter().position(|&x| x == IMG_PAD).unwrap_or(inner.len());
+    let end = inner
+        .iter()
+        .position(|&x| x == IMG_PAD)
+        .unwrap_or(inner.len());
     inner[..end].iter().map(|&x| u8::try_from(x).ok()).collect()
 }
 
@@ -493,8 +499,10 @@ fn build_bpe(bytes: &[u8], offsets: &[usize]) -> std::result::Result<Tokenizer, 
         local.clear();
         for cut in 1..tok.len() {
             let (l, r) = tok.split_at(cut);
-            if let (Some(&rl), Some(&rr)) = (rank_of.get(l), rank_of.get(r)) {
-                local.push((rl, rr));
+            if let Some(&rl) = rank_of.get(l) {
+                if let Some(&rr) = rank_of.get(r) {
+                    local.push((rl, rr));
+                }
             }
         }
         local.sort_unstable();
@@ -521,10 +529,7 @@ fn build_bpe(bytes: &[u8], offsets: &[usize]) -> std::result::Result<Tokenizer, 
     let byte_level = ByteLevel::new(false, false, false);
     let mut tokenizer = Tokenizer::new(bpe);
     tokenizer.with_normalizer(Some(NFC));
-    tokenizer.with_pre_tokenizer(Some(Sequence::new(vec![
-        split.into(),
-        byte_level.into(),
-    ])));
+    tokenizer.with_pre_tokenizer(Some(Sequence::new(vec![split.into(), byte_level.into()])));
     Ok(tokenizer)
 }
 
@@ -563,7 +568,16 @@ mod tests {
             vec![Text("a<|im_start|>b<img>c</img>"), Special(REF_START)]
         );
         assert_eq!(split_specials(s, Specials::None), vec![Text(s)]);
-        assert_eq!(split_specials("<<ref>", Specials::All), vec![Text("<"), Special(REF_START)]);
+        assert_eq!(
+            split_specials("<<ref>", Specials::All),
+            vec![Text("<"), Special(REF_START)]
+        );
+    }
+
+    #[test]
+    fn shareable_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<QwenTokenizer>();
     }
 
     #[test]
@@ -612,7 +626,10 @@ mod tests {
     struct Lcg(u64);
     impl Lcg {
         fn next(&mut self, n: usize) -> usize {
-            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((self.0 >> 33) % n as u64) as usize
         }
     }
