@@ -13,7 +13,12 @@ const STOP_IDS: [u64; 3] = [151645, 151644, 151643];
 
 fn cases() -> &'static Vec<Value> {
     static C: OnceLock<Vec<Value>> = OnceLock::new();
-    C.get_or_init(|| expected_json("cases.json")["cases"].as_array().unwrap().clone())
+    C.get_or_init(|| {
+        expected_json("cases.json")["cases"]
+            .as_array()
+            .unwrap()
+            .clone()
+    })
 }
 
 fn case(id: &str) -> &'static Value {
@@ -40,7 +45,11 @@ struct Run {
 
 /// `qwenvl run --json` on the case's conversation with greedy decoding over 24 new tokens.
 fn run_case(model: &Path, case: &Value, extra: &[&str]) -> Run {
-    run_cli(model, case, &[&["--greedy", "--max-new-tokens", "24"], extra].concat())
+    run_cli(
+        model,
+        case,
+        &[&["--greedy", "--max-new-tokens", "24"], extra].concat(),
+    )
 }
 
 fn run_cli(model: &Path, case: &Value, args: &[&str]) -> Run {
@@ -156,13 +165,24 @@ fn typed_img_tags_never_open_files() {
     let file = dir.path().join("c.json");
     std::fs::write(&file, serde_json::to_vec(&conv).unwrap()).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_qwenvl"))
-        .args(["run", "--greedy", "--max-new-tokens", "3", "--json", "--model"])
+        .args([
+            "run",
+            "--greedy",
+            "--max-new-tokens",
+            "3",
+            "--json",
+            "--model",
+        ])
         .arg(tiny_a())
         .arg("--conversation")
         .arg(&file)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let json: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(!u64s(&json["prompt_ids"]).contains(&151857));
 }
@@ -242,7 +262,11 @@ fn streamed_output_is_the_reply_text() {
         .arg(dir.path().join("conversation.json"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let streamed = String::from_utf8(out.stdout).unwrap();
     let want = c["greedy"]["response"].as_str().unwrap();
     assert_eq!(streamed.trim(), want);
@@ -253,8 +277,16 @@ fn sampling_is_reproducible_with_a_seed() {
     let c = case("text_only_en");
     let sample = |seed: &str| {
         let args = [
-            "--max-new-tokens", "24", "--temperature", "1.5", "--top-p", "0.95", "--top-k", "50",
-            "--seed", seed,
+            "--max-new-tokens",
+            "24",
+            "--temperature",
+            "1.5",
+            "--top-p",
+            "0.95",
+            "--top-k",
+            "50",
+            "--seed",
+            seed,
         ];
         u64s(&run_cli(&tiny_a(), c, &args).json["generated_ids"])
     };
@@ -277,14 +309,24 @@ fn bad_inputs_give_clear_errors() {
     };
     let dir = tempfile::tempdir().unwrap();
     let conv = dir.path().join("c.json");
-    std::fs::write(&conv, br#"{"query": [{"image": "missing.png"}, {"text": "hi"}]}"#).unwrap();
+    std::fs::write(
+        &conv,
+        br#"{"query": [{"image": "missing.png"}, {"text": "hi"}]}"#,
+    )
+    .unwrap();
     let model = tiny_a();
     let model = model.to_str().unwrap();
     let conv_s = conv.to_str().unwrap();
     let err = run(&["run", "--model", model, "--conversation", conv_s]);
     assert!(err.contains("missing.png"), "{err}");
 
-    let err = run(&["run", "--model", "/nonexistent/model", "--conversation", conv_s]);
+    let err = run(&[
+        "run",
+        "--model",
+        "/nonexistent/model",
+        "--conversation",
+        conv_s,
+    ]);
     assert!(err.contains("/nonexistent/model"), "{err}");
 
     std::fs::write(&conv, b"{not json").unwrap();
@@ -292,6 +334,12 @@ fn bad_inputs_give_clear_errors() {
     assert!(err.contains("c.json"), "{err}");
 
     let missing: PathBuf = dir.path().join("nope.json");
-    let err = run(&["run", "--model", model, "--conversation", missing.to_str().unwrap()]);
+    let err = run(&[
+        "run",
+        "--model",
+        model,
+        "--conversation",
+        missing.to_str().unwrap(),
+    ]);
     assert!(err.contains("nope.json"), "{err}");
 }

@@ -43,7 +43,12 @@ fn model() -> &'static Model {
 
 fn cases() -> &'static Vec<Value> {
     static C: OnceLock<Vec<Value>> = OnceLock::new();
-    C.get_or_init(|| expected_json("cases.json")["cases"].as_array().unwrap().clone())
+    C.get_or_init(|| {
+        expected_json("cases.json")["cases"]
+            .as_array()
+            .unwrap()
+            .clone()
+    })
 }
 
 fn case(id: &str) -> &'static Value {
@@ -109,10 +114,9 @@ fn per_layer_hidden_states_match_reference() {
         }
         let d = max_abs_diff(&trace.ln_f_out, &debug[&format!("{id}.ln_f_out")]);
         assert!(d < 1e-3, "{id}: ln_f output differs by {d}");
-        let last = m
-            .lm
-            .logits(&trace.ln_f_out.get(ids.len() - 1).unwrap())
-            .unwrap();
+        let last =
+            m.lm.logits(&trace.ln_f_out.get(ids.len() - 1).unwrap())
+                .unwrap();
         let d = max_abs_diff(&last, &debug[&format!("{id}.logits_last")]);
         assert!(d < LOGITS_TOL, "{id}: last logits differ by {d}");
     }
@@ -131,7 +135,9 @@ fn reference_until_stop(ids: &[u32]) -> &[u32] {
 fn final_logits_and_greedy_generation_match_reference_for_every_case() {
     let m = model();
     let logits = expected_tensors("logits.safetensors");
-    let greedy_steps = expected_json("cases.json")["greedy_steps"].as_u64().unwrap() as usize;
+    let greedy_steps = expected_json("cases.json")["greedy_steps"]
+        .as_u64()
+        .unwrap() as usize;
     let mut report = Vec::new();
     for c in cases() {
         let id = c["id"].as_str().unwrap();
@@ -222,7 +228,10 @@ fn cached_decoding_equals_a_plain_forward() {
     full_ids.push(next);
     let full = m.lm.forward(&full_ids, &[], &mut m.lm.new_cache()).unwrap();
     let d = max_abs_diff(&stepped, &full);
-    assert!(d < 1e-4, "cached step differs from the plain forward by {d}");
+    assert!(
+        d < 1e-4,
+        "cached step differs from the plain forward by {d}"
+    );
 }
 
 #[test]
@@ -237,7 +246,9 @@ fn ntk_alpha_and_logn_follow_the_reference_formulas() {
     assert!(logn_factor(2048, 2048) > 1.0);
     let summary = expected_json("summary.json");
     let lc = &summary["sanity"]["long_context_prefill"];
-    let n = summary["sanity"]["long_context_prompt_len"].as_u64().unwrap() as usize;
+    let n = summary["sanity"]["long_context_prompt_len"]
+        .as_u64()
+        .unwrap() as usize;
     assert_eq!(ntk_alpha(n, 2048), lc["ntk_alpha"].as_f64().unwrap());
     let want = lc["logn_max_factor"].as_f64().unwrap() as f32;
     assert_eq!(logn_factor(n - 1, 2048), want);

@@ -10,6 +10,7 @@ pub mod generate;
 pub mod grounding;
 pub mod model;
 pub mod prompt;
+pub mod quant;
 pub mod tokenizer;
 
 pub use checkpoint::Checkpoint;

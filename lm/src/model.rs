@@ -9,9 +9,10 @@
 //! `transformer.ln_f`, `lm_head`.
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 
 use crate::config::QwenConfig;
+use crate::quant::{QLinear, WeightType};
 
 /// Queries per attention chunk: bounds the score matrix to `heads × CHUNK × kv_len` floats, so a
 /// 6000-token prefill of the 32-head model does not need gigabytes of scores.
@@ -156,8 +157,8 @@ impl Module for RmsNorm {
 
 #[derive(Debug, Clone)]
 struct Attention {
-    c_attn: Linear,
-    c_proj: Linear,
+    c_attn: QLinear,
+    c_proj: QLinear,
     n_heads: usize,
     head_dim: usize,
     rot_dim: usize,
@@ -165,12 +166,12 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(cfg: &QwenConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &QwenConfig, vb: VarBuilder, wt: WeightType) -> Result<Self> {
         let h = cfg.hidden_size;
         let proj = cfg.num_attention_heads * cfg.head_dim();
         Ok(Self {
-            c_attn: candle_nn::linear(h, 3 * proj, vb.pp("c_attn"))?,
-            c_proj: candle_nn::linear_b(proj, h, !cfg.no_bias, vb.pp("c_proj"))?,
+            c_attn: QLinear::load(h, 3 * proj, true, vb.pp("c_attn"), wt)?,
+            c_proj: QLinear::load(proj, h, !cfg.no_bias, vb.pp("c_proj"), wt)?,
             n_heads: cfg.num_attention_heads,
             head_dim: cfg.head_dim(),
             rot_dim: cfg.rotary_dim(),
@@ -226,7 +227,11 @@ impl Attention {
         *cache = Some((k.clone(), v.clone()));
 
         let kv_len = k.dim(2)?;
-        let scale = if self.scale_attn { (d as f64).sqrt() } else { 1.0 };
+        let scale = if self.scale_attn {
+            (d as f64).sqrt()
+        } else {
+            1.0
+        };
         let kt = k.transpose(2, 3)?.contiguous()?;
         let mut outs = Vec::with_capacity(t.div_ceil(ATTN_CHUNK));
         let mut q0 = 0;
@@ -269,18 +274,18 @@ impl Attention {
 
 #[derive(Debug, Clone)]
 struct Mlp {
-    w1: Linear,
-    w2: Linear,
-    c_proj: Linear,
+    w1: QLinear,
+    w2: QLinear,
+    c_proj: QLinear,
 }
 
 impl Mlp {
-    fn new(cfg: &QwenConfig, vb: VarBuilder) -> Result<Self> {
-        let (h, ff) = (cfg.hidden_size, cfg.intermediate_size / 2);
+    fn new(cfg: &QwenConfig, vb: VarBuilder, wt: WeightType) -> Result<Self> {
+        let (h, ff, b) = (cfg.hidden_size, cfg.intermediate_size / 2, !cfg.no_bias);
         Ok(Self {
-            w1: candle_nn::linear_b(h, ff, !cfg.no_bias, vb.pp("w1"))?,
-            w2: candle_nn::linear_b(h, ff, !cfg.no_bias, vb.pp("w2"))?,
-            c_proj: candle_nn::linear_b(ff, h, !cfg.no_bias, vb.pp("c_proj"))?,
+            w1: QLinear::load(h, ff, b, vb.pp("w1"), wt)?,
+            w2: QLinear::load(h, ff, b, vb.pp("w2"), wt)?,
+            c_proj: QLinear::load(ff, h, b, vb.pp("c_proj"), wt)?,
         })
     }
 }
@@ -302,13 +307,13 @@ struct Block {
 }
 
 impl Block {
-    fn new(cfg: &QwenConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &QwenConfig, vb: VarBuilder, wt: WeightType) -> Result<Self> {
         let (h, eps) = (cfg.hidden_size, cfg.layer_norm_epsilon);
         Ok(Self {
             ln_1: RmsNorm::new(h, eps, vb.pp("ln_1"))?,
-            attn: Attention::new(cfg, vb.pp("attn"))?,
+            attn: Attention::new(cfg, vb.pp("attn"), wt)?,
             ln_2: RmsNorm::new(h, eps, vb.pp("ln_2"))?,
-            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+            mlp: Mlp::new(cfg, vb.pp("mlp"), wt)?,
         })
     }
 
@@ -346,25 +351,46 @@ pub struct QwenLm {
     wte: Embedding,
     h: Vec<Block>,
     ln_f: RmsNorm,
-    lm_head: Linear,
+    lm_head: QLinear,
     cfg: QwenConfig,
+    weight_type: WeightType,
     dtype: DType,
     device: Device,
 }
 
 impl QwenLm {
-    /// `vb` is rooted at the checkpoint's top level (it holds `transformer.*` and `lm_head`).
+    /// Dense model in the VarBuilder's dtype. `vb` is rooted at the checkpoint's top level (it
+    /// holds `transformer.*` and `lm_head`).
     pub fn new(cfg: &QwenConfig, vb: VarBuilder) -> Result<Self> {
+        let wt = match vb.dtype() {
+            DType::F16 => WeightType::F16,
+            DType::BF16 => WeightType::BF16,
+            _ => WeightType::F32,
+        };
+        Self::load(cfg, vb.set_dtype(wt.compute_dtype()), wt)
+    }
+
+    /// Model with linear weights of type `wt`; activations use `wt.compute_dtype()`, the type `vb`
+    /// is switched to. With quantized weights the embedding table is kept in f16: its rows are only
+    /// looked up, never multiplied.
+    pub fn load(cfg: &QwenConfig, vb: VarBuilder, wt: WeightType) -> Result<Self> {
+        let dtype = wt.compute_dtype();
+        let vb = vb.set_dtype(dtype);
         let t = vb.pp("transformer");
-        let wte = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, t.pp("wte"))?;
+        let wte_vb = if wt.is_quantized() {
+            t.pp("wte").set_dtype(DType::F16)
+        } else {
+            t.pp("wte")
+        };
+        let wte = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, wte_vb)?;
         let h = (0..cfg.num_hidden_layers)
-            .map(|i| Block::new(cfg, t.pp("h").pp(i)))
+            .map(|i| Block::new(cfg, t.pp("h").pp(i), wt))
             .collect::<Result<Vec<_>>>()?;
         let ln_f = RmsNorm::new(cfg.hidden_size, cfg.layer_norm_epsilon, t.pp("ln_f"))?;
         let lm_head = if cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight") {
-            Linear::new(wte.embeddings().clone(), None)
+            QLinear::from_weight(wte.embeddings().to_dtype(dtype)?)
         } else {
-            candle_nn::linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
+            QLinear::load(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"), wt)?
         };
         Ok(Self {
             wte,
@@ -372,9 +398,14 @@ impl QwenLm {
             ln_f,
             lm_head,
             cfg: cfg.clone(),
-            dtype: vb.dtype(),
+            weight_type: wt,
+            dtype,
             device: vb.device().clone(),
         })
+    }
+
+    pub fn weight_type(&self) -> WeightType {
+        self.weight_type
     }
 
     pub fn config(&self) -> &QwenConfig {
@@ -400,7 +431,7 @@ impl QwenLm {
             candle_core::bail!("token id {bad} is outside the vocabulary ({vocab})");
         }
         let ids_t = Tensor::new(ids, &self.device)?;
-        let mut x = self.wte.forward(&ids_t)?;
+        let mut x = self.wte.forward(&ids_t)?.to_dtype(self.dtype)?;
         for img in images {
             let n = img.features.dim(0)?;
             if img.first_position + n > ids.len() {
@@ -412,7 +443,10 @@ impl QwenLm {
                 );
             }
             let feats = img.features.to_dtype(x.dtype())?.to_device(&self.device)?;
-            x = x.slice_assign(&[img.first_position..img.first_position + n, 0..x.dim(1)?], &feats)?;
+            x = x.slice_assign(
+                &[img.first_position..img.first_position + n, 0..x.dim(1)?],
+                &feats,
+            )?;
         }
         Ok(x)
     }
@@ -423,7 +457,9 @@ impl QwenLm {
         let (cos, sin) = rotary_tables(rot_dim, base, offset, len, &self.device)?;
         let seq = self.cfg.seq_length;
         let logn = if self.cfg.use_logn_attn && offset + len > seq {
-            let f: Vec<f32> = (offset..offset + len).map(|p| logn_factor(p, seq)).collect();
+            let f: Vec<f32> = (offset..offset + len)
+                .map(|p| logn_factor(p, seq))
+                .collect();
             Some(Tensor::from_vec(f, (1, 1, len, 1), &self.device)?)
         } else {
             None

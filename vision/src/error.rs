@@ -18,16 +18,12 @@ pub enum Error {
 
     /// The header announces more pixels or memory than the decoder limits allow.
     #[error(
-        "image {name} is too large to decode (limits: {max_side}x{max_side} pixels, \
-         {max_alloc_mib} MiB): {source}"
+        "image {name} is too large to decode ({detail}; limits: {max_side}x{max_side} pixels, \
+         {max_alloc_mib} MiB)",
+        max_side = crate::MAX_IMAGE_SIDE,
+        max_alloc_mib = crate::MAX_DECODE_ALLOC >> 20
     )]
-    TooLarge {
-        name: String,
-        max_side: u32,
-        max_alloc_mib: u64,
-        #[source]
-        source: image::ImageError,
-    },
+    TooLarge { name: String, detail: String },
 
     /// The data is corrupt or uses a feature the decoder does not support.
     #[error("cannot decode image {name}: {source}")]
@@ -36,6 +32,10 @@ pub enum Error {
         #[source]
         source: image::ImageError,
     },
+
+    /// libjpeg rejected the JPEG data.
+    #[error("cannot decode JPEG image {name}: {message}")]
+    Jpeg { name: String, message: String },
 
     /// The picture has no pixels.
     #[error("image {name} is empty ({width}x{height})")]

@@ -17,7 +17,7 @@ pub use image_io::{
 };
 pub use preprocess::{denormalize_sample, normalize, preprocess, CLIP_MEAN, CLIP_STD};
 pub use qwen_vit::{Config, VisualDebug, VisualEncoder, N_QUERIES};
-pub use resize::resize_bicubic;
+pub use resize::{resize_bicubic, vertical_first};
 
 /// Re-export of the `image` crate, so callers name the same `RgbImage` type.
 pub use image;

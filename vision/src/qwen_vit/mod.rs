@@ -78,10 +78,13 @@ impl Config {
                 c.image_size, c.patch_size
             ));
         }
-        if c.heads == 0 || c.width % c.heads != 0 {
-            return Err(format!("width {} is not divisible by heads {}", c.width, c.heads));
+        if c.heads == 0 || !c.width.is_multiple_of(c.heads) {
+            return Err(format!(
+                "width {} is not divisible by heads {}",
+                c.width, c.heads
+            ));
         }
-        if c.output_dim < RESAMPLER_HEAD_DIM || c.output_dim % RESAMPLER_HEAD_DIM != 0 {
+        if c.output_dim < RESAMPLER_HEAD_DIM || !c.output_dim.is_multiple_of(RESAMPLER_HEAD_DIM) {
             return Err(format!(
                 "output_dim {} must be a positive multiple of {RESAMPLER_HEAD_DIM}",
                 c.output_dim
@@ -224,7 +227,10 @@ impl VisualEncoder {
         tap("ln_post_out", &xs);
 
         let (b, n, e) = xs.dims3()?;
-        let xs = xs.reshape((b * n, e))?.matmul(&self.proj)?.reshape((b, n, e))?;
+        let xs = xs
+            .reshape((b * n, e))?
+            .matmul(&self.proj)?
+            .reshape((b, n, e))?;
         tap("final", &xs);
         Ok(xs)
     }
@@ -253,5 +259,84 @@ impl VisualEncoder {
         } else {
             resize_square_table(stored, grid)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    fn tiny_config() -> Config {
+        serde_json::from_str(
+            r#"{"heads": 2, "image_size": 56, "image_start_id": 151857, "layers": 1,
+                "mlp_ratio": 2.0, "output_dim": 128, "patch_size": 14, "width": 32}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn config_derived_sizes_and_validation() {
+        let cfg = tiny_config();
+        assert_eq!(
+            (cfg.grid_size(), cfg.mlp_width(), cfg.head_dim()),
+            (4, 64, 16)
+        );
+        assert_eq!(cfg.resampler_heads(), 1);
+        // Upstream's int(1664 * 4.9231) for the real model.
+        let real = Config {
+            width: 1664,
+            mlp_ratio: 4.9231,
+            ..cfg.clone()
+        };
+        assert_eq!(real.mlp_width(), 8192);
+        assert!(cfg.validate().is_ok());
+        assert!(Config {
+            heads: 3,
+            ..cfg.clone()
+        }
+        .validate()
+        .is_err());
+        assert!(Config {
+            output_dim: 100,
+            ..cfg.clone()
+        }
+        .validate()
+        .is_err());
+        assert!(Config {
+            patch_size: 0,
+            ..cfg.clone()
+        }
+        .validate()
+        .is_err());
+    }
+
+    #[test]
+    fn runs_on_random_weights_for_any_grid_and_batch() -> Result<()> {
+        let cfg = tiny_config();
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let enc = VisualEncoder::new(&cfg, vb).map_err(candle_core::Error::wrap)?;
+        let px = Tensor::randn(0f32, 1.0, (3, 3, 56, 56), &Device::Cpu)?;
+        let batch = enc.forward(&px)?;
+        assert_eq!(batch.dims(), &[3, N_QUERIES, 128]);
+        let one = enc.forward(&px.narrow(0, 1, 1)?)?;
+        let d = (batch.narrow(0, 1, 1)? - one)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(d < 1e-5, "{d}");
+        // Another grid than the configured one resizes the tables on the fly.
+        let (out, debug) = enc.forward_debug(&px.narrow(2, 0, 28)?.narrow(3, 0, 28)?)?;
+        assert_eq!(out.dims(), &[3, N_QUERIES, 128]);
+        assert_eq!(
+            debug.get("vit_pos_interp").map(|t| t.dims().to_vec()),
+            Some(vec![4, 32])
+        );
+        // Non-square or wrongly shaped input is an error, not a panic.
+        assert!(enc.forward(&px.narrow(3, 0, 28)?).is_err());
+        assert!(enc.forward(&px.narrow(1, 0, 2)?).is_err());
+        Ok(())
     }
 }

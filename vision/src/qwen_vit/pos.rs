@@ -26,8 +26,15 @@ fn taps(in_size: usize, out_size: usize) -> Vec<([usize; 4], [f32; 4])> {
             let index = (floor as i64).min(in_size as i64 - 1);
             let t = (real - index as f32).clamp(0.0, 1.0);
             let x2 = 1.0 - t;
-            let w = [cubic2(t + 1.0, A), cubic1(t, A), cubic1(x2, A), cubic2(x2 + 1.0, A)];
-            let idx = std::array::from_fn(|j| (index - 1 + j as i64).clamp(0, in_size as i64 - 1) as usize);
+            let w = [
+                cubic2(t + 1.0, A),
+                cubic1(t, A),
+                cubic1(x2, A),
+                cubic2(x2 + 1.0, A),
+            ];
+            let idx = std::array::from_fn(|j| {
+                (index - 1 + j as i64).clamp(0, in_size as i64 - 1) as usize
+            });
             (idx, w)
         })
         .collect()
