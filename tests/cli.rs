@@ -213,7 +213,7 @@ fn sharded_safetensors_checkpoint() -> tempfile::TempDir {
     }
     let bytes = std::fs::read(tiny_a().join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut names: Vec<String> = st.names().into_iter().cloned().collect();
+    let mut names: Vec<String> = st.names().into_iter().map(|n| n.to_string()).collect();
     names.sort();
     let shards = 3;
     let mut weight_map = serde_json::Map::new();
