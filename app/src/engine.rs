@@ -6,13 +6,16 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use lm::generate::{self, Flow, GenerateOptions, Generation};
+use lm::checkpoint::LoadProgress;
 use lm::model::{ImageFeatures, KvCache, QwenLm};
 use lm::prompt::{Conversation, Prompt};
+use lm::quant::{QLinear, WeightType};
 use lm::tokenizer::QwenTokenizer;
 use lm::Checkpoint;
 
@@ -58,12 +61,41 @@ pub struct Engine {
     pub visual: vision::VisualEncoder,
     pub visual_config: vision::Config,
     pub device: Device,
+    /// The dtype activations are computed in.
     pub dtype: DType,
+    pub weight_type: WeightType,
     pub load_ms: f64,
 }
 
+/// The weight type of the vision tower for a requested LM weight type: k-quants need rows that
+/// are multiples of 256 and the tower's width (1664) is not, so it gets the block-32 type of the
+/// same size class.
+fn vision_weight_type(wt: WeightType) -> WeightType {
+    match wt {
+        WeightType::Q4K => WeightType::Q4_0,
+        other => other,
+    }
+}
+
 impl Engine {
+    /// Dense model in `dtype` (f32 is the exact reference path).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let wt = match dtype {
+            DType::F16 => WeightType::F16,
+            DType::BF16 => WeightType::BF16,
+            _ => WeightType::F32,
+        };
+        Self::load_with(dir, wt, device, None)
+    }
+
+    /// Loads with linear weights of type `wt` (quantized types are quantized tensor by tensor
+    /// while loading); `progress` counts the tensors read.
+    pub fn load_with(
+        dir: &Path,
+        wt: WeightType,
+        device: &Device,
+        progress: Option<Arc<LoadProgress>>,
+    ) -> Result<Self> {
         let t0 = Instant::now();
         let checkpoint = Checkpoint::open(dir)
             .with_context(|| format!("cannot open the model folder {}", dir.display()))?;
@@ -81,11 +113,24 @@ impl Engine {
             .context("config.json has no `visual` section: this is not a Qwen-VL checkpoint")?;
         let visual_config: vision::Config = serde_json::from_value(visual_value)
             .context("config.json: invalid `visual` section")?;
-        let vb = checkpoint.var_builder(dtype, device);
-        let lm = QwenLm::new(&checkpoint.config, vb.clone())
+        let dtype = wt.compute_dtype();
+        let vb = match progress {
+            Some(p) => checkpoint.var_builder_with_progress(dtype, device, p),
+            None => checkpoint.var_builder(dtype, device),
+        };
+        let lm = QwenLm::load(&checkpoint.config, vb.clone(), wt)
             .with_context(|| format!("cannot build the language model from {}", dir.display()))?;
-        let visual = vision::VisualEncoder::new(&visual_config, vb.pp("transformer").pp("visual"))
-            .with_context(|| format!("cannot build the vision tower from {}", dir.display()))?;
+        let vision_vb = vb.pp("transformer").pp("visual");
+        let visual = if wt.is_quantized() {
+            let vwt = vision_weight_type(wt);
+            let linear: vision::LinearBuilder = &move |i, o, vb| {
+                Ok(vision::Layer(Arc::new(QLinear::load(i, o, true, vb, vwt)?)))
+            };
+            vision::VisualEncoder::new_with_linear(&visual_config, vision_vb, linear)
+        } else {
+            vision::VisualEncoder::new(&visual_config, vision_vb)
+        }
+        .with_context(|| format!("cannot build the vision tower from {}", dir.display()))?;
         Ok(Self {
             checkpoint,
             tokenizer,
@@ -94,6 +139,7 @@ impl Engine {
             visual_config,
             device: device.clone(),
             dtype,
+            weight_type: wt,
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
         })
     }

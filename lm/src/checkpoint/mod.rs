@@ -31,6 +31,43 @@ use crate::error::{Error, Result};
 
 pub use safetensors::MAX_HEADER_LEN as MAX_SAFETENSORS_HEADER_LEN;
 
+/// Parsers of untrusted checkpoint bytes, exposed for fuzzing and hostile-input tests. Each one
+/// only indexes (never materialises tensors) and returns the number of tensors found.
+pub mod parse {
+    use std::path::Path;
+
+    use crate::error::Result;
+
+    /// The name used in error messages for in-memory data.
+    const NAME: &str = "<memory>";
+
+    /// Indexes a `.safetensors` file held in memory (header length, JSON header, offsets).
+    pub fn safetensors(data: &[u8]) -> Result<usize> {
+        super::safetensors::index(Path::new(NAME), data).map(|t| t.len())
+    }
+
+    /// Indexes a zip-based torch checkpoint (`pytorch_model.bin`) held in memory: zip directory,
+    /// restricted pickle, tensor views against their storages.
+    pub fn torch(data: &[u8]) -> Result<usize> {
+        super::pth::index(Path::new(NAME), data).map(|t| t.len())
+    }
+
+    /// Runs the restricted pickle interpreter over a `data.pkl` held in memory.
+    pub fn pickle(data: &[u8]) -> std::result::Result<usize, String> {
+        super::pickle::load_state_dict(data).map(|t| t.len())
+    }
+
+    /// Lists the entries of a zip archive held in memory.
+    pub fn zip(data: &[u8]) -> std::result::Result<usize, String> {
+        super::zip::entries(data).map(|e| e.len())
+    }
+
+    /// Validates a shard index (`*.index.json`) held in memory; returns the weight map's size.
+    pub fn index_json(data: &[u8]) -> Result<usize> {
+        super::index::parse_weight_map(Path::new(NAME), data).map(|m| m.len())
+    }
+}
+
 const CONFIG: &str = "config.json";
 const GENERATION_CONFIG: &str = "generation_config.json";
 const TOKENIZER: &str = "qwen.tiktoken";
@@ -309,9 +346,34 @@ impl Weights {
                 gathered.as_slice()
             }
         };
+        if let Some(i) = first_non_finite(bytes, entry.dtype) {
+            return Err(err(format!(
+                "holds a NaN or infinite value (element {i} of shape {:?}): the checkpoint is corrupt",
+                entry.shape
+            )));
+        }
         Tensor::from_raw_buffer(bytes, entry.dtype, &entry.shape, device)
             .and_then(|t| t.to_dtype(dtype))
             .map_err(|e| err(format!("cannot load as {dtype:?} on {device:?}: {e}")))
+    }
+}
+
+/// Index of the first NaN or infinity among the little-endian floats `bytes` of `dtype` (integer
+/// dtypes have none). Checks the exponent bits only: one pass over the mapped bytes, no conversion.
+fn first_non_finite(bytes: &[u8], dtype: DType) -> Option<usize> {
+    fn scan<const N: usize>(bytes: &[u8], non_finite: impl Fn([u8; N]) -> bool) -> Option<usize> {
+        bytes
+            .chunks_exact(N)
+            .position(|c| <[u8; N]>::try_from(c).is_ok_and(&non_finite))
+    }
+    match dtype {
+        DType::F32 => scan::<4>(bytes, |b| u32::from_le_bytes(b) & 0x7F80_0000 == 0x7F80_0000),
+        DType::F16 => scan::<2>(bytes, |b| u16::from_le_bytes(b) & 0x7C00 == 0x7C00),
+        DType::BF16 => scan::<2>(bytes, |b| u16::from_le_bytes(b) & 0x7F80 == 0x7F80),
+        DType::F64 => scan::<8>(bytes, |b| {
+            u64::from_le_bytes(b) & 0x7FF0_0000_0000_0000 == 0x7FF0_0000_0000_0000
+        }),
+        _ => None,
     }
 }
 
@@ -346,7 +408,26 @@ fn gather(
 }
 
 /// [`SimpleBackend`] over all shards, so one `VarBuilder` serves the whole model.
-struct Backend(Arc<Weights>);
+struct Backend(Arc<Weights>, Option<Arc<LoadProgress>>);
+
+/// What a VarBuilder has read so far; a UI thread polls it for a progress bar while a worker loads.
+#[derive(Debug, Default)]
+pub struct LoadProgress {
+    /// Bytes of the tensors read, as stored on disk.
+    pub bytes: std::sync::atomic::AtomicU64,
+    pub tensors: std::sync::atomic::AtomicU64,
+}
+
+impl Backend {
+    fn count(&self, name: &str) {
+        if let (Some(p), Some(e)) = (&self.1, self.0.tensors.get(name)) {
+            use std::sync::atomic::Ordering::Relaxed;
+            let bytes = e.shape.iter().product::<usize>() * e.dtype.size_in_bytes();
+            p.bytes.fetch_add(bytes as u64, Relaxed);
+            p.tensors.fetch_add(1, Relaxed);
+        }
+    }
+}
 
 impl SimpleBackend for Backend {
     fn get(
@@ -369,9 +450,12 @@ impl SimpleBackend for Backend {
                 ),
             }));
         }
-        self.0
+        let t = self
+            .0
             .load(name, dtype, dev)
-            .map_err(candle_core::Error::wrap)
+            .map_err(candle_core::Error::wrap)?;
+        self.count(name);
+        Ok(t)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
@@ -430,7 +514,22 @@ impl Checkpoint {
     /// Getting an absent tensor or one of another shape fails with an error naming it.
     pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
         VarBuilder::from_backend(
-            Box::new(Backend(self.weights.clone())),
+            Box::new(Backend(self.weights.clone(), None)),
+            dtype,
+            device.clone(),
+        )
+    }
+
+    /// Like [`var_builder`](Self::var_builder), counting every tensor read into `progress`
+    /// (compare with [`total_bytes`](Self::total_bytes)).
+    pub fn var_builder_with_progress(
+        &self,
+        dtype: DType,
+        device: &Device,
+        progress: Arc<LoadProgress>,
+    ) -> VarBuilder<'static> {
+        VarBuilder::from_backend(
+            Box::new(Backend(self.weights.clone(), Some(progress))),
             dtype,
             device.clone(),
         )

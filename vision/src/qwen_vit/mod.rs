@@ -19,7 +19,10 @@ use candle_nn::VarBuilder;
 
 pub use pos::resize_square_table;
 pub use resampler::{MultiheadAttention, Resampler, RESAMPLER_HEAD_DIM};
-pub use vit::{LayerNorm, Mlp, ResidualAttentionBlock, VisualAttention, LN_EPS};
+pub use vit::{
+    dense_linear, Layer, LayerNorm, LinearBuilder, Mlp, ResidualAttentionBlock, VisualAttention,
+    LN_EPS,
+};
 
 /// Number of resampler queries (fixed by the architecture, not part of the config).
 pub const N_QUERIES: usize = 256;
@@ -135,8 +138,19 @@ pub struct VisualEncoder {
 }
 
 impl VisualEncoder {
-    /// Builds the encoder from weights under `transformer.visual` (`vb` rooted there).
+    /// Builds the encoder from weights under `transformer.visual` (`vb` rooted there), with dense
+    /// linear layers in the VarBuilder's dtype.
     pub fn new(cfg: &Config, vb: VarBuilder) -> crate::Result<Self> {
+        Self::new_with_linear(cfg, vb, &vit::dense_linear)
+    }
+
+    /// Like [`new`](Self::new), with the blocks' linear layers (where nearly all parameters are)
+    /// built by `linear` (e.g. quantized).
+    pub fn new_with_linear(
+        cfg: &Config,
+        vb: VarBuilder,
+        linear: vit::LinearBuilder,
+    ) -> crate::Result<Self> {
         cfg.validate().map_err(crate::Error::Config)?;
         let (w, p, e) = (cfg.width, cfg.patch_size, cfg.output_dim);
         let grid = cfg.grid_size();
@@ -148,7 +162,9 @@ impl VisualEncoder {
         let ln_pre = LayerNorm::new(w, LN_EPS, vb.pp("ln_pre"))?;
         let vb_blocks = vb.pp("transformer").pp("resblocks");
         let blocks = (0..cfg.layers)
-            .map(|i| ResidualAttentionBlock::new(w, cfg.heads, cfg.mlp_width(), vb_blocks.pp(i)))
+            .map(|i| {
+                ResidualAttentionBlock::new(w, cfg.heads, cfg.mlp_width(), vb_blocks.pp(i), linear)
+            })
             .collect::<Result<Vec<_>>>()?;
         let attn_pool = Resampler::new(N_QUERIES, e, w, vb.pp("attn_pool"))?;
         let key_pos = resize_square_table(attn_pool.pos_embed(), grid)?;

@@ -1,8 +1,36 @@
 //! The ViT part of Qwen-VL's vision tower: pre-norm residual blocks with per-head packed
 //! q/k/v attention and an exact-GELU MLP.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+/// Builds one of the tower's big linear layers (`[out, in]` weight plus bias under `vb`): dense by
+/// default ([`dense_linear`]); the app can hand in a quantizing builder so the 1.9 B-parameter
+/// tower fits a laptop. Arguments: `(in_dim, out_dim, vb)`.
+pub type LinearBuilder<'a> = &'a dyn Fn(usize, usize, VarBuilder) -> Result<Layer>;
+
+/// A linear layer of any representation (dense or quantized).
+#[derive(Clone)]
+pub struct Layer(pub Arc<dyn Module + Send + Sync>);
+
+impl std::fmt::Debug for Layer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Layer")
+    }
+}
+
+impl Module for Layer {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.0.forward(xs)
+    }
+}
+
+/// The default builder: a dense `candle_nn::Linear` in the VarBuilder's dtype.
+pub fn dense_linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Layer> {
+    Ok(Layer(Arc::new(candle_nn::linear(in_dim, out_dim, vb)?)))
+}
 
 /// LayerNorm eps of the whole vision tower (hard-coded upstream, independent of the LM's eps).
 pub const LN_EPS: f64 = 1e-6;
@@ -48,14 +76,19 @@ pub fn softmax_f32(xs: &Tensor) -> Result<Tensor> {
 /// (upstream `VisualAttention`), not as `[all q | all k | all v]`.
 #[derive(Debug, Clone)]
 pub struct VisualAttention {
-    in_proj: Linear,
-    out_proj: Linear,
+    in_proj: Layer,
+    out_proj: Layer,
     num_heads: usize,
     head_dim: usize,
 }
 
 impl VisualAttention {
-    pub fn new(width: usize, num_heads: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        width: usize,
+        num_heads: usize,
+        vb: VarBuilder,
+        linear: LinearBuilder,
+    ) -> Result<Self> {
         Ok(Self {
             in_proj: linear(width, 3 * width, vb.pp("in_proj"))?,
             out_proj: linear(width, width, vb.pp("out_proj"))?,
@@ -85,12 +118,12 @@ impl Module for VisualAttention {
 /// `c_fc` → exact (erf) GELU → `c_proj`.
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    c_fc: Linear,
-    c_proj: Linear,
+    c_fc: Layer,
+    c_proj: Layer,
 }
 
 impl Mlp {
-    pub fn new(width: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(width: usize, hidden: usize, vb: VarBuilder, linear: LinearBuilder) -> Result<Self> {
         Ok(Self {
             c_fc: linear(width, hidden, vb.pp("c_fc"))?,
             c_proj: linear(hidden, width, vb.pp("c_proj"))?,
@@ -114,12 +147,18 @@ pub struct ResidualAttentionBlock {
 }
 
 impl ResidualAttentionBlock {
-    pub fn new(width: usize, heads: usize, mlp_width: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        width: usize,
+        heads: usize,
+        mlp_width: usize,
+        vb: VarBuilder,
+        linear: LinearBuilder,
+    ) -> Result<Self> {
         Ok(Self {
             ln_1: LayerNorm::new(width, LN_EPS, vb.pp("ln_1"))?,
-            attn: VisualAttention::new(width, heads, vb.pp("attn"))?,
+            attn: VisualAttention::new(width, heads, vb.pp("attn"), linear)?,
             ln_2: LayerNorm::new(width, LN_EPS, vb.pp("ln_2"))?,
-            mlp: Mlp::new(width, mlp_width, vb.pp("mlp"))?,
+            mlp: Mlp::new(width, mlp_width, vb.pp("mlp"), linear)?,
         })
     }
 }

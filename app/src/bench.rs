@@ -1,0 +1,437 @@
+//! `qwenvl bench`: load time, peak RSS, vision encode, prefill, decode and time to first token, set
+//! against what this machine can do (memory read bandwidth and matmul throughput measured in the
+//! same run).
+//!
+//! `--random qwen-vl-chat` synthesises full-size weights on the fly (no download): every tensor is
+//! a slice of one shared pool of random values, so producing 9.6 B parameters costs memcpy time, not
+//! RNG time, and the model is built through the very same loading code as a real checkpoint.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use lm::model::{ImageFeatures, QwenLm};
+use lm::quant::{QLinear, WeightType};
+use lm::QwenConfig;
+
+/// `config.json` of Qwen/Qwen-VL-Chat (the shapes `--random qwen-vl-chat` builds).
+pub const QWEN_VL_CHAT_CONFIG: &str = r#"{
+  "architectures": ["QWenLMHeadModel"], "bf16": true, "fp16": false, "fp32": false,
+  "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 22016, "kv_channels": 128,
+  "layer_norm_epsilon": 1e-06, "max_position_embeddings": 8192, "model_type": "qwen",
+  "no_bias": true, "num_attention_heads": 32, "num_hidden_layers": 32, "rotary_emb_base": 10000,
+  "rotary_pct": 1.0, "scale_attn_weights": true, "seq_length": 2048, "tie_word_embeddings": false,
+  "tokenizer_type": "QWenTokenizer", "torch_dtype": "bfloat16", "use_cache": true,
+  "use_dynamic_ntk": true, "use_logn_attn": true,
+  "visual": {"heads": 16, "image_size": 448, "image_start_id": 151857, "layers": 48,
+             "mlp_ratio": 4.9231, "output_dim": 4096, "patch_size": 14, "width": 1664},
+  "vocab_size": 151936
+}"#;
+
+/// Values every synthetic tensor is cut from: 16 M floats, uniform in ±0.02·√3 (std 0.02, the
+/// checkpoint's `initializer_range`).
+const POOL_LEN: usize = 1 << 24;
+
+/// A [`SimpleBackend`] that serves any requested tensor with synthetic values: LayerNorm/RMSNorm
+/// weights are 1, everything else is a window of the shared random pool chosen by the name.
+pub struct RandomBackend {
+    pool: Arc<Vec<f32>>,
+}
+
+impl RandomBackend {
+    pub fn new(seed: u64) -> Self {
+        let mut state = seed | 1;
+        let scale = 0.02f32 * 3f32.sqrt();
+        let pool = (0..POOL_LEN)
+            .map(|_| {
+                // xorshift64*: fast and good enough for timing weights.
+                state ^= state >> 12;
+                state ^= state << 25;
+                state ^= state >> 27;
+                let r = state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40;
+                (r as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+            })
+            .collect();
+        Self {
+            pool: Arc::new(pool),
+        }
+    }
+
+    fn values(&self, name: &str, n: usize) -> Vec<f32> {
+        let is_norm_weight = name.ends_with(".weight")
+            && (name.contains(".ln_") || name.contains("ln_f") || name.contains("ln_pre"));
+        if is_norm_weight {
+            return vec![1.0; n];
+        }
+        let start = name
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+            }) as usize
+            % POOL_LEN;
+        let mut out = Vec::with_capacity(n);
+        let mut at = start;
+        while out.len() < n {
+            let take = (n - out.len()).min(POOL_LEN - at);
+            out.extend_from_slice(&self.pool[at..at + take]);
+            at = 0;
+        }
+        out
+    }
+}
+
+impl SimpleBackend for RandomBackend {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let v = self.values(name, s.elem_count());
+        Tensor::from_vec(v, s, dev)?.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights need a shape for {name}")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+/// Where the weights come from.
+pub enum Source {
+    Checkpoint(PathBuf),
+    Random,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchReport {
+    pub model: String,
+    pub quant: String,
+    pub threads: usize,
+    pub load_s: f64,
+    pub peak_rss_gb: f64,
+    pub lm_weight_bytes_per_token: u64,
+    pub vision_encode_s: f64,
+    pub vision_gflop: f64,
+    pub vision_gflops: f64,
+    pub prefill_tokens: usize,
+    pub prefill_s: f64,
+    pub prefill_tokens_per_s: f64,
+    pub prefill_gflops: f64,
+    pub time_to_first_token_s: f64,
+    pub decode_tokens: usize,
+    pub decode_tokens_per_s: f64,
+    pub bandwidth_gb_s: f64,
+    /// tokens/s the measured bandwidth allows: bandwidth / weight bytes read per token.
+    pub decode_limit_tokens_per_s: f64,
+    pub decode_fraction_of_limit: f64,
+    pub matmul_f32_gflops: f64,
+    pub matmul_q4k_gflops: f64,
+}
+
+/// Peak resident set size of this process so far, in bytes (`VmHWM`).
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// Read bandwidth with every core summing its share of a 1 GiB buffer; best of 3, in GB/s.
+pub fn measure_bandwidth() -> f64 {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let words = (1usize << 30) / 8;
+    let buf: Vec<u64> = (0..words as u64).collect();
+    let chunk = words.div_ceil(threads);
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        let total: u64 = std::thread::scope(|s| {
+            let handles: Vec<_> = buf
+                .chunks(chunk)
+                .map(|c| s.spawn(move || c.iter().fold(0u64, |a, &x| a.wrapping_add(x))))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or(0))
+                .fold(0u64, u64::wrapping_add)
+        });
+        let secs = t0.elapsed().as_secs_f64();
+        std::hint::black_box(total);
+        best = best.max((words * 8) as f64 / secs / 1e9);
+    }
+    best
+}
+
+/// GFLOP/s of a `[m, k] × [k, n]` product, f32 dense and q4k-quantized (best of 3).
+pub fn measure_matmul(m: usize, k: usize, n: usize) -> Result<(f64, f64)> {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+    let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
+    let flop = 2.0 * (m * k * n) as f64;
+    let time = |f: &dyn Fn() -> candle_core::Result<Tensor>| -> Result<f64> {
+        let mut best = f64::MAX;
+        for _ in 0..3 {
+            let t0 = Instant::now();
+            std::hint::black_box(f()?);
+            best = best.min(t0.elapsed().as_secs_f64());
+        }
+        Ok(flop / best / 1e9)
+    };
+    let dense = QMatMul::Tensor(w.clone());
+    let f32_gflops = time(&|| dense.forward(&x))?;
+    let q = QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q4K)?)?;
+    let q4k_gflops = time(&|| q.forward(&x))?;
+    Ok((f32_gflops, q4k_gflops))
+}
+
+/// Bytes of LM weights one decode step reads: every block's linear layers and the LM head (the
+/// embedding is only looked up).
+fn lm_bytes_per_token(cfg: &QwenConfig, wt: WeightType) -> u64 {
+    let h = cfg.hidden_size;
+    let proj = cfg.num_attention_heads * cfg.head_dim();
+    let ff = cfg.intermediate_size / 2;
+    let mats = [(h, 3 * proj), (proj, h), (h, ff), (h, ff), (ff, h)];
+    let per_layer: f64 = mats
+        .iter()
+        .map(|&(i, o)| weight_bytes(i, o, wt))
+        .sum();
+    let head = weight_bytes(h, cfg.vocab_size, wt);
+    (per_layer * cfg.num_hidden_layers as f64 + head) as u64
+}
+
+fn weight_bytes(in_dim: usize, out_dim: usize, wt: WeightType) -> f64 {
+    let n = (in_dim * out_dim) as f64;
+    match wt.ggml_for(in_dim) {
+        Some(g) => n / g.block_size() as f64 * g.type_size() as f64,
+        None => n * wt.compute_dtype().size_in_bytes() as f64,
+    }
+}
+
+/// FLOPs of one vision encode (ViT blocks, resampler, projection) for one image.
+fn vision_flop(v: &vision::Config, lm_hidden: usize) -> f64 {
+    let n = (v.image_size / v.patch_size).pow(2) as f64;
+    let (w, mlp, e) = (v.width as f64, v.mlp_width() as f64, lm_hidden as f64);
+    let per_layer = 2.0 * n * (3.0 * w * w + w * w + 2.0 * w * mlp) + 4.0 * n * n * w;
+    let q = vision::N_QUERIES as f64;
+    let patch = 2.0 * n * w * 3.0 * (v.patch_size * v.patch_size) as f64;
+    let resampler = 2.0 * (n * w * e + q * e * e + 2.0 * n * e * e + q * e * e)
+        + 4.0 * q * n * e
+        + 2.0 * q * e * e;
+    patch + per_layer * v.layers as f64 + resampler
+}
+
+/// FLOPs of a prefill over `t` tokens (linear layers and attention; the LM head for one row).
+fn prefill_flop(cfg: &QwenConfig, t: usize) -> f64 {
+    let h = cfg.hidden_size as f64;
+    let proj = (cfg.num_attention_heads * cfg.head_dim()) as f64;
+    let ff = (cfg.intermediate_size / 2) as f64;
+    let t = t as f64;
+    let linear = 2.0 * t * (h * 3.0 * proj + proj * h + 3.0 * h * ff);
+    let attn = 2.0 * t * t * proj; // causal half of q·kᵀ and p·v
+    (linear + attn) * cfg.num_hidden_layers as f64 + 2.0 * h * cfg.vocab_size as f64
+}
+
+/// Runs the whole benchmark.
+pub fn run(source: Source, wt: WeightType, decode_tokens: usize) -> Result<BenchReport> {
+    let device = Device::Cpu;
+    let threads = candle_core::utils::get_num_threads();
+    let (cfg, vb, model_name): (QwenConfig, VarBuilder, String) = match &source {
+        Source::Random => {
+            let cfg: QwenConfig = serde_json::from_str(QWEN_VL_CHAT_CONFIG)?;
+            let vb = VarBuilder::from_backend(
+                Box::new(RandomBackend::new(0x5eed)),
+                wt.compute_dtype(),
+                device.clone(),
+            );
+            (cfg, vb, "random qwen-vl-chat".into())
+        }
+        Source::Checkpoint(dir) => {
+            let ck = lm::Checkpoint::open(dir)
+                .with_context(|| format!("cannot open the model folder {}", dir.display()))?;
+            let vb = ck.var_builder(wt.compute_dtype(), &device);
+            (ck.config.clone(), vb, dir.display().to_string())
+        }
+    };
+    let vcfg: vision::Config = serde_json::from_value(
+        cfg.visual
+            .clone()
+            .context("config has no `visual` section")?,
+    )?;
+
+    eprintln!("loading ({wt}) ...");
+    let t0 = Instant::now();
+    let lm = QwenLm::load(&cfg, vb.clone(), wt)?;
+    let vision_vb = vb.pp("transformer").pp("visual");
+    let visual = if wt.is_quantized() {
+        let vwt = if wt == WeightType::Q4K {
+            WeightType::Q4_0
+        } else {
+            wt
+        };
+        let linear: vision::LinearBuilder =
+            &move |i, o, vb| Ok(vision::Layer(Arc::new(QLinear::load(i, o, true, vb, vwt)?)));
+        vision::VisualEncoder::new_with_linear(&vcfg, vision_vb, linear)?
+    } else {
+        vision::VisualEncoder::new(&vcfg, vision_vb)?
+    };
+    let load_s = t0.elapsed().as_secs_f64();
+
+    // One 448×448 picture of noise, through the real preprocessing.
+    let s = vcfg.image_size as u32;
+    let img = vision::image::RgbImage::from_fn(s, s, |x, y| {
+        let v = ((x * 31 + y * 17) % 251) as u8;
+        vision::image::Rgb([v, v.wrapping_mul(3), v.wrapping_add(91)])
+    });
+    eprintln!("vision encode ...");
+    let t1 = Instant::now();
+    let pixels = vision::preprocess(&img, vcfg.image_size)?
+        .unsqueeze(0)?
+        .to_dtype(lm.dtype())?;
+    let feats = visual.forward(&pixels)?;
+    let vision_encode_s = t1.elapsed().as_secs_f64();
+
+    // The reference's measurement: one image + a 40-word question in the chat template.
+    let mut ids: Vec<u32> = vec![151644, 8948, 198];
+    ids.extend((0..8).map(|i| 1000 + i * 37));
+    ids.extend([151645, 198, 151644, 872, 198, 24669, 220, 16, 25, 220]);
+    let img_start = ids.len();
+    ids.push(151857);
+    ids.extend(std::iter::repeat_n(151859u32, 256));
+    ids.push(151858);
+    ids.extend((0..40u32).map(|i| 2000 + i * 53));
+    ids.extend([151645, 198, 151644, 77091, 198]);
+    let images = [ImageFeatures {
+        first_position: img_start + 1,
+        features: feats.get(0)?,
+    }];
+    eprintln!("prefill {} tokens ...", ids.len());
+    let t2 = Instant::now();
+    let mut cache = lm.new_cache();
+    let logits = lm.forward(&ids, &images, &mut cache)?;
+    let mut next = lm::generate::argmax(&logits.to_vec1::<f32>()?);
+    let prefill_s = t2.elapsed().as_secs_f64();
+    let time_to_first_token_s = vision_encode_s + prefill_s;
+
+    eprintln!("decode {decode_tokens} tokens ...");
+    let t3 = Instant::now();
+    for _ in 0..decode_tokens {
+        let logits = lm.forward(&[next], &[], &mut cache)?;
+        next = lm::generate::argmax(&logits.to_vec1::<f32>()?);
+    }
+    let decode_s = t3.elapsed().as_secs_f64();
+    let peak_rss = peak_rss_bytes();
+    drop((lm, visual, cache));
+
+    eprintln!("measuring bandwidth and matmul throughput ...");
+    let bandwidth_gb_s = measure_bandwidth();
+    let (matmul_f32_gflops, matmul_q4k_gflops) = measure_matmul(512, 4096, 11008)?;
+    let bytes = lm_bytes_per_token(&cfg, wt);
+    let decode_tokens_per_s = decode_tokens as f64 / decode_s;
+    let limit = bandwidth_gb_s * 1e9 / bytes as f64;
+    let vision_gflop = vision_flop(&vcfg, cfg.hidden_size) / 1e9;
+    Ok(BenchReport {
+        model: model_name,
+        quant: wt.to_string(),
+        threads,
+        load_s,
+        peak_rss_gb: peak_rss as f64 / 1e9,
+        lm_weight_bytes_per_token: bytes,
+        vision_encode_s,
+        vision_gflop,
+        vision_gflops: vision_gflop / vision_encode_s,
+        prefill_tokens: ids.len(),
+        prefill_s,
+        prefill_tokens_per_s: ids.len() as f64 / prefill_s,
+        prefill_gflops: prefill_flop(&cfg, ids.len()) / 1e9 / prefill_s,
+        time_to_first_token_s,
+        decode_tokens,
+        decode_tokens_per_s,
+        bandwidth_gb_s,
+        decode_limit_tokens_per_s: limit,
+        decode_fraction_of_limit: decode_tokens_per_s / limit,
+        matmul_f32_gflops,
+        matmul_q4k_gflops,
+    })
+}
+
+/// The report as an aligned two-column table.
+pub fn table(r: &BenchReport) -> String {
+    let rows: Vec<(&str, String)> = vec![
+        ("model", r.model.clone()),
+        ("weights", r.quant.clone()),
+        ("threads", r.threads.to_string()),
+        ("load", format!("{:.1} s", r.load_s)),
+        ("peak RSS", format!("{:.2} GB", r.peak_rss_gb)),
+        (
+            "vision encode (1 image)",
+            format!(
+                "{:.2} s  ({:.0} GFLOP, {:.0} GFLOP/s)",
+                r.vision_encode_s, r.vision_gflop, r.vision_gflops
+            ),
+        ),
+        (
+            "prefill",
+            format!(
+                "{} tokens in {:.2} s  ({:.1} tok/s, {:.0} GFLOP/s)",
+                r.prefill_tokens, r.prefill_s, r.prefill_tokens_per_s, r.prefill_gflops
+            ),
+        ),
+        (
+            "time to first token",
+            format!("{:.2} s", r.time_to_first_token_s),
+        ),
+        (
+            "decode",
+            format!(
+                "{:.2} tok/s over {} tokens",
+                r.decode_tokens_per_s, r.decode_tokens
+            ),
+        ),
+        (
+            "weights read per token",
+            format!("{:.2} GB", r.lm_weight_bytes_per_token as f64 / 1e9),
+        ),
+        ("read bandwidth", format!("{:.1} GB/s", r.bandwidth_gb_s)),
+        (
+            "decode vs bandwidth limit",
+            format!(
+                "{:.0} % of {:.2} tok/s",
+                r.decode_fraction_of_limit * 100.0,
+                r.decode_limit_tokens_per_s
+            ),
+        ),
+        (
+            "matmul 512×4096×11008",
+            format!(
+                "f32 {:.0} GFLOP/s, q4k {:.0} GFLOP/s",
+                r.matmul_f32_gflops, r.matmul_q4k_gflops
+            ),
+        ),
+    ];
+    let width = rows.iter().map(|(k, _)| k.chars().count()).max().unwrap_or(0);
+    rows.iter()
+        .map(|(k, v)| format!("{k:<width$}  {v}\n"))
+        .collect()
+}
+
+/// Keys of a report for machine consumption.
+pub fn to_json(r: &BenchReport) -> Result<String> {
+    Ok(serde_json::to_string_pretty(r)?)
+}
