@@ -68,11 +68,9 @@ impl RandomBackend {
         if is_norm_weight {
             return vec![1.0; n];
         }
-        let start = name
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-            }) as usize
+        let start = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        }) as usize
             % POOL_LEN;
         let mut out = Vec::with_capacity(n);
         let mut at = start;
@@ -208,20 +206,13 @@ fn lm_bytes_per_token(cfg: &QwenConfig, wt: WeightType) -> u64 {
     let proj = cfg.num_attention_heads * cfg.head_dim();
     let ff = cfg.intermediate_size / 2;
     let mats = [(h, 3 * proj), (proj, h), (h, ff), (h, ff), (ff, h)];
-    let per_layer: f64 = mats
-        .iter()
-        .map(|&(i, o)| weight_bytes(i, o, wt))
-        .sum();
+    let per_layer: f64 = mats.iter().map(|&(i, o)| weight_bytes(i, o, wt)).sum();
     let head = weight_bytes(h, cfg.vocab_size, wt);
     (per_layer * cfg.num_hidden_layers as f64 + head) as u64
 }
 
 fn weight_bytes(in_dim: usize, out_dim: usize, wt: WeightType) -> f64 {
-    let n = (in_dim * out_dim) as f64;
-    match wt.ggml_for(in_dim) {
-        Some(g) => n / g.block_size() as f64 * g.type_size() as f64,
-        None => n * wt.compute_dtype().size_in_bytes() as f64,
-    }
+    wt.weight_bytes(in_dim, out_dim) as f64
 }
 
 /// FLOPs of one vision encode (ViT blocks, resampler, projection) for one image.
@@ -280,13 +271,8 @@ pub fn run(source: Source, wt: WeightType, decode_tokens: usize) -> Result<Bench
     let lm = QwenLm::load(&cfg, vb.clone(), wt)?;
     let vision_vb = vb.pp("transformer").pp("visual");
     let visual = if wt.is_quantized() {
-        let vwt = if wt == WeightType::Q4K {
-            WeightType::Q4_0
-        } else {
-            wt
-        };
         let linear: vision::LinearBuilder =
-            &move |i, o, vb| Ok(vision::Layer(Arc::new(QLinear::load(i, o, true, vb, vwt)?)));
+            &move |i, o, vb| Ok(vision::Layer(Arc::new(QLinear::load(i, o, true, vb, wt)?)));
         vision::VisualEncoder::new_with_linear(&vcfg, vision_vb, linear)?
     } else {
         vision::VisualEncoder::new(&vcfg, vision_vb)?
@@ -425,7 +411,11 @@ pub fn table(r: &BenchReport) -> String {
             ),
         ),
     ];
-    let width = rows.iter().map(|(k, _)| k.chars().count()).max().unwrap_or(0);
+    let width = rows
+        .iter()
+        .map(|(k, _)| k.chars().count())
+        .max()
+        .unwrap_or(0);
     rows.iter()
         .map(|(k, v)| format!("{k:<width$}  {v}\n"))
         .collect()

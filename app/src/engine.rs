@@ -6,18 +6,19 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
-use lm::generate::{self, Flow, GenerateOptions, Generation};
 use lm::checkpoint::LoadProgress;
+use lm::generate::{self, Flow, GenerateOptions, Generation};
 use lm::model::{ImageFeatures, KvCache, QwenLm};
 use lm::prompt::{Conversation, Prompt};
 use lm::quant::{QLinear, WeightType};
 use lm::tokenizer::QwenTokenizer;
 use lm::Checkpoint;
+use sha2::Digest;
 
 /// Wall-clock time of each stage of one reply, in milliseconds.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -29,6 +30,10 @@ pub struct Timings {
     /// From the start of the request to the first new token.
     pub time_to_first_token_ms: f64,
     pub prompt_tokens: usize,
+    /// Prompt positions whose keys/values came from the previous reply's cache.
+    pub reused_prefix_tokens: usize,
+    /// Images whose features came from the feature cache (not encoded again).
+    pub cached_images: usize,
     pub generated_tokens: usize,
     pub decode_tokens_per_s: f64,
 }
@@ -54,6 +59,39 @@ pub struct Reply {
     pub timings: Timings,
 }
 
+/// SHA-256 of an image file's bytes: the identity of its visual features.
+pub type ImageKey = [u8; 32];
+
+/// Images whose features the cache keeps at most (each is `256 × hidden` values).
+const FEATURE_CACHE_IMAGES: usize = 64;
+
+/// The previous reply's KV cache and what it holds.
+struct CachedPrefix {
+    ids: Vec<u32>,
+    /// `(index of <img>, content)` of every image span in `ids`.
+    images: Vec<(usize, ImageKey)>,
+    cache: KvCache,
+}
+
+/// The images of a prompt, ready for the LM.
+#[derive(Default)]
+pub struct EncodedImages {
+    /// Features at their spans, in prompt order.
+    pub features: Vec<ImageFeatures>,
+    pub pictures: Vec<Picture>,
+    /// Content key of each image, in prompt order.
+    pub keys: Vec<ImageKey>,
+    /// How many came from the feature cache.
+    pub cached: usize,
+}
+
+/// Work kept between replies so a follow-up only pays for what is new.
+#[derive(Default)]
+struct Reuse {
+    features: HashMap<ImageKey, (Tensor, u32, u32)>,
+    prefix: Option<CachedPrefix>,
+}
+
 pub struct Engine {
     pub checkpoint: Checkpoint,
     pub tokenizer: QwenTokenizer,
@@ -65,16 +103,7 @@ pub struct Engine {
     pub dtype: DType,
     pub weight_type: WeightType,
     pub load_ms: f64,
-}
-
-/// The weight type of the vision tower for a requested LM weight type: k-quants need rows that
-/// are multiples of 256 and the tower's width (1664) is not, so it gets the block-32 type of the
-/// same size class.
-fn vision_weight_type(wt: WeightType) -> WeightType {
-    match wt {
-        WeightType::Q4K => WeightType::Q4_0,
-        other => other,
-    }
+    reuse: Mutex<Reuse>,
 }
 
 impl Engine {
@@ -122,10 +151,8 @@ impl Engine {
             .with_context(|| format!("cannot build the language model from {}", dir.display()))?;
         let vision_vb = vb.pp("transformer").pp("visual");
         let visual = if wt.is_quantized() {
-            let vwt = vision_weight_type(wt);
-            let linear: vision::LinearBuilder = &move |i, o, vb| {
-                Ok(vision::Layer(Arc::new(QLinear::load(i, o, true, vb, vwt)?)))
-            };
+            let linear: vision::LinearBuilder =
+                &move |i, o, vb| Ok(vision::Layer(Arc::new(QLinear::load(i, o, true, vb, wt)?)));
             vision::VisualEncoder::new_with_linear(&visual_config, vision_vb, linear)
         } else {
             vision::VisualEncoder::new(&visual_config, vision_vb)
@@ -140,6 +167,7 @@ impl Engine {
             device: device.clone(),
             dtype,
             weight_type: wt,
+            reuse: Mutex::default(),
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
         })
     }
@@ -150,52 +178,126 @@ impl Engine {
         Ok(lm::prompt::build_chatml(&self.tokenizer, conv, window)?)
     }
 
-    /// Decodes, preprocesses and encodes every image of `prompt` (paths relative to `base_dir`),
-    /// all in one batch. Returns the features at their spans and the decoded pictures.
+    /// Forgets the feature cache and the previous reply's KV cache (the next reply runs cold).
+    pub fn clear_caches(&self) {
+        if let Ok(mut r) = self.reuse.lock() {
+            *r = Reuse::default();
+        }
+    }
+
+    /// Decodes, preprocesses and encodes every image of `prompt` (paths relative to `base_dir`);
+    /// images seen before (same file content) come from the feature cache, the others are encoded
+    /// in one batch. Returns the features at their spans, the decoded pictures, each image's content
+    /// key and how many came from the cache.
     pub fn encode_images(
         &self,
         prompt: &Prompt,
         base_dir: &Path,
-    ) -> Result<(Vec<ImageFeatures>, Vec<Picture>)> {
+    ) -> Result<EncodedImages> {
         if prompt.images.is_empty() {
-            return Ok((Vec::new(), Vec::new()));
+            return Ok(EncodedImages::default());
         }
         let size = self.visual_config.image_size;
-        let mut pixels = Vec::with_capacity(prompt.images.len());
-        let mut pictures = Vec::with_capacity(prompt.images.len());
-        let mut decoded: HashMap<&str, (Tensor, u32, u32)> = HashMap::new();
-        for span in &prompt.images {
-            if !decoded.contains_key(span.path.as_str()) {
+        let mut keys = Vec::with_capacity(prompt.images.len());
+        let mut known: HashMap<ImageKey, (Tensor, u32, u32)> = HashMap::new();
+        let mut todo: Vec<(ImageKey, Tensor, u32, u32)> = Vec::new();
+        {
+            let reuse = self
+                .reuse
+                .lock()
+                .map_err(|_| anyhow::anyhow!("engine state poisoned"))?;
+            for span in &prompt.images {
                 let file: PathBuf = base_dir.join(&span.path);
-                let img = vision::load_rgb(&file)?;
+                let bytes = std::fs::read(&file)
+                    .with_context(|| format!("cannot read the image {}", file.display()))?;
+                let key: ImageKey = sha2::Sha256::digest(&bytes).into();
+                keys.push(key);
+                if known.contains_key(&key) || todo.iter().any(|t| t.0 == key) {
+                    continue;
+                }
+                if let Some(hit) = reuse.features.get(&key) {
+                    known.insert(key, hit.clone());
+                    continue;
+                }
+                let img = vision::decode_rgb(&bytes, &file.to_string_lossy())?;
                 let (w, h) = img.dimensions();
-                let px = vision::preprocess(&img, size)?;
-                decoded.insert(span.path.as_str(), (px, w, h));
+                todo.push((key, vision::preprocess(&img, size)?, w, h));
             }
-            let (px, w, h) = &decoded[span.path.as_str()];
-            pixels.push(px.clone());
+        }
+        let cached = prompt.images.len()
+            - keys
+                .iter()
+                .filter(|k| todo.iter().any(|t| &t.0 == *k))
+                .count();
+        if !todo.is_empty() {
+            let pixels: Vec<Tensor> = todo.iter().map(|t| t.1.clone()).collect();
+            let batch = Tensor::stack(&pixels, 0)?
+                .to_device(&self.device)?
+                .to_dtype(self.dtype)?;
+            let feats = self.visual.forward(&batch)?;
+            let mut reuse = self
+                .reuse
+                .lock()
+                .map_err(|_| anyhow::anyhow!("engine state poisoned"))?;
+            if reuse.features.len() + todo.len() > FEATURE_CACHE_IMAGES {
+                reuse.features.clear();
+            }
+            for (i, (key, _, w, h)) in todo.into_iter().enumerate() {
+                let entry = (feats.get(i)?, w, h);
+                reuse.features.insert(key, entry.clone());
+                known.insert(key, entry);
+            }
+        }
+        let mut features = Vec::with_capacity(keys.len());
+        let mut pictures = Vec::with_capacity(keys.len());
+        for (span, key) in prompt.images.iter().zip(&keys) {
+            let (f, w, h) = &known[key];
+            features.push(ImageFeatures {
+                first_position: span.start + 1,
+                features: f.clone(),
+            });
             pictures.push(Picture {
                 path: span.path.clone(),
                 width: *w,
                 height: *h,
             });
         }
-        let batch = Tensor::stack(&pixels, 0)?
-            .to_device(&self.device)?
-            .to_dtype(self.dtype)?;
-        let feats = self.visual.forward(&batch)?;
-        let features = prompt
-            .images
-            .iter()
-            .enumerate()
-            .map(|(i, span)| {
-                Ok(ImageFeatures {
-                    first_position: span.start + 1,
-                    features: feats.get(i)?,
-                })
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok((features, pictures))
+        Ok(EncodedImages {
+            features,
+            pictures,
+            keys,
+            cached,
+        })
+    }
+
+    /// The KV cache to continue from: the previous reply's cache cut to the longest prefix it
+    /// shares with `ids` (same tokens, same image contents), or an empty one. Reuse must give what a
+    /// cold run gives, so it is refused when the cold prefill would pick another NTK alpha.
+    fn take_prefix(&self, ids: &[u32], spans: &[(usize, ImageKey)]) -> Result<(KvCache, usize)> {
+        let cold = || (self.lm.new_cache(), 0);
+        let prev = match self.reuse.lock() {
+            Ok(mut r) => r.prefix.take(),
+            Err(_) => None,
+        };
+        let Some(mut prev) = prev else {
+            return Ok(cold());
+        };
+        let mut n = prev.ids.iter().zip(ids).take_while(|(a, b)| a == b).count();
+        // An image inside the shared prefix must be the same picture, and a span is reused whole
+        // or not at all.
+        for &(start, key) in spans {
+            let same = prev.images.iter().any(|&(s, k)| s == start && k == key);
+            if start < n && (!same || n < start + lm::tokenizer::IMG_SPAN + 2) {
+                n = n.min(start);
+            }
+        }
+        // The last prompt position is always run: its logits start the reply.
+        n = n.min(ids.len().saturating_sub(1));
+        if n == 0 || prev.cache.ntk_alpha() != Some(self.lm.prefill_ntk_alpha(ids.len())) {
+            return Ok(cold());
+        }
+        prev.cache.truncate(n)?;
+        Ok((prev.cache, n))
     }
 
     /// Answers the conversation: prompt, images, prefill, then generation with `on_text` called
@@ -213,12 +315,34 @@ impl Engine {
         let prompt_ms = t0.elapsed().as_secs_f64() * 1e3;
 
         let t1 = Instant::now();
-        let (features, pictures) = self.encode_images(&prompt, base_dir)?;
+        let EncodedImages {
+            features,
+            pictures,
+            keys,
+            cached: cached_images,
+        } = self.encode_images(&prompt, base_dir)?;
         let vision_ms = t1.elapsed().as_secs_f64() * 1e3;
 
         let t2 = Instant::now();
-        let mut cache: KvCache = self.lm.new_cache();
-        let last_logits = self.lm.forward(&prompt.ids, &features, &mut cache)?;
+        let spans: Vec<(usize, ImageKey)> = prompt
+            .images
+            .iter()
+            .map(|s| s.start)
+            .zip(keys.iter().copied())
+            .collect();
+        let (mut cache, reused) = self.take_prefix(&prompt.ids, &spans)?;
+        // Only the images after the reused prefix still need writing into embeddings.
+        let new_features: Vec<ImageFeatures> = features
+            .into_iter()
+            .filter(|f| f.first_position > reused)
+            .map(|f| ImageFeatures {
+                first_position: f.first_position - reused,
+                features: f.features,
+            })
+            .collect();
+        let last_logits = self
+            .lm
+            .forward(&prompt.ids[reused..], &new_features, &mut cache)?;
         let prefill_ms = t2.elapsed().as_secs_f64() * 1e3;
 
         let t3 = Instant::now();
@@ -248,6 +372,21 @@ impl Engine {
             on_text(&rest);
         }
         let decode_ms = t3.elapsed().as_secs_f64() * 1e3;
+        // Keep the cache (prompt and every reply token fed through the model) for a follow-up.
+        let fed: Vec<u32> = prompt
+            .ids
+            .iter()
+            .chain(&generation.ids)
+            .copied()
+            .take(cache.len())
+            .collect();
+        if let Ok(mut r) = self.reuse.lock() {
+            r.prefix = Some(CachedPrefix {
+                ids: fed,
+                images: spans,
+                cache,
+            });
+        }
         let text = self
             .tokenizer
             .decode(generation.content_ids(), false, false)
@@ -261,6 +400,8 @@ impl Engine {
             decode_ms,
             time_to_first_token_ms: first_token_at.unwrap_or(0.0),
             prompt_tokens: prompt.ids.len(),
+            reused_prefix_tokens: reused,
+            cached_images,
             generated_tokens: n,
             // The first token comes from the prefill's logits; the rest each cost one step.
             decode_tokens_per_s: if n > 1 && decode_ms > 0.0 {

@@ -1,8 +1,6 @@
 //! `qwenvl`: run Qwen-VL-Chat locally. `qwenvl run` answers a conversation file from the command
 //! line; the desktop app comes with no arguments.
 
-mod engine;
-
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -13,7 +11,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use lm::generate::{Decoding, GenerateOptions, SamplingParams};
 use lm::prompt::Conversation;
 
-use crate::engine::{Engine, Reply};
+use lm::quant::WeightType;
+use qwenvl::engine::{Engine, Reply};
+use qwenvl::{bench, gui};
 
 #[derive(Parser)]
 #[command(name = "qwenvl", version, about = "Run Qwen-VL-Chat locally")]
@@ -26,6 +26,35 @@ struct Cli {
 enum Command {
     /// Answer one conversation file (the neutral JSON format) and print the reply.
     Run(RunArgs),
+    /// Measure load time, memory, vision encode, prefill and decode speed against this machine's
+    /// bandwidth and matmul throughput.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Model folder to measure.
+    #[arg(long, conflicts_with = "random", required_unless_present = "random")]
+    model: Option<PathBuf>,
+    /// Full-size random weights synthesised locally instead of a model folder.
+    #[arg(long, value_parser = ["qwen-vl-chat"])]
+    random: Option<String>,
+    /// Weight type: q4k, q4_0, q8_0, bf16, f16 or f32.
+    #[arg(long, default_value = "q4k", value_parser = parse_weight_type)]
+    quant: WeightType,
+    /// Tokens to decode.
+    #[arg(long, default_value_t = 128)]
+    decode_tokens: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_weight_type(s: &str) -> std::result::Result<WeightType, String> {
+    WeightType::parse(s).ok_or_else(|| {
+        let all: Vec<&str> = WeightType::ALL.iter().map(|w| w.name()).collect();
+        format!("unknown weight type {s:?} (one of {})", all.join(", "))
+    })
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -56,6 +85,10 @@ struct RunArgs {
     /// In-memory weight type (f32 is the exact reference path).
     #[arg(long, value_enum, default_value = "f32")]
     dtype: DtypeArg,
+    /// Quantize the linear weights while loading (q4k, q4_0, q8_0; also bf16, f16, f32);
+    /// overrides --dtype.
+    #[arg(long, value_parser = parse_weight_type)]
+    quant: Option<WeightType>,
     /// Most new tokens (default: the checkpoint's max_new_tokens).
     #[arg(long)]
     max_new_tokens: Option<usize>,
@@ -85,10 +118,8 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Run(args)) => run(args),
-        None => {
-            eprintln!("The desktop app is not built yet; use `qwenvl run --help`.");
-            std::process::exit(2);
-        }
+        Some(Command::Bench(args)) => run_bench(args),
+        None => gui::run(),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -155,7 +186,10 @@ fn run(args: RunArgs) -> Result<()> {
         .map(Path::to_path_buf)
         .unwrap_or_default();
     let device = Device::Cpu;
-    let engine = Engine::load(&args.model, args.dtype.dtype(), &device)?;
+    let engine = match args.quant {
+        Some(wt) => Engine::load_with(&args.model, wt, &device, None)?,
+        None => Engine::load(&args.model, args.dtype.dtype(), &device)?,
+    };
     let opts = generate_options(&args, &engine)?;
     let cancel = AtomicBool::new(false);
     let stream = !args.json;
@@ -211,4 +245,18 @@ fn json_output(engine: &Engine, reply: &Reply) -> serde_json::Value {
         "timings": reply.timings,
         "load_ms": engine.load_ms,
     })
+}
+
+fn run_bench(args: BenchArgs) -> Result<()> {
+    let source = match (&args.model, &args.random) {
+        (Some(dir), _) => bench::Source::Checkpoint(dir.clone()),
+        _ => bench::Source::Random,
+    };
+    let report = bench::run(source, args.quant, args.decode_tokens)?;
+    if args.json {
+        println!("{}", bench::to_json(&report)?);
+    } else {
+        print!("{}", bench::table(&report));
+    }
+    Ok(())
 }

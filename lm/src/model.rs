@@ -420,6 +420,15 @@ impl QwenLm {
         &self.device
     }
 
+    /// The NTK alpha a prefill of `n` positions on an empty cache uses.
+    pub fn prefill_ntk_alpha(&self, n: usize) -> f64 {
+        if self.cfg.use_dynamic_ntk {
+            ntk_alpha(n, self.cfg.seq_length)
+        } else {
+            1.0
+        }
+    }
+
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.h.len())
     }
@@ -492,8 +501,7 @@ impl QwenLm {
         let offset = cache.len();
         let alpha = match (offset, cache.ntk_alpha) {
             (_, Some(a)) if offset > 0 => a,
-            _ if self.cfg.use_dynamic_ntk => ntk_alpha(t, self.cfg.seq_length),
-            _ => 1.0,
+            _ => self.prefill_ntk_alpha(t),
         };
         cache.ntk_alpha = Some(alpha);
         let pos = self.positions(offset, t, alpha)?;

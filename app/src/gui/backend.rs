@@ -1,0 +1,383 @@
+//! What the worker thread runs: a [`Backend`] loads a model and answers conversations. The real
+//! one wraps [`Engine`]; [`ScriptedBackend`] replays fixed replies so tests (and the screenshot
+//! demo) can drive the UI without a model.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use lm::checkpoint::LoadProgress;
+use lm::generate::{Decoding, Finish, GenerateOptions, SamplingParams};
+use lm::prompt::Conversation;
+use lm::quant::WeightType;
+use serde::{Deserialize, Serialize};
+
+use crate::engine::Engine;
+
+/// User-adjustable generation settings; defaults come from the checkpoint's
+/// `generation_config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Params {
+    /// Sample (true) or always take the most likely token.
+    pub do_sample: bool,
+    pub temperature: f64,
+    /// 1.0 disables top-p.
+    pub top_p: f64,
+    /// 0 disables top-k.
+    pub top_k: usize,
+    /// 1.0 disables the penalty.
+    pub repetition_penalty: f64,
+    pub max_new_tokens: usize,
+    pub system: String,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Self::from_generation_config(&lm::GenerationConfig::default())
+    }
+}
+
+impl Params {
+    pub fn from_generation_config(g: &lm::GenerationConfig) -> Self {
+        Self {
+            do_sample: g.do_sample,
+            temperature: g.temperature.unwrap_or(1.0),
+            top_p: if g.top_p > 0.0 && g.top_p <= 1.0 {
+                g.top_p
+            } else {
+                1.0
+            },
+            top_k: g.top_k,
+            repetition_penalty: g.repetition_penalty.unwrap_or(1.0),
+            max_new_tokens: g.max_new_tokens,
+            system: lm::prompt::DEFAULT_SYSTEM.to_string(),
+        }
+    }
+
+    /// The engine's options; `seed` varies per request so Regenerate gives a new answer.
+    pub fn generate_options(&self, seed: u64) -> GenerateOptions {
+        let mut opts = GenerateOptions::from_generation_config(&lm::GenerationConfig::default());
+        opts.max_new_tokens = self.max_new_tokens.max(1);
+        opts.decoding = if self.do_sample && self.temperature > 0.0 {
+            Decoding::Sample(SamplingParams {
+                temperature: self.temperature,
+                top_p: Some(self.top_p).filter(|p| *p > 0.0 && *p < 1.0),
+                top_k: Some(self.top_k).filter(|k| *k > 0),
+                repetition_penalty: Some(self.repetition_penalty).filter(|r| *r > 0.0 && *r != 1.0),
+                seed,
+            })
+        } else {
+            Decoding::Greedy
+        };
+        opts
+    }
+}
+
+/// A loaded model as the UI shows it.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub dir: PathBuf,
+    /// Short human description ("2 layers, hidden 128, f32").
+    pub description: String,
+    pub defaults: Params,
+    pub load_ms: f64,
+}
+
+/// Numbers of one finished (or stopped) reply.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReplyStats {
+    pub tokens: usize,
+    pub time_to_first_token_ms: f64,
+    pub tokens_per_s: f64,
+    pub cancelled: bool,
+}
+
+impl ReplyStats {
+    /// Rounded to 0.01 so that the numbers survive a JSON round trip exactly (a saved chat
+    /// reloads equal to what was saved).
+    pub fn rounded(mut self) -> Self {
+        let r = |v: f64| (v * 100.0).round() / 100.0;
+        self.time_to_first_token_ms = r(self.time_to_first_token_ms);
+        self.tokens_per_s = r(self.tokens_per_s);
+        self
+    }
+}
+
+/// Loading stages reported while a model loads, with the fraction done when it is known.
+pub type Progress<'a> = &'a dyn Fn(&str, Option<f32>);
+
+pub trait Backend: Send {
+    /// Loads the model in `dir`; `counter` counts the weight bytes read (the UI polls it).
+    fn load(
+        &mut self,
+        dir: &Path,
+        progress: Progress<'_>,
+        counter: &Arc<LoadProgress>,
+    ) -> Result<ModelInfo>;
+    /// Answers `conv` (image paths relative to `base_dir`), calling `on_text` with each new
+    /// piece. Returns early, with `cancelled` set, once `cancel` is raised.
+    fn reply(
+        &mut self,
+        conv: &Conversation,
+        base_dir: &Path,
+        params: &Params,
+        cancel: &AtomicBool,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<ReplyStats>;
+}
+
+/// The real model, on the CPU.
+#[derive(Default)]
+pub struct EngineBackend {
+    engine: Option<Engine>,
+    requests: u64,
+}
+
+/// Weights of a model folder in bytes: what must fit in memory, and the loading bar's total.
+pub fn weights_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| {
+                    let n = e.file_name().to_string_lossy().to_string();
+                    n.ends_with(".safetensors") || n.ends_with(".bin")
+                })
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// f32 is the exact path; the real 9.6B-parameter model only fits in memory as bf16 or
+/// quantized. `QWENVL_WEIGHTS=f32|f16|bf16|q8_0|q4_0|q4k` overrides.
+fn choose_weights(dir: &Path) -> Result<WeightType> {
+    match std::env::var("QWENVL_WEIGHTS") {
+        Ok(v) => WeightType::parse(&v.to_ascii_lowercase()).with_context(|| {
+            format!("QWENVL_WEIGHTS={v}: expected one of f32, f16, bf16, q8_0, q4_0, q4k")
+        }),
+        Err(_) if weights_bytes(dir) > 4 << 30 => Ok(WeightType::BF16),
+        Err(_) => Ok(WeightType::F32),
+    }
+}
+
+/// A folder that is plainly not a model gets a readable error before the engine sees it.
+pub fn check_model_dir(dir: &Path) -> Result<()> {
+    if !dir.is_dir() {
+        bail!("{} is not a folder", dir.display());
+    }
+    for needed in ["config.json", "qwen.tiktoken"] {
+        if !dir.join(needed).is_file() {
+            bail!(
+                "{} has no {needed}: choose the folder of a Qwen-VL-Chat download",
+                dir.display()
+            );
+        }
+    }
+    if weights_bytes(dir) == 0 {
+        bail!("{} has no weights (*.safetensors or *.bin)", dir.display());
+    }
+    Ok(())
+}
+
+/// Free memory in bytes (Linux `MemAvailable`); `None` where unknown.
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Running out of memory aborts the process without a word, so refuse up front a model that
+/// cannot fit. Checkpoints are stored as 16-bit; the in-memory size scales with the weight type.
+fn check_memory(dir: &Path, wt: WeightType) -> Result<()> {
+    let per_16bit = match wt {
+        WeightType::F32 => 2.0,
+        WeightType::F16 | WeightType::BF16 => 1.0,
+        WeightType::Q8_0 => 0.55,
+        WeightType::Q4_0 | WeightType::Q4K => 0.3,
+    };
+    let need = (weights_bytes(dir) as f64 * per_16bit) as u64;
+    if let Some(free) = available_memory() {
+        if need > free {
+            bail!(
+                "not enough memory: the model needs about {:.1} GB as {wt}, {:.1} GB are free. \
+                 Close other programs, or set QWENVL_WEIGHTS=q4k (or bf16, q8_0) for a smaller \
+                 model in memory",
+                need as f64 / 1e9,
+                free as f64 / 1e9,
+            );
+        }
+    }
+    Ok(())
+}
+
+impl Backend for EngineBackend {
+    fn load(
+        &mut self,
+        dir: &Path,
+        progress: Progress<'_>,
+        counter: &Arc<LoadProgress>,
+    ) -> Result<ModelInfo> {
+        progress("Checking the folder", None);
+        check_model_dir(dir)?;
+        // Free the previous model first: two large models may not fit together.
+        self.engine = None;
+        let wt = choose_weights(dir)?;
+        check_memory(dir, wt)?;
+        progress(&format!("Loading the weights as {wt}"), None);
+        let engine = Engine::load_with(dir, wt, &Device::Cpu, Some(counter.clone()))?;
+        let cfg = &engine.checkpoint.config;
+        let info = ModelInfo {
+            dir: dir.to_path_buf(),
+            description: format!(
+                "{} layers, hidden {}, weights {wt}",
+                cfg.num_hidden_layers, cfg.hidden_size
+            ),
+            defaults: Params::from_generation_config(&engine.checkpoint.generation),
+            load_ms: engine.load_ms,
+        };
+        self.engine = Some(engine);
+        Ok(info)
+    }
+
+    fn reply(
+        &mut self,
+        conv: &Conversation,
+        base_dir: &Path,
+        params: &Params,
+        cancel: &AtomicBool,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<ReplyStats> {
+        let engine = self.engine.as_ref().context("no model is loaded")?;
+        self.requests += 1;
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+            ^ self.requests;
+        let opts = params.generate_options(seed);
+        let reply = engine.reply(conv, base_dir, &opts, cancel, on_text)?;
+        Ok(ReplyStats {
+            tokens: reply.timings.generated_tokens,
+            time_to_first_token_ms: reply.timings.time_to_first_token_ms,
+            tokens_per_s: reply.timings.decode_tokens_per_s,
+            cancelled: reply.generation.finish == Finish::Cancelled,
+        })
+    }
+}
+
+/// Replays scripted replies piece by piece (tests, demo). Records every conversation it is
+/// asked to answer.
+#[derive(Clone, Default)]
+pub struct ScriptedBackend {
+    /// Replies in order; the last one repeats.
+    pub replies: Vec<Vec<String>>,
+    /// Pause before each piece (lets tests observe streaming and stop it).
+    pub delay: Duration,
+    /// Every conversation received, with its base folder.
+    pub seen: Arc<Mutex<Vec<(Conversation, PathBuf)>>>,
+    /// `load` fails with this message when set.
+    pub load_error: Option<String>,
+    /// How long `load` takes.
+    pub load_delay: Duration,
+    count: usize,
+}
+
+impl ScriptedBackend {
+    /// One reply, split into pieces at whitespace boundaries (as tokens would stream).
+    pub fn new(reply: &str, delay: Duration) -> Self {
+        Self {
+            replies: vec![split_pieces(reply)],
+            delay,
+            ..Self::default()
+        }
+    }
+}
+
+/// Splits text into token-like pieces, each word with its leading space.
+pub fn split_pieces(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for c in text.chars() {
+        if (c == ' ' || c == '<') && !cur.is_empty() {
+            out.push(std::mem::take(&mut cur));
+        }
+        cur.push(c);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+impl Backend for ScriptedBackend {
+    fn load(
+        &mut self,
+        dir: &Path,
+        progress: Progress<'_>,
+        _counter: &Arc<LoadProgress>,
+    ) -> Result<ModelInfo> {
+        progress("Loading scripted model", None);
+        std::thread::sleep(self.load_delay);
+        if let Some(e) = &self.load_error {
+            bail!("{e}");
+        }
+        let gen_path = dir.join("generation_config.json");
+        let defaults = match std::fs::read(&gen_path) {
+            Ok(bytes) => Params::from_generation_config(
+                &serde_json::from_slice(&bytes)
+                    .with_context(|| format!("{}: invalid JSON", gen_path.display()))?,
+            ),
+            Err(_) => Params::default(),
+        };
+        Ok(ModelInfo {
+            dir: dir.to_path_buf(),
+            description: "scripted replies".into(),
+            defaults,
+            load_ms: 0.0,
+        })
+    }
+
+    fn reply(
+        &mut self,
+        conv: &Conversation,
+        base_dir: &Path,
+        _params: &Params,
+        cancel: &AtomicBool,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<ReplyStats> {
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.push((conv.clone(), base_dir.to_path_buf()));
+        }
+        let pieces = self
+            .replies
+            .get(self.count)
+            .or(self.replies.last())
+            .cloned()
+            .unwrap_or_default();
+        self.count += 1;
+        let t0 = Instant::now();
+        let mut stats = ReplyStats::default();
+        for piece in pieces {
+            std::thread::sleep(self.delay);
+            if cancel.load(Ordering::Relaxed) {
+                stats.cancelled = true;
+                break;
+            }
+            if stats.tokens == 0 {
+                stats.time_to_first_token_ms = t0.elapsed().as_secs_f64() * 1e3;
+            }
+            on_text(&piece);
+            stats.tokens += 1;
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        if secs > 0.0 {
+            stats.tokens_per_s = stats.tokens as f64 / secs;
+        }
+        Ok(stats)
+    }
+}

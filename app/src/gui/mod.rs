@@ -1,0 +1,88 @@
+//! The desktop app (eframe/egui on wgpu). `app` holds the state and actions, `view` draws,
+//! `worker` runs inference on its own thread behind a [`backend::Backend`], `state` keeps chats
+//! on disk, `geometry` maps grounding boxes to the screen, `settings` finds folders and models.
+
+pub mod app;
+pub mod backend;
+pub mod geometry;
+pub mod settings;
+pub mod state;
+pub mod view;
+pub mod worker;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{anyhow, Result};
+
+pub use app::{AppOptions, QwenApp};
+
+static CJK_FONT: &[u8] = include_bytes!("../../../assets/fonts/DroidSansFallbackFull.ttf");
+
+/// egui's fonts plus Droid Sans Fallback for CJK (and other scripts egui's fonts lack).
+pub fn install_fonts(ctx: &egui::Context) {
+    let mut fonts = egui::FontDefinitions::default();
+    fonts.font_data.insert(
+        "droid-fallback".into(),
+        Arc::new(egui::FontData::from_static(CJK_FONT)),
+    );
+    for family in [egui::FontFamily::Proportional, egui::FontFamily::Monospace] {
+        fonts
+            .families
+            .entry(family)
+            .or_default()
+            .push("droid-fallback".into());
+    }
+    ctx.set_fonts(fonts);
+}
+
+impl eframe::App for QwenApp {
+    fn update(&mut self, ctx: &egui::Context, _frame: &mut eframe::Frame) {
+        self.ui(ctx);
+    }
+}
+
+/// Opens the window. Environment: `QWENVL_MODEL` (model folder), `QWENVL_WEIGHTS` (f32, bf16,
+/// q8_0, q4k, ...), `QWENVL_OPEN_CHAT` (a chat file to show), `QWENVL_DEMO=1` (scripted replies
+/// instead of a model, for screenshots), `QWENVL_DATA_DIR` / `QWENVL_CONFIG_DIR` (where chats and
+/// settings go).
+pub fn run() -> Result<()> {
+    let dirs = settings::Dirs::platform()?;
+    let demo = std::env::var_os("QWENVL_DEMO").is_some();
+    let backend: Box<dyn backend::Backend> = if demo {
+        Box::new(backend::ScriptedBackend::new(
+            "这是一个演示回复：<ref>the dog</ref><box>(100,200),(500,900)</box>",
+            std::time::Duration::from_millis(60),
+        ))
+    } else {
+        Box::new(backend::EngineBackend::default())
+    };
+    let opts = AppOptions {
+        dirs,
+        backend,
+        discover_model: !demo,
+        // The demo "model" is the scripted backend; any folder name will do.
+        model: demo.then(|| PathBuf::from("demo")),
+        open_chat: std::env::var_os("QWENVL_OPEN_CHAT").map(PathBuf::from),
+        clipboard: app::system_clipboard_image(),
+    };
+    let native = eframe::NativeOptions {
+        renderer: eframe::Renderer::Wgpu,
+        viewport: egui::ViewportBuilder::default()
+            .with_title("Qwen-VL")
+            .with_app_id("qwenvl")
+            .with_inner_size([1180.0, 800.0])
+            .with_min_inner_size([640.0, 420.0])
+            .with_drag_and_drop(true),
+        ..Default::default()
+    };
+    eframe::run_native(
+        "Qwen-VL",
+        native,
+        Box::new(move |cc| {
+            install_fonts(&cc.egui_ctx);
+            Ok(Box::new(QwenApp::new(opts)))
+        }),
+    )
+    .map_err(|e| anyhow!("the window could not be opened: {e}"))
+}

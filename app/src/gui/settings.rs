@@ -1,0 +1,162 @@
+//! Where things live: the app's folders (platform config/data dirs via `directories`, overridable
+//! for tests), the small settings file, and finding a model folder without asking.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::backend::Params;
+use super::state::write_atomic;
+
+/// The Hugging Face repository the app is made for.
+pub const MODEL_REPO: &str = "Qwen/Qwen-VL-Chat";
+
+/// The app's own folders.
+#[derive(Debug, Clone)]
+pub struct Dirs {
+    /// settings.json
+    pub config: PathBuf,
+    /// chats/ (and chats/images/)
+    pub data: PathBuf,
+}
+
+impl Dirs {
+    /// Platform folders; `QWENVL_CONFIG_DIR` / `QWENVL_DATA_DIR` override them.
+    pub fn platform() -> Result<Self> {
+        let proj = directories::ProjectDirs::from("", "", "qwenvl");
+        let pick = |var: &str, f: fn(&directories::ProjectDirs) -> &Path| -> Result<PathBuf> {
+            if let Some(v) = std::env::var_os(var) {
+                return Ok(PathBuf::from(v));
+            }
+            proj.as_ref()
+                .map(|p| f(p).to_path_buf())
+                .with_context(|| format!("no home folder found; set {var}"))
+        };
+        Ok(Self {
+            config: pick("QWENVL_CONFIG_DIR", |p| p.config_dir())?,
+            data: pick("QWENVL_DATA_DIR", |p| p.data_dir())?,
+        })
+    }
+
+    pub fn in_folder(root: &Path) -> Self {
+        Self {
+            config: root.join("config"),
+            data: root.join("data"),
+        }
+    }
+
+    pub fn chats(&self) -> PathBuf {
+        self.data.join("chats")
+    }
+}
+
+/// What the app remembers between runs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Settings {
+    #[serde(default)]
+    pub last_model: Option<PathBuf>,
+    /// The user's generation settings per model folder are not kept; these are the last used
+    /// ones, reset to the checkpoint's defaults when another model is opened.
+    #[serde(default)]
+    pub params: Option<Params>,
+    #[serde(default)]
+    pub last_chat: Option<String>,
+    #[serde(default = "yes")]
+    pub show_boxes: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Settings {
+    fn path(dirs: &Dirs) -> PathBuf {
+        dirs.config.join("settings.json")
+    }
+
+    /// Missing or unreadable settings are not an error: start fresh.
+    pub fn load(dirs: &Dirs) -> Self {
+        std::fs::read(Self::path(dirs))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(Settings {
+                show_boxes: true,
+                ..Default::default()
+            })
+    }
+
+    pub fn save(&self, dirs: &Dirs) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(self)?;
+        write_atomic(&Self::path(dirs), &bytes)
+    }
+}
+
+/// Where a model folder was found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    EnvVar(PathBuf),
+    LastUsed(PathBuf),
+    HfCache(PathBuf),
+}
+
+impl Found {
+    pub fn path(&self) -> &Path {
+        match self {
+            Found::EnvVar(p) | Found::LastUsed(p) | Found::HfCache(p) => p,
+        }
+    }
+}
+
+/// A folder that looks like a checkpoint (enough to try loading it).
+pub fn looks_like_model(dir: &Path) -> bool {
+    dir.join("config.json").is_file() && dir.join("qwen.tiktoken").is_file()
+}
+
+/// The Hugging Face hub cache: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
+/// `~/.cache/huggingface/hub`.
+pub fn hf_hub_cache() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("HF_HUB_CACHE") {
+        return Some(PathBuf::from(p));
+    }
+    if let Some(p) = std::env::var_os("HF_HOME") {
+        return Some(PathBuf::from(p).join("hub"));
+    }
+    directories::BaseDirs::new().map(|b| b.home_dir().join(".cache/huggingface/hub"))
+}
+
+/// Snapshots of Qwen-VL-Chat in a hub cache, newest first.
+pub fn hf_snapshots(hub: &Path) -> Vec<PathBuf> {
+    let dir = hub.join("models--Qwen--Qwen-VL-Chat").join("snapshots");
+    let mut snaps: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| looks_like_model(p))
+                .map(|p| {
+                    let t = p
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .unwrap_or(std::time::UNIX_EPOCH);
+                    (t, p)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    snaps.sort_by_key(|s| std::cmp::Reverse(s.0));
+    snaps.into_iter().map(|(_, p)| p).collect()
+}
+
+/// The first model folder found: `$QWENVL_MODEL`, the last used one, the HF cache.
+pub fn discover(settings: &Settings) -> Option<Found> {
+    if let Some(p) = std::env::var_os("QWENVL_MODEL") {
+        // Named explicitly: try it even if it looks wrong, so the error is shown.
+        return Some(Found::EnvVar(PathBuf::from(p)));
+    }
+    if let Some(p) = settings.last_model.as_ref().filter(|p| looks_like_model(p)) {
+        return Some(Found::LastUsed(p.clone()));
+    }
+    hf_hub_cache()
+        .and_then(|hub| hf_snapshots(&hub).into_iter().next())
+        .map(Found::HfCache)
+}

@@ -1,0 +1,377 @@
+//! The conversation: user messages with their numbered pictures, replies with grounding markup
+//! as chips and the boxes drawn over the latest picture, and per-reply actions.
+
+use egui::{Align2, Color32, FontId, RichText, Sense, Stroke};
+use lm::grounding::{self, Piece};
+use lm::prompt::Item;
+
+use super::super::app::{Drawn, QwenApp, OCR_PROMPT};
+use super::super::geometry::{self, colour, fit, shape_on_screen};
+use super::super::state::TurnStatus;
+
+/// Regions the user marked (one colour: they are questions, not answers).
+const REGION_COLOUR: Color32 = Color32::from_rgb(90, 160, 255);
+
+pub fn show(app: &mut QwenApp, ui: &mut egui::Ui) {
+    let n = app.chat().turns.len();
+    if n == 0 {
+        ui.vertical_centered(|ui| {
+            ui.add_space(ui.available_height() / 3.0);
+            ui.label(RichText::new("Ask about pictures").size(22.0));
+            ui.label(
+                RichText::new(
+                    "Drop pictures on the window, paste one with Ctrl+V, or use Attach images…\n\
+                     To find things, ask e.g. \"Output the bounding box of the red square\".",
+                )
+                .weak(),
+            );
+        });
+        return;
+    }
+    egui::ScrollArea::vertical()
+        .auto_shrink([false, false])
+        .stick_to_bottom(true)
+        .show(ui, |ui| {
+            ui.set_max_width(ui.available_width());
+            for t in 0..n {
+                user_message(app, ui, t);
+                ui.add_space(6.0);
+                reply(app, ui, t);
+                ui.add_space(14.0);
+            }
+        });
+}
+
+fn user_message(app: &mut QwenApp, ui: &mut egui::Ui, t: usize) {
+    let items = app.chat().turns[t].user.clone();
+    let mut ocr = None;
+    let n_pictures = items
+        .iter()
+        .filter(|i| matches!(i, Item::Image { .. }))
+        .count();
+    let regions: Vec<([i64; 4], Color32)> = items
+        .iter()
+        .filter_map(|i| match i {
+            Item::Box { boxes, .. } => Some(boxes.clone()),
+            _ => None,
+        })
+        .flatten()
+        .map(|b| (b, REGION_COLOUR))
+        .collect();
+    egui::Frame::new()
+        .fill(ui.visuals().faint_bg_color)
+        .corner_radius(8)
+        .inner_margin(10)
+        .show(ui, |ui| {
+            ui.label(RichText::new("You").strong());
+            let mut k = 0;
+            ui.horizontal_wrapped(|ui| {
+                for item in &items {
+                    if let Item::Image { image } = item {
+                        k += 1;
+                        ui.vertical(|ui| {
+                            if let Some(tex) = app.texture(ui.ctx(), image) {
+                                let size =
+                                    fit(tex.width, tex.height, egui::vec2(220.0, 160.0), 4.0);
+                                let r = ui.image((tex.handle.id(), size));
+                                // The regions the user asked about refer to the message's last
+                                // picture.
+                                if k == n_pictures {
+                                    for (b, c) in &regions {
+                                        let shown = geometry::box_on_screen(
+                                            *b, tex.width, tex.height, r.rect,
+                                        );
+                                        ui.painter().rect_stroke(
+                                            shown,
+                                            0.0,
+                                            Stroke::new(2.0, *c),
+                                            egui::StrokeKind::Middle,
+                                        );
+                                    }
+                                }
+                            } else {
+                                ui.label(RichText::new("(picture missing)").weak());
+                            }
+                            ui.horizontal(|ui| {
+                                ui.label(RichText::new(format!("Picture {k}")).small());
+                                if ui.small_button("Read text").clicked() {
+                                    ocr = Some(image.clone());
+                                }
+                            });
+                        });
+                    }
+                }
+            });
+            ui.horizontal_wrapped(|ui| {
+                for item in &items {
+                    match item {
+                        Item::Text { text } => rich_text(app, ui, t, text, false),
+                        Item::Box { reference, boxes } => {
+                            for b in boxes {
+                                let label = match reference {
+                                    Some(r) => {
+                                        format!("{r}: box ({},{}),({},{})", b[0], b[1], b[2], b[3])
+                                    }
+                                    None => {
+                                        format!("region ({},{}),({},{})", b[0], b[1], b[2], b[3])
+                                    }
+                                };
+                                let c = REGION_COLOUR;
+                                ui.add(
+                                    egui::Button::new(RichText::new(label).color(c))
+                                        .fill(c.gamma_multiply(0.15))
+                                        .stroke(Stroke::new(1.0, c)),
+                                );
+                            }
+                        }
+                        Item::Image { .. } => {}
+                    }
+                }
+            });
+        });
+    if let Some(image) = ocr {
+        app.send_items(vec![
+            Item::Image { image },
+            Item::Text {
+                text: OCR_PROMPT.into(),
+            },
+        ]);
+    }
+}
+
+/// Text with `<ref>`/`<box>`/`<quad>` shown as chips; `grounded` links chips to this turn's
+/// drawn objects (replies only).
+fn rich_text(app: &mut QwenApp, ui: &mut egui::Ui, t: usize, text: &str, grounded: bool) {
+    let pieces = geometry::pieces(text);
+    let objs = geometry::piece_objects(&pieces);
+    let mut box_no = 0;
+    for (p, obj) in pieces.iter().zip(objs) {
+        let c = obj.map(colour).unwrap_or(Color32::GRAY);
+        let highlighted = grounded && obj.is_some() && app.hovered == obj.map(|o| (t, o));
+        let chip = |ui: &mut egui::Ui, label: String| {
+            ui.add(
+                egui::Button::new(RichText::new(label).color(if highlighted {
+                    Color32::WHITE
+                } else {
+                    c
+                }))
+                .fill(if highlighted {
+                    c
+                } else {
+                    c.gamma_multiply(0.15)
+                })
+                .stroke(Stroke::new(1.0, c)),
+            )
+        };
+        let resp = match p {
+            Piece::Text(s) => {
+                let mut lines = s.split('\n').peekable();
+                while let Some(line) = lines.next() {
+                    if !line.is_empty() {
+                        ui.label(line);
+                    }
+                    if lines.peek().is_some() {
+                        ui.end_row();
+                    }
+                }
+                None
+            }
+            Piece::Ref(r) => Some(chip(ui, r.trim().to_string())),
+            Piece::Box(b) => {
+                box_no += 1;
+                Some(
+                    chip(ui, format!("box {box_no}"))
+                        .on_hover_text(format!("box {}", b.replace(['(', ')'], ""))),
+                )
+            }
+            Piece::Quad(q) => {
+                box_no += 1;
+                Some(
+                    chip(ui, format!("quad {box_no}"))
+                        .on_hover_text(format!("quad {}", q.replace(['(', ')'], ""))),
+                )
+            }
+            Piece::Image(path) => {
+                ui.label(RichText::new(format!("[picture {path}]")).italics());
+                None
+            }
+        };
+        if let (Some(r), Some(o)) = (resp, obj) {
+            if grounded && r.hovered() {
+                app.hover_next = Some((t, o));
+            }
+        }
+    }
+}
+
+fn reply(app: &mut QwenApp, ui: &mut egui::Ui, t: usize) {
+    let turn = app.chat().turns[t].clone();
+    let last = t + 1 == app.chat().turns.len();
+    let pending = last && app.is_generating() && turn.status == TurnStatus::Pending;
+    ui.label(RichText::new("Qwen-VL").strong());
+    if pending && turn.reply.is_empty() {
+        ui.horizontal(|ui| {
+            ui.spinner();
+            ui.label("Reading the message…");
+        });
+    }
+    ui.horizontal_wrapped(|ui| {
+        rich_text(app, ui, t, &turn.reply, true);
+    });
+    match &turn.status {
+        TurnStatus::Failed(e) => {
+            ui.label(RichText::new(format!("Failed: {e}")).color(Color32::LIGHT_RED));
+        }
+        TurnStatus::Stopped => {
+            ui.label(RichText::new("(stopped)").weak());
+        }
+        _ => {}
+    }
+    // Live or final numbers.
+    if pending {
+        if let Some(p) = &app.pending {
+            let ttft = p
+                .first_piece
+                .map(|f| {
+                    format!(
+                        " · first token {:.0} ms",
+                        f.duration_since(p.started).as_secs_f64() * 1e3
+                    )
+                })
+                .unwrap_or_default();
+            ui.label(
+                RichText::new(format!(
+                    "{} tokens · {:.1} tokens/s{ttft}",
+                    p.pieces,
+                    p.pieces_per_s()
+                ))
+                .small()
+                .weak(),
+            );
+        }
+    } else if let Some(s) = &turn.stats {
+        ui.label(
+            RichText::new(format!(
+                "{} tokens · {:.1} tokens/s · first token {:.0} ms",
+                s.tokens, s.tokens_per_s, s.time_to_first_token_ms
+            ))
+            .small()
+            .weak(),
+        );
+    }
+    let objects = geometry::objects(&turn.reply);
+    let picture = app.chat().latest_picture(t).map(str::to_string);
+    if !pending {
+        ui.horizontal(|ui| {
+            if ui.small_button("Copy").clicked() {
+                ui.ctx()
+                    .copy_text(super::super::state::readable(&turn.reply));
+            }
+            if last && ui.small_button("Regenerate").clicked() {
+                app.regenerate();
+            }
+            if !objects.is_empty()
+                && picture.is_some()
+                && ui.small_button("Export annotated image…").clicked()
+            {
+                if let Some(dest) = rfd::FileDialog::new()
+                    .add_filter("PNG", &["png"])
+                    .set_file_name("annotated.png")
+                    .save_file()
+                {
+                    if let Err(e) = app.export_annotated(t, &dest) {
+                        app.errors.push(format!("{e:#}"));
+                    }
+                }
+            }
+        });
+    }
+    if let (false, Some(rel)) = (objects.is_empty(), picture) {
+        annotated_picture(app, ui, t, &rel, &objects);
+    }
+}
+
+/// The latest picture with the reply's objects drawn over it, scaled to the space available.
+fn annotated_picture(
+    app: &mut QwenApp,
+    ui: &mut egui::Ui,
+    t: usize,
+    rel: &str,
+    objects: &[grounding::GroundedObject],
+) {
+    let Some(tex) = app.texture(ui.ctx(), rel) else {
+        return;
+    };
+    let avail = egui::vec2(ui.available_width().clamp(100.0, 560.0), 320.0);
+    let size = fit(tex.width, tex.height, avail, 4.0);
+    let (rect, resp) = ui.allocate_exact_size(size, Sense::hover());
+    let label = format!(
+        "Picture with {} found object(s): {}",
+        objects.len(),
+        objects
+            .iter()
+            .filter_map(|o| o.label.clone())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    resp.widget_info(|| egui::WidgetInfo::labeled(egui::WidgetType::Image, true, &label));
+    egui::Image::from_texture((tex.handle.id(), size)).paint_at(ui, rect);
+    if !app.settings.show_boxes {
+        return;
+    }
+    let painter = ui.painter_at(rect);
+    let pointer = resp.hover_pos();
+    let mut under: Option<(f32, usize)> = None;
+    for (o, obj) in objects.iter().enumerate() {
+        let highlighted = app.hovered == Some((t, o));
+        let c = colour(o);
+        for shape in &obj.shapes {
+            let pts = shape_on_screen(shape, tex.width, tex.height, rect);
+            let bounds = egui::Rect::from_points(&pts);
+            if let Some(p) = pointer {
+                let area = bounds.area();
+                if bounds.contains(p) && under.is_none_or(|(a, _)| area < a) {
+                    under = Some((area, o));
+                }
+            }
+            if highlighted {
+                painter.add(egui::Shape::convex_polygon(
+                    pts.clone(),
+                    c.gamma_multiply(0.25),
+                    Stroke::NONE,
+                ));
+            }
+            painter.add(egui::Shape::closed_line(
+                pts.clone(),
+                Stroke::new(if highlighted { 4.0 } else { 2.0 }, c),
+            ));
+            app.drawn.push(Drawn {
+                turn: t,
+                object: o,
+                label: obj.label.clone(),
+                image_rect: rect,
+                outline: pts,
+                highlighted,
+            });
+        }
+        // The label sits on the first shape's top-left corner, as the reference draws it.
+        if let (Some(label), Some(first)) = (&obj.label, obj.shapes.first()) {
+            let pts = shape_on_screen(first, tex.width, tex.height, rect);
+            let at = egui::Rect::from_points(&pts).left_top();
+            let galley =
+                painter.layout_no_wrap(label.clone(), FontId::proportional(13.0), Color32::WHITE);
+            let bg = egui::Rect::from_min_size(at, galley.size() + egui::vec2(6.0, 2.0));
+            painter.rect_filled(bg, 2.0, c);
+            painter.text(
+                at + egui::vec2(3.0, 1.0),
+                Align2::LEFT_TOP,
+                label,
+                FontId::proportional(13.0),
+                Color32::WHITE,
+            );
+        }
+    }
+    if let Some((_, o)) = under {
+        app.hover_next = Some((t, o));
+    }
+}

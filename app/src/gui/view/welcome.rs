@@ -1,0 +1,92 @@
+//! First-run screen: what to download and where to put it; loading progress.
+
+use egui::{Color32, RichText};
+
+use super::super::app::{ModelState, QwenApp};
+use super::super::settings::{self, MODEL_REPO};
+
+pub fn show(app: &mut QwenApp, ui: &mut egui::Ui) {
+    ui.vertical_centered(|ui| {
+        ui.add_space(40.0);
+        ui.heading(RichText::new("Qwen-VL, on your computer").size(26.0));
+        ui.add_space(12.0);
+    });
+    let fraction = app.model.load_fraction();
+    match app.model.clone() {
+        ModelState::Loading {
+            dir, stage, since, ..
+        } => {
+            ui.vertical_centered(|ui| {
+                ui.label(format!("Loading {}", dir.display()));
+                ui.add_space(8.0);
+                match fraction {
+                    Some(f) => {
+                        ui.add(
+                            egui::ProgressBar::new(f)
+                                .desired_width(320.0)
+                                .show_percentage(),
+                        );
+                    }
+                    None => indeterminate_bar(ui, since.elapsed().as_secs_f32()),
+                }
+                ui.label(format!("{stage} — {:.0} s", since.elapsed().as_secs_f32()));
+            });
+        }
+        state => {
+            if let ModelState::Failed { dir, error } = &state {
+                ui.label(
+                    RichText::new(format!("{} could not be loaded: {error}", dir.display()))
+                        .color(Color32::LIGHT_RED),
+                );
+                ui.add_space(8.0);
+            }
+            ui.label(format!(
+                "This app runs the {MODEL_REPO} model locally. It needs the model's files \
+                 (about 19 GB: config.json, generation_config.json, qwen.tiktoken and the \
+                 weights)."
+            ));
+            ui.add_space(6.0);
+            ui.label("Download them with the Hugging Face tools:");
+            ui.code(format!("huggingface-cli download {MODEL_REPO}"));
+            let hub = settings::hf_hub_cache()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "~/.cache/huggingface/hub".into());
+            ui.label(format!(
+                "The app finds the download in {hub} by itself (HF_HOME and HF_HUB_CACHE are \
+                 honoured), or in the folder named by QWENVL_MODEL. Files put anywhere else: \
+                 choose their folder."
+            ));
+            ui.add_space(10.0);
+            if ui
+                .add(egui::Button::new(
+                    RichText::new("Open model folder…").size(18.0),
+                ))
+                .clicked()
+            {
+                if let Some(dir) = rfd::FileDialog::new()
+                    .set_title("Choose the Qwen-VL-Chat folder")
+                    .pick_folder()
+                {
+                    app.load_model(dir);
+                }
+            }
+        }
+    }
+}
+
+/// A bar with a segment sweeping back and forth: work is happening, amount unknown.
+fn indeterminate_bar(ui: &mut egui::Ui, t: f32) {
+    let (rect, _) = ui.allocate_exact_size(egui::vec2(320.0, 8.0), egui::Sense::hover());
+    let p = ui.painter();
+    p.rect_filled(rect, 4.0, ui.visuals().extreme_bg_color);
+    let phase = (t * 0.8).fract();
+    let tri = if phase < 0.5 {
+        phase * 2.0
+    } else {
+        2.0 - phase * 2.0
+    };
+    let w = rect.width() * 0.3;
+    let x = rect.min.x + tri * (rect.width() - w);
+    let seg = egui::Rect::from_min_size(egui::pos2(x, rect.min.y), egui::vec2(w, rect.height()));
+    p.rect_filled(seg, 4.0, ui.visuals().selection.bg_fill);
+}

@@ -1,0 +1,719 @@
+//! The desktop app, driven headless with egui_kittest: AccessKit queries by label/role, clicks,
+//! drags and simulated file drops against the real `QwenApp` (the same code the window runs).
+//!
+//! Snapshot tests render with wgpu and need an adapter: on a machine without a GPU, Mesa's
+//! lavapipe (Debian `mesa-vulkan-drivers`, which brings `libvulkan1`). Snapshots live in
+//! tests/snapshots/; refresh them with `UPDATE_SNAPSHOTS=1 cargo test -p qwenvl --test gui`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use egui::accesskit::Role;
+use egui::{pos2, vec2, Rect};
+use egui_kittest::kittest::Queryable;
+use egui_kittest::{Harness, SnapshotOptions};
+use lm::prompt::{items_to_text, Conversation, Item};
+use qwenvl::gui::app::ModelState;
+use qwenvl::gui::backend::{EngineBackend, ReplyStats, ScriptedBackend};
+use qwenvl::gui::geometry;
+use qwenvl::gui::state::{Chat, TurnStatus};
+use qwenvl::gui::{install_fonts, AppOptions, QwenApp};
+use qwenvl_e2e::tiny_a;
+
+fn image(name: &str) -> PathBuf {
+    tiny_a().join("images").join(name)
+}
+
+type Seen = Arc<Mutex<Vec<(Conversation, PathBuf)>>>;
+
+/// An app in `root` answering with `reply` (scripted), its "model" already loading.
+fn scripted_app(root: &Path, reply: &str, delay_ms: u64) -> (QwenApp, Seen) {
+    let backend = ScriptedBackend::new(reply, Duration::from_millis(delay_ms));
+    let seen = backend.seen.clone();
+    let mut opts = AppOptions::for_folder(root, Box::new(backend));
+    opts.model = Some(tiny_a());
+    (QwenApp::new(opts), seen)
+}
+
+fn harness<'a>(app: QwenApp, size: egui::Vec2) -> Harness<'a, QwenApp> {
+    let h = Harness::builder()
+        .with_size(size)
+        .build_state(|ctx, app: &mut QwenApp| app.ui(ctx), app);
+    install_fonts(&h.ctx);
+    h
+}
+
+fn wgpu_harness<'a>(app: QwenApp, size: egui::Vec2) -> Harness<'a, QwenApp> {
+    let h = Harness::builder()
+        .with_size(size)
+        .wgpu()
+        .build_state(|ctx, app: &mut QwenApp| app.ui(ctx), app);
+    install_fonts(&h.ctx);
+    h
+}
+
+/// Steps frames until `done` holds (the worker runs in real time), or panics after `secs`.
+fn step_until(
+    h: &mut Harness<'_, QwenApp>,
+    secs: u64,
+    what: &str,
+    mut done: impl FnMut(&QwenApp) -> bool,
+) {
+    let t0 = Instant::now();
+    loop {
+        h.step();
+        if done(h.state()) {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(secs),
+            "timed out waiting for {what}; errors: {:?}; generating: {}; last turn: {:?}",
+            h.state().errors,
+            h.state().is_generating(),
+            h.state()
+                .chat()
+                .turns
+                .last()
+                .map(|t| (t.reply.len(), &t.status)),
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn ready(app: &QwenApp) -> bool {
+    matches!(app.model, ModelState::Ready(_))
+}
+
+fn drop_file(h: &mut Harness<'_, QwenApp>, path: PathBuf) {
+    h.input_mut().dropped_files.push(egui::DroppedFile {
+        path: Some(path),
+        ..Default::default()
+    });
+}
+
+fn type_message(h: &mut Harness<'_, QwenApp>, text: &str) {
+    let input = h.get_by_role(Role::MultilineTextInput);
+    input.focus();
+    input.type_text(text);
+    h.step();
+}
+
+#[test]
+fn tiny_a_two_dropped_images_streams_and_stops() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut opts = AppOptions::for_folder(tmp.path(), Box::new(EngineBackend::default()));
+    opts.model = Some(tiny_a());
+    let mut h = harness(QwenApp::new(opts), vec2(1200.0, 860.0));
+    step_until(&mut h, 120, "tiny-a to load", ready);
+    // The checkpoint's generation_config.json is the default.
+    assert!(h.state().params.do_sample);
+    assert_eq!(h.state().params.top_p, 0.3);
+    assert_eq!(h.state().params.max_new_tokens, 512);
+    // Greedy on the golden case `two_images`: the reference reply loops without a stop token,
+    // so Stop lands mid-stream, and its text is known.
+    h.state_mut().params.do_sample = false;
+    h.state_mut().params.max_new_tokens = 2048;
+    let cases = qwenvl_e2e::expected_json("cases.json");
+    let case = cases["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "two_images")
+        .unwrap();
+    assert_eq!(case["greedy"]["stopped"], false);
+    let golden = case["greedy"]["text"].as_str().unwrap().to_string();
+
+    drop_file(&mut h, image("screenshot_1200x300.png"));
+    drop_file(&mut h, image("portrait_300x900.jpg"));
+    h.run_steps(3);
+    assert_eq!(h.state().composer.images.len(), 2);
+    h.get_by_label("Picture 1");
+    h.get_by_label("Picture 2");
+    assert_eq!(h.get_all_by_label("Remove").count(), 2);
+
+    type_message(
+        &mut h,
+        "What are the differences between these two pictures?",
+    );
+    h.get_by_label("Send").click();
+    h.run_steps(2);
+    assert!(h.state().is_generating());
+    // Composer cleared, the turn holds both pictures in order, then the text.
+    assert!(h.state().composer.images.is_empty());
+    let user = h.state().chat().turns[0].user.clone();
+    assert!(
+        matches!(&user[..], [Item::Image { .. }, Item::Image { .. }, Item::Text { text }]
+            if text == "What are the differences between these two pictures?")
+    );
+    h.get_by_label("Stop");
+
+    // Streaming: the reply grows over several frames.
+    let mut lengths = Vec::new();
+    step_until(&mut h, 120, "streamed text", |app| {
+        let n = app.chat().turns[0].reply.len();
+        if lengths.last() != Some(&n) {
+            lengths.push(n);
+        }
+        lengths.iter().filter(|&&l| l > 0).count() >= 3
+    });
+    assert!(h.state().is_generating(), "the reply ended before Stop");
+    h.get_by_label("Stop").click();
+    h.run_steps(2);
+    assert!(!h.state().is_generating());
+    let turn = h.state().chat().turns[0].clone();
+    assert_eq!(turn.status, TurnStatus::Stopped);
+    assert!(!turn.reply.is_empty());
+    // What streamed is the reference's greedy reply (or its start).
+    assert!(
+        golden.starts_with(&turn.reply) || turn.reply.starts_with(&golden),
+        "{:?} vs golden {golden:?}",
+        turn.reply
+    );
+    // Nothing more arrives after Stop, and Send is back.
+    std::thread::sleep(Duration::from_millis(300));
+    h.run_steps(3);
+    assert_eq!(h.state().chat().turns[0].reply, turn.reply);
+    h.get_by_label("(stopped)");
+    h.get_by_label("Send");
+    // The stopped turn was saved.
+    let saved = std::fs::read_dir(tmp.path().join("data/chats"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "json")
+        })
+        .count();
+    assert_eq!(saved, 1);
+}
+
+const GROUNDED: &str = concat!(
+    "Here: <ref>the cat</ref><box>(100,200),(500,600)</box><box>(600,100),(900,400)</box>",
+    " and <ref>狗</ref><quad>(10,10),(200,10),(200,300),(10,300)</quad>."
+);
+
+/// Sends one message with the photo and waits for the scripted reply.
+fn send_with_photo(h: &mut Harness<'_, QwenApp>, text: &str) {
+    step_until(h, 10, "the scripted model", ready);
+    h.state_mut().attach_files(&[image("photo_640x480.jpg")]);
+    h.run_steps(2);
+    type_message(h, text);
+    h.get_by_label("Send").click();
+    step_until(h, 10, "the reply", |app| !app.is_generating());
+    h.run_steps(2);
+}
+
+#[test]
+fn boxes_in_a_reply_are_drawn_with_the_right_geometry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (app, _) = scripted_app(tmp.path(), GROUNDED, 0);
+    let mut h = harness(app, vec2(1200.0, 900.0));
+    send_with_photo(&mut h, "Where are the animals?");
+
+    h.get_by_label("Picture with 2 found object(s): the cat, 狗");
+    // Markup appears as chips, never as raw tags.
+    h.get_by_label("the cat");
+    h.get_by_label("狗");
+    assert!(h.query_by_label_contains("<ref>").is_none());
+    assert!(h.query_by_label_contains("<box>").is_none());
+
+    let check = |h: &Harness<'_, QwenApp>| {
+        let drawn = &h.state().drawn;
+        assert_eq!(drawn.len(), 3, "two boxes of the cat and the dog's quad");
+        let r = drawn[0].image_rect;
+        // The 640x480 photo keeps its aspect ratio.
+        assert!((r.width() / r.height() - 640.0 / 480.0).abs() < 1e-3);
+        // Pixel → screen: egui rounds the picture's rect, so each axis has its own scale.
+        let (sx, sy) = (r.width() / 640.0, r.height() / 480.0);
+        let at = |x: f32, y: f32| pos2(r.min.x + x * sx, r.min.y + y * sy);
+        let close = |a: egui::Pos2, b: egui::Pos2| (a - b).length() < 1e-3;
+        // (100,200),(500,600) on 640x480 → pixels (64,96)-(320,288).
+        assert_eq!(drawn[0].label.as_deref(), Some("the cat"));
+        assert!(close(drawn[0].outline[0], at(64.0, 96.0)), "{:?}", drawn[0]);
+        assert!(
+            close(drawn[0].outline[2], at(320.0, 288.0)),
+            "{:?}",
+            drawn[0]
+        );
+        // (600,100),(900,400) → (384,48)-(576,192), same object.
+        assert_eq!(drawn[1].object, 0);
+        assert!(close(drawn[1].outline[0], at(384.0, 48.0)));
+        assert!(close(drawn[1].outline[2], at(576.0, 192.0)));
+        // The quad's corners → (6,4),(128,4),(128,144),(6,144).
+        assert_eq!(
+            (drawn[2].object, drawn[2].label.as_deref()),
+            (1, Some("狗"))
+        );
+        let q: Vec<_> = [(6.0, 4.0), (128.0, 4.0), (128.0, 144.0), (6.0, 144.0)]
+            .iter()
+            .map(|&(x, y)| at(x, y))
+            .collect();
+        assert!(drawn[2].outline.iter().zip(&q).all(|(a, b)| close(*a, *b)));
+        r
+    };
+    let big = check(&h);
+    // Resized window: the picture shrinks and the boxes follow it.
+    h.set_size(vec2(560.0, 900.0));
+    h.run_steps(3);
+    let small = check(&h);
+    assert!(small.width() < big.width(), "{small:?} vs {big:?}");
+
+    // Hovering a ref chip highlights its box; hovering the box highlights the chip's object.
+    h.get_by_label("the cat").hover();
+    h.run_steps(2);
+    assert!(h
+        .state()
+        .drawn
+        .iter()
+        .filter(|d| d.object == 0)
+        .all(|d| d.highlighted));
+    assert!(h
+        .state()
+        .drawn
+        .iter()
+        .filter(|d| d.object == 1)
+        .all(|d| !d.highlighted));
+    let dog_box = Rect::from_points(&h.state().drawn[2].outline);
+    h.hover_at(dog_box.center());
+    h.run_steps(2);
+    assert_eq!(h.state().hovered, Some((0, 1)));
+
+    // The toggle hides the boxes.
+    h.get_by_label("Show boxes").click();
+    h.run_steps(2);
+    assert!(h.state().drawn.is_empty());
+
+    // Export: boxes drawn into the PNG at the reference's pixel positions.
+    let out = tmp.path().join("annotated.png");
+    h.state().export_annotated(0, &out).unwrap();
+    let png = vision::image::open(&out).unwrap().to_rgba8();
+    let orig = vision::image::open(image("photo_640x480.jpg"))
+        .unwrap()
+        .to_rgba8();
+    assert_eq!(png.dimensions(), (640, 480));
+    let red = geometry::colour(0);
+    assert_eq!(png.get_pixel(64, 200).0, [red.r(), red.g(), red.b(), 255]);
+    assert_eq!(png.get_pixel(200, 288).0, [red.r(), red.g(), red.b(), 255]);
+    assert_eq!(png.get_pixel(192, 192), orig.get_pixel(192, 192));
+}
+
+#[test]
+fn dragging_a_region_sends_box_markup() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (app, seen) = scripted_app(tmp.path(), "A red square.", 0);
+    let mut h = harness(app, vec2(1200.0, 900.0));
+    step_until(&mut h, 10, "the scripted model", ready);
+    h.state_mut().attach_files(&[image("photo_640x480.jpg")]);
+    // The composer panel takes a frame to grow to its new content.
+    h.run_steps(2);
+    h.get_by_label("Region").click();
+    h.run_steps(2);
+    let r = h.get_by_label("Region picker: Picture 1").rect();
+    let at = |fx: f32, fy: f32| pos2(r.min.x + fx * r.width(), r.min.y + fy * r.height());
+    h.hover_at(at(0.25, 0.25));
+    h.step();
+    h.drag_at(at(0.25, 0.25));
+    h.step();
+    h.hover_at(at(0.5, 0.4));
+    h.step();
+    h.hover_at(at(0.75, 0.5));
+    h.step();
+    h.drop_at(at(0.75, 0.5));
+    h.run_steps(2);
+    assert_eq!(h.state().composer.regions.len(), 1);
+    assert_eq!(h.state().composer.regions[0].grid, [250, 250, 750, 500]);
+    // Shown as a chip, not as markup.
+    h.get_by_label("Region on Picture 1: (250,250),(750,500)");
+
+    type_message(&mut h, "What is here?");
+    h.get_by_label("Send").click();
+    step_until(&mut h, 10, "the reply", |app| !app.is_generating());
+    h.run_steps(2);
+    // The sent message shows the region as a chip too.
+    h.get_by_label("region (250,250),(750,500)");
+    let seen = seen.lock().unwrap();
+    let text = items_to_text(&seen[0].0.query);
+    assert!(
+        text.ends_with("What is here?<box>(250,250),(750,500)</box>"),
+        "{text}"
+    );
+    assert!(text.starts_with("Picture 1: <img>images/"));
+}
+
+#[test]
+fn chats_persist_and_reload_intact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (app, seen) = scripted_app(tmp.path(), GROUNDED, 0);
+    let mut h = harness(app, vec2(1100.0, 800.0));
+    send_with_photo(&mut h, "第一个问题");
+    type_message(&mut h, "And now?");
+    h.get_by_label("Send").click();
+    step_until(&mut h, 10, "the second reply", |app| !app.is_generating());
+    let chat: Chat = h.state().chat().clone();
+    assert_eq!(chat.turns.len(), 2);
+    assert_eq!(chat.title, "第一个问题");
+    // The second request carried the first turn as history, its picture included.
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen[1].0.history.len(), 1);
+        assert_eq!(seen[1].0.history[0].1, GROUNDED);
+        assert!(seen[1]
+            .1
+            .join(chat.turns[0].pictures().next().unwrap())
+            .is_file());
+    }
+    drop(h);
+
+    // A damaged file next to it is reported and kept aside, not deleted.
+    let chats = tmp.path().join("data/chats");
+    std::fs::write(chats.join("chat-broken.json"), b"{ not json").unwrap();
+
+    let (app, _) = scripted_app(tmp.path(), "x", 0);
+    let mut h = harness(app, vec2(1100.0, 800.0));
+    h.run_steps(2);
+    assert_eq!(h.state().chat(), &chat, "reopened on the last chat, intact");
+    // In the sidebar and in the message.
+    assert_eq!(h.get_all_by_label("第一个问题").count(), 2);
+    assert_eq!(h.state().errors.len(), 1, "{:?}", h.state().errors);
+    assert!(h.state().errors[0].contains("chat-broken.json"));
+    h.get_by_label_contains("is damaged");
+    assert!(!chats.join("chat-broken.json").exists());
+    let aside: Vec<_> = std::fs::read_dir(&chats)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("chat-broken.json.corrupt-"))
+        .collect();
+    assert_eq!(aside.len(), 1);
+    assert_eq!(std::fs::read(chats.join(&aside[0])).unwrap(), b"{ not json");
+
+    // Markdown export names the pictures and shows markup as words.
+    let md_path = tmp.path().join("chat.md");
+    h.state().export_markdown(&md_path).unwrap();
+    let md = std::fs::read_to_string(md_path).unwrap();
+    assert!(md.contains("![Picture 1]("));
+    assert!(md.contains("**the cat** `[100,200,500,600]`"), "{md}");
+    assert!(!md.contains("<ref>"));
+}
+
+#[test]
+fn a_second_message_while_generating_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (app, seen) = scripted_app(tmp.path(), "one two three four five six seven eight", 40);
+    let mut h = harness(app, vec2(1100.0, 800.0));
+    step_until(&mut h, 10, "the scripted model", ready);
+    type_message(&mut h, "first");
+    h.get_by_label("Send").click();
+    h.run_steps(2);
+    assert!(h.state().is_generating());
+    // No Send button while generating; Enter and direct sends are refused with a notice.
+    assert!(h.query_by_label("Send").is_none());
+    assert!(!h.state_mut().send_items(vec![Item::Text {
+        text: "second".into()
+    }]));
+    h.step();
+    h.get_by_label("Wait for the reply to finish, or press Stop.");
+    step_until(&mut h, 10, "the reply", |app| !app.is_generating());
+    assert_eq!(h.state().chat().turns.len(), 1);
+    assert_eq!(
+        h.state().chat().turns[0].reply,
+        "one two three four five six seven eight"
+    );
+    assert_eq!(seen.lock().unwrap().len(), 1);
+    let stats = h.state().chat().turns[0].stats.clone().unwrap();
+    assert_eq!(stats.tokens, 8);
+    assert!(stats.time_to_first_token_ms > 0.0 && stats.tokens_per_s > 0.0);
+    h.get_by_label_contains("tokens/s · first token");
+
+    // Regenerate writes the last reply again.
+    h.get_by_label("Regenerate").click();
+    h.step();
+    assert!(h.state().is_generating());
+    step_until(&mut h, 10, "the new reply", |app| !app.is_generating());
+    assert_eq!(seen.lock().unwrap().len(), 2);
+    assert_eq!(h.state().chat().turns.len(), 1);
+}
+
+#[test]
+fn pasted_screenshot_and_bad_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut app, _) = scripted_app(tmp.path(), "ok", 0);
+    // A 4x2 picture on the "clipboard".
+    app_clipboard(&mut app, 4, 2);
+    let mut h = harness(app, vec2(1100.0, 800.0));
+    step_until(&mut h, 10, "the scripted model", ready);
+    // Ctrl+V with only a picture on the clipboard: egui sees just the V key going up.
+    h.event(egui::Event::Key {
+        key: egui::Key::V,
+        physical_key: None,
+        pressed: false,
+        repeat: false,
+        modifiers: egui::Modifiers::COMMAND,
+    });
+    h.run_steps(2);
+    assert_eq!(h.state().composer.images.len(), 1);
+    assert_eq!(
+        (
+            h.state().composer.images[0].width,
+            h.state().composer.images[0].height
+        ),
+        (4, 2)
+    );
+    h.get_by_label("Remove").click();
+    h.step();
+    assert!(h.state().composer.images.is_empty());
+
+    // A file that is not an image: a readable error, nothing attached.
+    let bad = tmp.path().join("notes.png");
+    std::fs::write(&bad, b"hello").unwrap();
+    drop_file(&mut h, bad);
+    h.run_steps(2);
+    assert!(h.state().composer.images.is_empty());
+    h.get_by_label_contains("is not a readable image");
+}
+
+fn app_clipboard(app: &mut QwenApp, w: u32, hgt: u32) {
+    app.set_clipboard(Box::new(move || {
+        Ok(Some((w, hgt, vec![200u8; (w * hgt * 4) as usize])))
+    }));
+}
+
+#[test]
+fn broken_model_folder_and_first_run_screen() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut opts = AppOptions::for_folder(tmp.path(), Box::new(EngineBackend::default()));
+    let empty = tmp.path().join("not-a-model");
+    std::fs::create_dir_all(&empty).unwrap();
+    opts.model = Some(empty);
+    let mut h = harness(QwenApp::new(opts), vec2(1100.0, 800.0));
+    step_until(&mut h, 10, "the load to fail", |app| {
+        matches!(app.model, ModelState::Failed { .. })
+    });
+    h.run_steps(2);
+    // In the banner and on the first-run screen.
+    assert_eq!(h.get_all_by_label_contains("has no config.json").count(), 2);
+    // The first-run screen says what to get and offers the folder picker.
+    h.get_by_label("huggingface-cli download Qwen/Qwen-VL-Chat");
+    h.get_by_label("Open model folder…");
+}
+
+/// A chat with a picture, Chinese text and boxes, rendered with wgpu.
+#[test]
+fn snapshot_chat_with_boxes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (app, _) = scripted_app(tmp.path(), GROUNDED, 0);
+    let mut h = wgpu_harness(app, vec2(1100.0, 860.0));
+    send_with_photo(&mut h, "图里的动物在哪里？");
+    // Measured speeds differ run to run; the picture must not.
+    h.state_mut().chats[0].turns[0].stats = Some(ReplyStats {
+        tokens: 15,
+        time_to_first_token_ms: 120.0,
+        tokens_per_s: 24.5,
+        cancelled: false,
+    });
+    h.remove_cursor();
+    h.run_steps(2);
+    h.snapshot_options("chat_with_boxes", &snapshot_options());
+}
+
+#[test]
+fn snapshot_first_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = AppOptions::for_folder(tmp.path(), Box::new(EngineBackend::default()));
+    let mut h = wgpu_harness(QwenApp::new(opts), vec2(1000.0, 640.0));
+    h.run_steps(3);
+    h.snapshot_options("first_run", &snapshot_options());
+}
+
+fn snapshot_options() -> SnapshotOptions {
+    SnapshotOptions::new().output_path(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/snapshots"))
+}
+
+#[test]
+fn new_chat_and_switching_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (app, seen) = scripted_app(tmp.path(), "hi there", 0);
+    let mut h = harness(app, vec2(1100.0, 800.0));
+    step_until(&mut h, 10, "the scripted model", ready);
+    type_message(&mut h, "hello");
+    h.get_by_label("Send").click();
+    step_until(&mut h, 10, "the reply", |app| !app.is_generating());
+    h.run_steps(2);
+    h.get_by_label("＋ New chat").click();
+    h.run_steps(2);
+    assert_eq!(h.state().chats.len(), 2);
+    assert!(h.state().chat().turns.is_empty());
+    // A new chat starts without history.
+    type_message(&mut h, "again");
+    h.get_by_label("Send").click();
+    step_until(&mut h, 10, "the reply", |app| !app.is_generating());
+    assert!(seen.lock().unwrap()[1].0.history.is_empty());
+    h.run_steps(2);
+    h.get_by_role_and_label(Role::Button, "hello").click();
+    h.run_steps(2);
+    assert_eq!(h.state().chat().title, "hello");
+    assert_eq!(h.state().chat().turns[0].reply, "hi there");
+}
+
+/// Files dragged over the window show the drop overlay.
+#[test]
+fn snapshot_drop_overlay() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (app, _) = scripted_app(tmp.path(), "x", 0);
+    let mut h = wgpu_harness(app, vec2(900.0, 560.0));
+    step_until(&mut h, 10, "the scripted model", ready);
+    h.input_mut().hovered_files.push(egui::HoveredFile {
+        path: Some(image("photo_640x480.jpg")),
+        ..Default::default()
+    });
+    // Raw input lasts one frame, as in the window where it is sent every frame.
+    h.step();
+    h.snapshot_options("drop_overlay", &snapshot_options());
+}
+
+#[test]
+fn model_found_in_the_hugging_face_cache() {
+    use qwenvl::gui::settings::{hf_snapshots, looks_like_model};
+    let tmp = tempfile::tempdir().unwrap();
+    let snaps = tmp.path().join("models--Qwen--Qwen-VL-Chat/snapshots");
+    let good = snaps.join("0123abcd");
+    let partial = snaps.join("99ffee00");
+    std::fs::create_dir_all(&good).unwrap();
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::write(good.join("config.json"), b"{}").unwrap();
+    std::fs::write(good.join("qwen.tiktoken"), b"").unwrap();
+    // An interrupted download (no tokenizer yet) is not offered.
+    std::fs::write(partial.join("config.json"), b"{}").unwrap();
+    assert_eq!(hf_snapshots(tmp.path()), vec![good.clone()]);
+    assert!(looks_like_model(&tiny_a()));
+    assert!(hf_snapshots(&tmp.path().join("elsewhere")).is_empty());
+}
+
+#[test]
+fn settings_panel_defaults_and_persistence() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (app, _) = scripted_app(tmp.path(), "x", 0);
+    let mut h = harness(app, vec2(1200.0, 800.0));
+    step_until(&mut h, 10, "the scripted model", ready);
+    h.get_by_label("⚙ Settings").click();
+    h.run_steps(2);
+    // tiny-a's generation_config.json: sampling, top_p 0.3, top_k 0, 512 new tokens.
+    let p = h.state().params.clone();
+    assert!(p.do_sample);
+    assert_eq!((p.top_p, p.top_k, p.max_new_tokens), (0.3, 0, 512));
+    assert_eq!(p.temperature, 1.0);
+    h.get_by_role_and_label(Role::Slider, "Top-p");
+    h.get_by_role_and_label(Role::Slider, "Max new tokens");
+    // Keyboard on the slider: a smaller temperature, saved to the settings file.
+    h.get_by_role_and_label(Role::Slider, "Temperature").focus();
+    h.run_steps(1);
+    h.key_press(egui::Key::ArrowLeft);
+    h.run_steps(2);
+    let t = h.state().params.temperature;
+    assert!(t < 1.0, "{t}");
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("config/settings.json")).unwrap())
+            .unwrap();
+    assert_eq!(saved["params"]["temperature"].as_f64(), Some(t));
+    h.get_by_label("Reset to the model's defaults").click();
+    h.run_steps(2);
+    assert_eq!(h.state().params.temperature, 1.0);
+}
+
+/// The composer with two pictures, the region picker open and a region marked.
+#[test]
+fn snapshot_composer_with_region() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (app, _) = scripted_app(tmp.path(), "x", 0);
+    let mut h = wgpu_harness(app, vec2(1000.0, 760.0));
+    step_until(&mut h, 10, "the scripted model", ready);
+    h.state_mut()
+        .attach_files(&[image("photo_640x480.jpg"), image("portrait_300x900.jpg")]);
+    h.run_steps(2);
+    h.get_all_by_label("Region").next().unwrap().click();
+    h.run_steps(2);
+    let r = h.get_by_label("Region picker: Picture 1").rect();
+    let at = |fx: f32, fy: f32| pos2(r.min.x + fx * r.width(), r.min.y + fy * r.height());
+    h.hover_at(at(0.6, 0.2));
+    h.step();
+    h.drag_at(at(0.6, 0.2));
+    h.step();
+    h.hover_at(at(0.95, 0.8));
+    h.step();
+    h.drop_at(at(0.95, 0.8));
+    h.run_steps(2);
+    assert_eq!(h.state().composer.regions[0].grid, [600, 200, 950, 800]);
+    type_message(&mut h, "这是什么？");
+    h.remove_cursor();
+    h.run_steps(2);
+    h.snapshot_options("composer_with_region", &snapshot_options());
+}
+
+#[test]
+fn read_text_sends_the_ocr_prompt_and_the_reply_can_be_copied() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (app, seen) = scripted_app(
+        tmp.path(),
+        "Hello <ref>world</ref><box>(1,2),(3,4)</box>",
+        0,
+    );
+    let mut h = harness(app, vec2(1100.0, 800.0));
+    step_until(&mut h, 10, "the scripted model", ready);
+    h.state_mut()
+        .attach_files(&[image("screenshot_1200x300.png")]);
+    h.run_steps(2);
+    h.get_by_label("Read text").click();
+    h.run_steps(2);
+    step_until(&mut h, 10, "the reply", |app| !app.is_generating());
+    {
+        let seen = seen.lock().unwrap();
+        assert!(matches!(
+            &seen[0].0.query[..],
+            [Item::Image { .. }, Item::Text { text }] if text == qwenvl::gui::app::OCR_PROMPT
+        ));
+    }
+    // The picture went with the message, not left in the composer.
+    assert!(h.state().composer.images.is_empty());
+    h.run_steps(2);
+    h.get_by_label("Copy").click();
+    h.step();
+    let copied: Vec<String> = h
+        .output()
+        .platform_output
+        .commands
+        .iter()
+        .filter_map(|c| match c {
+            egui::OutputCommand::CopyText(t) => Some(t.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(copied, vec!["Hello **world** `[1,2,3,4]`".to_string()]);
+}
+
+#[test]
+fn loading_shows_its_stage_then_the_chat() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut backend = ScriptedBackend::new("x", Duration::ZERO);
+    backend.load_delay = Duration::from_millis(800);
+    let mut opts = AppOptions::for_folder(tmp.path(), Box::new(backend));
+    opts.model = Some(tiny_a());
+    let mut h = harness(QwenApp::new(opts), vec2(1000.0, 700.0));
+    step_until(
+        &mut h,
+        5,
+        "the loading stage",
+        |app| matches!(&app.model, ModelState::Loading { stage, .. } if stage == "Loading scripted model"),
+    );
+    h.step();
+    h.get_by_label_contains("Loading scripted model — ");
+    h.get_by_label_contains("Loading /");
+    step_until(&mut h, 10, "the model", ready);
+    h.run_steps(2);
+    h.get_by_label("Ask about pictures");
+    assert_eq!(
+        h.state().settings.last_model.as_deref(),
+        Some(tiny_a().as_path())
+    );
+}
