@@ -129,3 +129,30 @@ fn a_changed_image_file_is_encoded_again() {
     assert_eq!(c.generation.ids, d.generation.ids);
     assert!(max_abs_diff(&c.last_logits, &d.last_logits) < 1e-4);
 }
+
+#[test]
+fn the_second_quantized_load_reads_the_cache_and_answers_the_same() {
+    let cache = tempfile::tempdir().unwrap();
+    // Only this test loads quantized engines, so the variable affects nothing else.
+    std::env::set_var("QWENVL_CACHE_DIR", cache.path());
+    let wt = lm::quant::WeightType::Q8_0;
+    let first = Engine::load_with(&tiny_a(), wt, &Device::Cpu, None).unwrap();
+    let (path, hit) = first.quant_cache.clone().unwrap();
+    assert!(!hit, "a fresh cache folder cannot hit");
+    assert!(
+        path.starts_with(cache.path()) && path.exists(),
+        "{}",
+        path.display()
+    );
+    let second = Engine::load_with(&tiny_a(), wt, &Device::Cpu, None).unwrap();
+    assert_eq!(second.quant_cache.clone().unwrap(), (path, true));
+    let conv = Conversation {
+        system: "You are a helpful assistant.".into(),
+        history: vec![],
+        query: vec![image("images/photo_640x480.jpg"), text("What is this?")],
+    };
+    let a = ask(&first, &conv);
+    let b = ask(&second, &conv);
+    assert_eq!(a.generation.ids, b.generation.ids);
+    assert_eq!(max_abs_diff(&a.last_logits, &b.last_logits), 0.0);
+}

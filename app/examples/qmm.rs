@@ -3,7 +3,13 @@ use candle_core::{Device, Module, Tensor};
 use std::time::Instant;
 fn main() -> candle_core::Result<()> {
     let dev = Device::Cpu;
-    for (m, k, n, g) in [(1024usize, 1792usize, 4992usize, GgmlDType::Q8_0), (1024, 1792, 4992, GgmlDType::Q4_0), (1024, 1664, 4992, GgmlDType::Q8_0), (1024, 8192, 1664, GgmlDType::Q8_0), (1024, 8192, 1664, GgmlDType::Q4K)] {
+    for (m, k, n, g) in [
+        (1024usize, 1792usize, 4992usize, GgmlDType::Q8_0),
+        (1024, 1792, 4992, GgmlDType::Q4_0),
+        (1024, 1664, 4992, GgmlDType::Q8_0),
+        (1024, 8192, 1664, GgmlDType::Q8_0),
+        (1024, 8192, 1664, GgmlDType::Q4K),
+    ] {
         let x = Tensor::randn(0f32, 1.0, (1, m, k), &dev)?;
         let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
         let q = QMatMul::from_qtensor(QTensor::quantize(&w, g)?)?;

@@ -15,7 +15,7 @@ use lm::checkpoint::LoadProgress;
 use lm::generate::{self, Flow, GenerateOptions, Generation};
 use lm::model::{ImageFeatures, KvCache, QwenLm};
 use lm::prompt::{Conversation, Prompt};
-use lm::quant::{QLinear, WeightType};
+use lm::quant::{QLinear, QuantCache, Quantizer, WeightType};
 use lm::tokenizer::QwenTokenizer;
 use lm::Checkpoint;
 use sha2::Digest;
@@ -103,7 +103,52 @@ pub struct Engine {
     pub dtype: DType,
     pub weight_type: WeightType,
     pub load_ms: f64,
+    /// The quantized-model cache file and whether this load read from it.
+    pub quant_cache: Option<(PathBuf, bool)>,
     reuse: Mutex<Reuse>,
+}
+
+/// Where quantized models are cached: `$QWENVL_CACHE_DIR`, else the platform cache folder.
+pub fn quant_cache_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("QWENVL_CACHE_DIR") {
+        return Some(PathBuf::from(dir));
+    }
+    directories::ProjectDirs::from("", "", "qwenvl").map(|d| d.cache_dir().join("quantized"))
+}
+
+/// Identity of a model folder's contents: its JSON files' bytes and the name, size and modification
+/// time of every weight file. A changed file gives another identity, so a stale cache is never used.
+pub fn checkpoint_identity(dir: &Path) -> Result<String> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|e| e == "json" || e == "safetensors" || e == "bin")
+        })
+        .collect();
+    entries.sort();
+    let mut h = sha2::Sha256::new();
+    for p in entries {
+        let meta = std::fs::metadata(&p).with_context(|| format!("cannot stat {}", p.display()))?;
+        h.update(
+            p.file_name()
+                .map(|n| n.as_encoded_bytes())
+                .unwrap_or_default(),
+        );
+        h.update(meta.len().to_le_bytes());
+        if p.extension().is_some_and(|e| e == "json") {
+            h.update(std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?);
+        } else if let Ok(t) = meta.modified() {
+            let secs = t
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            h.update(secs.to_le_bytes());
+        }
+    }
+    let digest: [u8; 32] = h.finalize().into();
+    Ok(digest[..10].iter().map(|b| format!("{b:02x}")).collect())
 }
 
 impl Engine {
@@ -147,17 +192,45 @@ impl Engine {
             Some(p) => checkpoint.var_builder_with_progress(dtype, device, p),
             None => checkpoint.var_builder(dtype, device),
         };
-        let lm = QwenLm::load(&checkpoint.config, vb.clone(), wt)
+        // Quantized weights come from (or go to) the on-disk cache when there is a cache folder.
+        let cache = match (wt.is_quantized(), quant_cache_dir()) {
+            (true, Some(cache_dir)) => {
+                let name = lm::quant::cache_file_name(&checkpoint_identity(dir)?, wt);
+                Some(Arc::new(QuantCache::open(&cache_dir.join(name))))
+            }
+            _ => None,
+        };
+        let q = Quantizer {
+            weight_type: wt,
+            cache: cache.clone(),
+        };
+        let lm = QwenLm::load(&checkpoint.config, vb.clone(), q.clone())
             .with_context(|| format!("cannot build the language model from {}", dir.display()))?;
         let vision_vb = vb.pp("transformer").pp("visual");
         let visual = if wt.is_quantized() {
-            let linear: vision::LinearBuilder =
-                &move |i, o, vb| Ok(vision::Layer(Arc::new(QLinear::load(i, o, true, vb, wt)?)));
+            let linear: vision::LinearBuilder = &|i, o, vb| {
+                Ok(vision::Layer(Arc::new(QLinear::load(
+                    i,
+                    o,
+                    true,
+                    vb,
+                    q.clone(),
+                )?)))
+            };
             vision::VisualEncoder::new_with_linear(&visual_config, vision_vb, linear)
         } else {
             vision::VisualEncoder::new(&visual_config, vision_vb)
         }
         .with_context(|| format!("cannot build the vision tower from {}", dir.display()))?;
+        if let Some(c) = &cache {
+            // A cache that cannot be written only costs the next start its speed.
+            if let Err(e) = c.save() {
+                eprintln!(
+                    "warning: cannot write the quantized-model cache {}: {e}",
+                    c.path().display()
+                );
+            }
+        }
         Ok(Self {
             checkpoint,
             tokenizer,
@@ -167,6 +240,7 @@ impl Engine {
             device: device.clone(),
             dtype,
             weight_type: wt,
+            quant_cache: cache.as_ref().map(|c| (c.path().to_path_buf(), c.is_hit())),
             reuse: Mutex::default(),
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
         })
@@ -189,11 +263,7 @@ impl Engine {
     /// images seen before (same file content) come from the feature cache, the others are encoded
     /// in one batch. Returns the features at their spans, the decoded pictures, each image's content
     /// key and how many came from the cache.
-    pub fn encode_images(
-        &self,
-        prompt: &Prompt,
-        base_dir: &Path,
-    ) -> Result<EncodedImages> {
+    pub fn encode_images(&self, prompt: &Prompt, base_dir: &Path) -> Result<EncodedImages> {
         if prompt.images.is_empty() {
             return Ok(EncodedImages::default());
         }

@@ -29,6 +29,11 @@ enum Command {
     /// Measure load time, memory, vision encode, prefill and decode speed against this machine's
     /// bandwidth and matmul throughput.
     Bench(BenchArgs),
+    /// The quantized-model cache: `path` prints its folder, `clear` deletes it.
+    Cache {
+        #[arg(value_parser = ["path", "clear"])]
+        action: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -119,6 +124,7 @@ fn main() {
     let result = match cli.command {
         Some(Command::Run(args)) => run(args),
         Some(Command::Bench(args)) => run_bench(args),
+        Some(Command::Cache { action }) => cache_command(&action),
         None => gui::run(),
     };
     if let Err(e) = result {
@@ -257,6 +263,22 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         println!("{}", bench::to_json(&report)?);
     } else {
         print!("{}", bench::table(&report));
+    }
+    Ok(())
+}
+
+fn cache_command(action: &str) -> Result<()> {
+    let dir = qwenvl::engine::quant_cache_dir()
+        .context("no cache folder on this platform (set QWENVL_CACHE_DIR)")?;
+    match action {
+        "clear" => {
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir)
+                    .with_context(|| format!("cannot delete {}", dir.display()))?;
+            }
+            println!("cleared {}", dir.display());
+        }
+        _ => println!("{}", dir.display()),
     }
     Ok(())
 }

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
 
 use crate::config::QwenConfig;
-use crate::quant::{QLinear, WeightType};
+use crate::quant::{QLinear, Quantizer, WeightType};
 
 /// Queries per attention chunk: bounds the score matrix to `heads × CHUNK × kv_len` floats, so a
 /// 6000-token prefill of the 32-head model does not need gigabytes of scores.
@@ -166,12 +166,12 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(cfg: &QwenConfig, vb: VarBuilder, wt: WeightType) -> Result<Self> {
+    fn new(cfg: &QwenConfig, vb: VarBuilder, wt: &Quantizer) -> Result<Self> {
         let h = cfg.hidden_size;
         let proj = cfg.num_attention_heads * cfg.head_dim();
         Ok(Self {
-            c_attn: QLinear::load(h, 3 * proj, true, vb.pp("c_attn"), wt)?,
-            c_proj: QLinear::load(proj, h, !cfg.no_bias, vb.pp("c_proj"), wt)?,
+            c_attn: QLinear::load(h, 3 * proj, true, vb.pp("c_attn"), wt.clone())?,
+            c_proj: QLinear::load(proj, h, !cfg.no_bias, vb.pp("c_proj"), wt.clone())?,
             n_heads: cfg.num_attention_heads,
             head_dim: cfg.head_dim(),
             rot_dim: cfg.rotary_dim(),
@@ -280,12 +280,12 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(cfg: &QwenConfig, vb: VarBuilder, wt: WeightType) -> Result<Self> {
+    fn new(cfg: &QwenConfig, vb: VarBuilder, wt: &Quantizer) -> Result<Self> {
         let (h, ff, b) = (cfg.hidden_size, cfg.intermediate_size / 2, !cfg.no_bias);
         Ok(Self {
-            w1: QLinear::load(h, ff, b, vb.pp("w1"), wt)?,
-            w2: QLinear::load(h, ff, b, vb.pp("w2"), wt)?,
-            c_proj: QLinear::load(ff, h, b, vb.pp("c_proj"), wt)?,
+            w1: QLinear::load(h, ff, b, vb.pp("w1"), wt.clone())?,
+            w2: QLinear::load(h, ff, b, vb.pp("w2"), wt.clone())?,
+            c_proj: QLinear::load(ff, h, b, vb.pp("c_proj"), wt.clone())?,
         })
     }
 }
@@ -307,7 +307,7 @@ struct Block {
 }
 
 impl Block {
-    fn new(cfg: &QwenConfig, vb: VarBuilder, wt: WeightType) -> Result<Self> {
+    fn new(cfg: &QwenConfig, vb: VarBuilder, wt: &Quantizer) -> Result<Self> {
         let (h, eps) = (cfg.hidden_size, cfg.layer_norm_epsilon);
         Ok(Self {
             ln_1: RmsNorm::new(h, eps, vb.pp("ln_1"))?,
@@ -373,7 +373,9 @@ impl QwenLm {
     /// Model with linear weights of type `wt`; activations use `wt.compute_dtype()`, the type `vb`
     /// is switched to. With quantized weights the embedding table is kept in f16: its rows are only
     /// looked up, never multiplied.
-    pub fn load(cfg: &QwenConfig, vb: VarBuilder, wt: WeightType) -> Result<Self> {
+    pub fn load(cfg: &QwenConfig, vb: VarBuilder, q: impl Into<Quantizer>) -> Result<Self> {
+        let q: Quantizer = q.into();
+        let wt = q.weight_type;
         let dtype = wt.compute_dtype();
         let vb = vb.set_dtype(dtype);
         let t = vb.pp("transformer");
@@ -384,13 +386,19 @@ impl QwenLm {
         };
         let wte = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, wte_vb)?;
         let h = (0..cfg.num_hidden_layers)
-            .map(|i| Block::new(cfg, t.pp("h").pp(i), wt))
+            .map(|i| Block::new(cfg, t.pp("h").pp(i), &q))
             .collect::<Result<Vec<_>>>()?;
         let ln_f = RmsNorm::new(cfg.hidden_size, cfg.layer_norm_epsilon, t.pp("ln_f"))?;
         let lm_head = if cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight") {
             QLinear::from_weight(wte.embeddings().to_dtype(dtype)?)
         } else {
-            QLinear::load(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"), wt)?
+            QLinear::load(
+                cfg.hidden_size,
+                cfg.vocab_size,
+                false,
+                vb.pp("lm_head"),
+                q.clone(),
+            )?
         };
         Ok(Self {
             wte,

@@ -2,7 +2,10 @@
 //! formats), chosen at load time. A quantized weight is read from the mapped checkpoint as f32 and
 //! quantized at once, so the full-precision model never sits in memory.
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -113,7 +116,15 @@ pub fn quantize_rows_parallel(w: &Tensor, dtype: GgmlDType) -> Result<QTensor> {
             .map(|r0| {
                 s.spawn(move || -> Result<Vec<u8>> {
                     let n = band.min(rows - r0);
-                    let q = QTensor::quantize(&w.narrow(0, r0, n)?, dtype)?;
+                    // candle quantizes a tensor's whole storage, ignoring a view's offset, so
+                    // each band gets storage of its own.
+                    let band: Vec<f32> = w
+                        .narrow(0, r0, n)?
+                        .to_dtype(DType::F32)?
+                        .flatten_all()?
+                        .to_vec1()?;
+                    let band = Tensor::from_vec(band, (n, cols), w.device())?;
+                    let q = QTensor::quantize(&band, dtype)?;
                     Ok(q.data()?.into_owned())
                 })
             })
@@ -121,8 +132,9 @@ pub fn quantize_rows_parallel(w: &Tensor, dtype: GgmlDType) -> Result<QTensor> {
         handles
             .into_iter()
             .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(candle_core::Error::Msg("quantize thread panicked".into())))
+                h.join().unwrap_or_else(|_| {
+                    Err(candle_core::Error::Msg("quantize thread panicked".into()))
+                })
             })
             .collect()
     });
@@ -138,6 +150,107 @@ pub fn quantize_rows_parallel(w: &Tensor, dtype: GgmlDType) -> Result<QTensor> {
     QTensor::new(storage, (rows, cols))
 }
 
+/// Quantized weights of one checkpoint and weight type on disk (GGUF, candle's writer), so the
+/// second start reads finished blocks instead of quantizing 9.6 B parameters again.
+///
+/// On a miss the loader quantizes as usual and [`QuantCache::save`] writes every quantized weight
+/// at the end (temp file + rename: a crash never leaves a half cache behind). Biases, norms and
+/// the embedding table still come from the checkpoint.
+#[derive(Debug)]
+pub struct QuantCache {
+    path: PathBuf,
+    hit: Option<(gguf_file::Content, Mutex<std::fs::File>)>,
+    fresh: Mutex<Vec<(String, Arc<QTensor>)>>,
+}
+
+impl QuantCache {
+    /// Opens `path` if it exists and parses (a damaged cache file is ignored and rewritten).
+    pub fn open(path: &Path) -> Self {
+        let hit = std::fs::File::open(path).ok().and_then(|mut f| {
+            let content = gguf_file::Content::read(&mut f).ok()?;
+            Some((content, Mutex::new(f)))
+        });
+        Self {
+            path: path.to_path_buf(),
+            hit,
+            fresh: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Whether the weights come from the cache file.
+    pub fn is_hit(&self) -> bool {
+        self.hit.is_some()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn get(&self, name: &str, device: &candle_core::Device) -> Option<QTensor> {
+        let (content, file) = self.hit.as_ref()?;
+        let mut f = file.lock().ok()?;
+        content.tensor(&mut *f, name, device).ok()
+    }
+
+    fn remember(&self, name: &str, t: Arc<QTensor>) {
+        if self.hit.is_none() {
+            if let Ok(mut fresh) = self.fresh.lock() {
+                fresh.push((name.to_string(), t));
+            }
+        }
+    }
+
+    /// Writes what was quantized during this load (nothing on a hit).
+    pub fn save(&self) -> Result<()> {
+        let fresh = self
+            .fresh
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("quant cache poisoned".into()))?;
+        if self.hit.is_some() || fresh.is_empty() {
+            return Ok(());
+        }
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = self.path.with_extension("gguf.partial");
+        {
+            let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+            let tensors: Vec<(&str, &QTensor)> = fresh
+                .iter()
+                .map(|(n, t)| (n.as_str(), t.as_ref()))
+                .collect();
+            let version = gguf_file::Value::String(env!("CARGO_PKG_VERSION").to_string());
+            gguf_file::write(&mut f, &[("qwenvl.version", &version)], &tensors)?;
+            use std::io::Write;
+            f.flush()?;
+            f.get_ref().sync_all()?;
+        }
+        std::fs::rename(&tmp, &self.path)?;
+        Ok(())
+    }
+}
+
+/// How linear layers are built: the weight type, and the on-disk cache of quantized weights.
+#[derive(Debug, Clone)]
+pub struct Quantizer {
+    pub weight_type: WeightType,
+    pub cache: Option<Arc<QuantCache>>,
+}
+
+impl From<WeightType> for Quantizer {
+    fn from(weight_type: WeightType) -> Self {
+        Self {
+            weight_type,
+            cache: None,
+        }
+    }
+}
+
+/// Names of the files of a quantized-model cache: one per checkpoint identity and weight type.
+pub fn cache_file_name(checkpoint_identity: &str, wt: WeightType) -> String {
+    format!("{checkpoint_identity}-{wt}.gguf")
+}
+
 /// `y = x·Wᵀ + b` with W dense or quantized.
 #[derive(Debug, Clone)]
 pub struct QLinear {
@@ -149,26 +262,46 @@ pub struct QLinear {
 
 impl QLinear {
     /// Loads `weight` (`[out, in]`) and optionally `bias` under `vb`. For quantized types `vb` must
-    /// be f32: each weight is materialised in f32 only while it is being quantized.
+    /// be f32: each weight is materialised in f32 only while it is being quantized (or read
+    /// quantized from the cache).
     pub fn load(
         in_dim: usize,
         out_dim: usize,
         bias: bool,
         vb: VarBuilder,
-        wt: WeightType,
+        q: impl Into<Quantizer>,
     ) -> Result<Self> {
-        let w = vb.get((out_dim, in_dim), "weight")?;
+        let q: Quantizer = q.into();
+        let wt = q.weight_type;
         let pad = wt.stored_in_dim(in_dim) - in_dim;
         let weight = match wt.ggml() {
             Some(g) => {
-                let w = if pad > 0 {
-                    w.pad_with_zeros(1, 0, pad)?
-                } else {
-                    w
+                let name = format!("{}.weight", vb.prefix());
+                let stored = (out_dim, in_dim + pad);
+                let cached = q
+                    .cache
+                    .as_ref()
+                    .and_then(|c| c.get(&name, vb.device()))
+                    .filter(|t| t.dtype() == g && t.shape().dims2().ok() == Some(stored));
+                let qt = match cached {
+                    Some(t) => Arc::new(t),
+                    None => {
+                        let w = vb.get((out_dim, in_dim), "weight")?;
+                        let w = if pad > 0 {
+                            w.pad_with_zeros(1, 0, pad)?
+                        } else {
+                            w
+                        };
+                        let t = Arc::new(quantize_rows_parallel(&w, g)?);
+                        if let Some(c) = &q.cache {
+                            c.remember(&name, t.clone());
+                        }
+                        t
+                    }
                 };
-                QMatMul::from_qtensor(quantize_rows_parallel(&w, g)?)?
+                QMatMul::from_arc(qt)?
             }
-            None => QMatMul::Tensor(w),
+            None => QMatMul::Tensor(vb.get((out_dim, in_dim), "weight")?),
         };
         let bias = if bias {
             Some(vb.get(out_dim, "bias")?)
