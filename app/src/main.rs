@@ -114,6 +114,9 @@ struct RunArgs {
     /// Print one JSON object (ids, text, boxes, timings) instead of streaming the reply.
     #[arg(long)]
     json: bool,
+    /// cpu, cuda, cuda:N, metal, or auto (a GPU when this build supports one and it is there).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Write the last prompt position's logits (f32 [vocab], tensor `logits`) to a safetensors file.
     #[arg(long)]
     logits_out: Option<PathBuf>,
@@ -191,7 +194,7 @@ fn run(args: RunArgs) -> Result<()> {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
-    let device = Device::Cpu;
+    let device = parse_device(&args.device)?;
     let engine = match args.quant {
         Some(wt) => Engine::load_with(&args.model, wt, &device, None)?,
         None => Engine::load(&args.model, args.dtype.dtype(), &device)?,
@@ -281,4 +284,33 @@ fn cache_command(action: &str) -> Result<()> {
         _ => println!("{}", dir.display()),
     }
     Ok(())
+}
+
+/// `--device`: `cpu`, `cuda[:N]`, `metal[:N]` or `auto`.
+fn parse_device(spec: &str) -> Result<Device> {
+    let (kind, index) = match spec.split_once(':') {
+        Some((k, i)) => (
+            k,
+            i.parse::<usize>()
+                .with_context(|| format!("--device {spec}: `{i}` is not a device number"))?,
+        ),
+        None => (spec, 0),
+    };
+    match kind {
+        "cpu" => Ok(Device::Cpu),
+        "auto" if candle_core::utils::cuda_is_available() => Ok(Device::new_cuda(index)?),
+        "auto" if candle_core::utils::metal_is_available() => Ok(Device::new_metal(index)?),
+        "auto" => Ok(Device::Cpu),
+        "cuda" if !candle_core::utils::cuda_is_available() => bail!(
+            "--device {spec}: this qwenvl was built without CUDA support (rebuild with `--features cuda`)"
+        ),
+        "cuda" => Device::new_cuda(index)
+            .with_context(|| format!("--device {spec}: no usable CUDA GPU or driver")),
+        "metal" if !candle_core::utils::metal_is_available() => bail!(
+            "--device {spec}: this qwenvl was built without Metal support (rebuild with `--features metal` on macOS)"
+        ),
+        "metal" => Device::new_metal(index)
+            .with_context(|| format!("--device {spec}: no usable Metal device")),
+        other => bail!("--device {other}: expected cpu, cuda, cuda:N, metal or auto"),
+    }
 }

@@ -152,14 +152,22 @@ pub fn weights_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// f32 is the exact path; the real 9.6B-parameter model only fits in memory as bf16 or
-/// quantized. `QWENVL_WEIGHTS=f32|f16|bf16|q8_0|q4_0|q4k` overrides.
+/// f32 is the exact path; the real 9.6B-parameter model only fits in memory quantized (or bf16,
+/// which the CPU has no fast matmul for). `QWENVL_WEIGHTS=f32|f16|bf16|q8_0|q4_0|q4k` overrides.
 fn choose_weights(dir: &Path) -> Result<WeightType> {
     match std::env::var("QWENVL_WEIGHTS") {
         Ok(v) => WeightType::parse(&v.to_ascii_lowercase()).with_context(|| {
             format!("QWENVL_WEIGHTS={v}: expected one of f32, f16, bf16, q8_0, q4_0, q4k")
         }),
-        Err(_) if weights_bytes(dir) > 4 << 30 => Ok(WeightType::BF16),
+        // candle's CPU backend has no bf16 GEMM: quantized weights are smaller and faster there.
+        // q8_0 when it fits with room to spare, else q4k.
+        Err(_) if weights_bytes(dir) > 4 << 30 => {
+            let q8_bytes = weights_bytes(dir) as f64 * 0.55;
+            Ok(match available_memory() {
+                Some(free) if free as f64 > q8_bytes * 1.3 => WeightType::Q8_0,
+                _ => WeightType::Q4K,
+            })
+        }
         Err(_) => Ok(WeightType::F32),
     }
 }
