@@ -52,3 +52,8 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// Generators of hostile inputs (broken pictures, bombs, broken checkpoints) for `hostile.rs`
+/// and `cli_hostile.rs`.
+#[path = "hostile_support.rs"]
+pub mod hostile;

@@ -5,3 +5,4 @@
 pub mod bench;
 pub mod engine;
 pub mod gui;
+pub mod random_checkpoint;

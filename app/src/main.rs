@@ -29,10 +29,33 @@ enum Command {
     /// Measure load time, memory, vision encode, prefill and decode speed against this machine's
     /// bandwidth and matmul throughput.
     Bench(BenchArgs),
+    /// Developer tools.
+    #[command(subcommand)]
+    Dev(DevCommand),
     /// The quantized-model cache: `path` prints its folder, `clear` deletes it.
     Cache {
         #[arg(value_parser = ["path", "clear"])]
         action: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum DevCommand {
+    /// Write a random checkpoint in the real Hugging Face layout (bf16 shards + index), so other
+    /// implementations can be timed on the very same files.
+    RandomCheckpoint {
+        /// qwen-vl-chat (full size, 10 shards, ~19.3 GB) or tiny (the tiny-a shapes).
+        #[arg(long, default_value = "qwen-vl-chat")]
+        preset: String,
+        #[arg(long, value_parser = ["safetensors", "bin"], default_value = "safetensors")]
+        format: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// A qwen.tiktoken to copy in, so the folder is a complete model.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
 }
 
@@ -128,6 +151,13 @@ fn main() {
         Some(Command::Run(args)) => run(args),
         Some(Command::Bench(args)) => run_bench(args),
         Some(Command::Cache { action }) => cache_command(&action),
+        Some(Command::Dev(DevCommand::RandomCheckpoint {
+            preset,
+            format,
+            out,
+            tokenizer,
+            seed,
+        })) => random_checkpoint(&preset, &format, &out, tokenizer.as_deref(), seed),
         None => gui::run(),
     };
     if let Err(e) = result {
@@ -313,4 +343,35 @@ fn parse_device(spec: &str) -> Result<Device> {
             .with_context(|| format!("--device {spec}: no usable Metal device")),
         other => bail!("--device {other}: expected cpu, cuda, cuda:N, metal or auto"),
     }
+}
+
+fn random_checkpoint(
+    preset: &str,
+    format: &str,
+    out: &Path,
+    tokenizer: Option<&Path>,
+    seed: u64,
+) -> Result<()> {
+    use qwenvl::random_checkpoint as rc;
+    let p = rc::preset(preset).with_context(|| format!("unknown preset {preset:?}"))?;
+    let format = if format == "bin" {
+        rc::Format::Bin
+    } else {
+        rc::Format::Safetensors
+    };
+    let mut last = 0u64;
+    rc::write(out, &p, format, seed, &mut |done, total| {
+        // One line per percent keeps a log readable.
+        let pct = done * 100 / total.max(1);
+        if pct != last {
+            last = pct;
+            eprint!("\rwriting {}: {pct:3}%", out.display());
+        }
+    })?;
+    eprintln!();
+    if let Some(t) = tokenizer {
+        rc::copy_tokenizer(out, t)?;
+    }
+    println!("{}", out.display());
+    Ok(())
 }

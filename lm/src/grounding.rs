@@ -98,11 +98,24 @@ fn scan(text: &str, strict: bool) -> Result<Vec<Piece>, GroundingError> {
     let text: String = text.nfc().collect();
     let mut pieces = Vec::new();
     let mut pos = 0;
+    // Next occurrence of each opening tag at or after `pos` (`None`: no more). Cached so that a
+    // tag absent from the rest of a long text is not searched for again at every piece (which
+    // made the scan quadratic).
+    let mut next_open: [Option<usize>; TAGS.len()] = TAGS.map(|t| text.find(t.0));
     loop {
+        for (slot, t) in next_open.iter_mut().zip(TAGS.iter()) {
+            if slot.is_some_and(|at| at < pos) {
+                *slot = text
+                    .get(pos..)
+                    .and_then(|rest| rest.find(t.0))
+                    .map(|i| pos + i);
+            }
+        }
         // Leftmost opening tag at or after `pos`.
-        let next = TAGS
+        let next = next_open
             .iter()
-            .filter_map(|t| text[pos..].find(t.0).map(|i| (pos + i, t)))
+            .zip(TAGS.iter())
+            .filter_map(|(slot, t)| slot.map(|i| (i, t)))
             .min_by_key(|(i, _)| *i);
         let Some((start, &(open, close, kind))) = next else {
             break;

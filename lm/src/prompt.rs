@@ -5,6 +5,11 @@
 //! `<imgpad>` and chat specials typed in any text (system, user text, ref names, assistant replies)
 //! are ordinary text, so a user string can neither open a file nor forge a turn. `<ref>`/`<box>`/
 //! `<quad>` typed in text stay markup, as in the reference.
+//!
+//! Deliberate difference (robustness): an image path longer than the span's 256 positions is
+//! accepted (the reference refuses it). The span holds only the path's first 256 bytes, which the
+//! image features overwrite anyway; [`ImageSpan::path`] always comes from the image item itself,
+//! never from the ids.
 
 use serde::{Deserialize, Serialize};
 
@@ -108,8 +113,8 @@ fn box_markup(reference: &Option<String>, boxes: &[[i64; 4]]) -> String {
 }
 
 /// Token ids of a user turn's items: the ids the reference gives `items_to_text(items)`, except
-/// that only image items produce image spans (their path bytes verbatim) and text is encoded with
-/// [`Specials::GroundingMarkup`].
+/// that only image items produce image spans (their path bytes verbatim, cut to the first 256
+/// bytes) and text is encoded with [`Specials::GroundingMarkup`].
 ///
 /// Text between image spans is encoded as one run (so `"Picture 1: "` is BPE'd together with the
 /// text before it, and the `"\n"` after `</img>` with the text after it), exactly as the reference
@@ -125,7 +130,8 @@ pub fn encode_items(tok: &QwenTokenizer, items: &[Item]) -> Result<Vec<u32>> {
                 run.push_str(&format!("Picture {pictures}: "));
                 ids.extend(tok.encode(&run, Specials::GroundingMarkup)?);
                 run.clear();
-                let span = tokenizer::image_span(image.as_bytes())
+                let bytes = image.as_bytes();
+                let span = tokenizer::image_span(&bytes[..bytes.len().min(IMG_SPAN)])
                     .map_err(|e| Error::Prompt(format!("image {image:?}: {e}")))?;
                 ids.extend(span);
                 run.push('\n');
@@ -165,8 +171,8 @@ pub fn build_chatml(
     );
     let system_text = format!("<|im_start|>system\n{}<|im_end|>", conv.system);
 
-    // Kept turns, newest first; each is (ids, text).
-    let mut kept: Vec<(Vec<u32>, String)> = Vec::new();
+    // Kept turns, newest first; each is (ids, text, image paths).
+    let mut kept: Vec<(Vec<u32>, String, Vec<String>)> = Vec::new();
     let mut kept_len = 0;
     for (query, reply) in conv.history.iter().rev() {
         let mut turn = nl.clone();
@@ -186,16 +192,19 @@ pub fn build_chatml(
             items_to_text(query)
         );
         kept_len += turn.len();
-        kept.push((turn, text));
+        kept.push((turn, text, image_paths(query)));
     }
     let history_turns_kept = kept.len();
 
     let mut ids = system_ids;
     let mut raw_text = system_text;
-    for (turn, text) in kept.into_iter().rev() {
+    let mut paths = Vec::new();
+    for (turn, text, turn_paths) in kept.into_iter().rev() {
         ids.extend(turn);
         raw_text.push_str(&text);
+        paths.extend(turn_paths);
     }
+    paths.extend(image_paths(&conv.query));
     ids.extend_from_slice(&nl);
     ids.extend(block(tok, &nl, "user", encode_items(tok, &conv.query)?));
     ids.extend_from_slice(&nl);
@@ -207,7 +216,7 @@ pub fn build_chatml(
         items_to_text(&conv.query)
     ));
 
-    let images = find_image_spans(&ids)?;
+    let images = find_image_spans(&ids, paths)?;
     Ok(Prompt {
         ids,
         images,
@@ -217,21 +226,68 @@ pub fn build_chatml(
     })
 }
 
-/// Image spans of a prompt. Only image items emit `<img>` (text is encoded without it), so every
-/// `<img>` here starts a well-formed 258-id span.
-fn find_image_spans(ids: &[u32]) -> Result<Vec<ImageSpan>> {
-    let mut spans = Vec::new();
-    for (start, _) in ids
+/// Paths of the image items, in order.
+fn image_paths(items: &[Item]) -> Vec<String> {
+    items
+        .iter()
+        .filter_map(|item| match item {
+            Item::Image { image } => Some(image.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Image spans of a prompt, paired in order with the paths of the image items they come from.
+/// Only image items emit `<img>` (text is encoded without it), so every `<img>` here starts a
+/// well-formed 258-id span.
+fn find_image_spans(ids: &[u32], paths: Vec<String>) -> Result<Vec<ImageSpan>> {
+    let starts: Vec<usize> = ids
         .iter()
         .enumerate()
         .filter(|&(_, &id)| id == tokenizer::IMG_START)
-    {
-        let path = ids
-            .get(start..start + IMG_SPAN + 2)
-            .and_then(tokenizer::image_path_from_span)
-            .and_then(|p| String::from_utf8(p).ok())
-            .ok_or_else(|| Error::Prompt(format!("malformed image span at position {start}")))?;
-        spans.push(ImageSpan { path, start });
+        .map(|(start, _)| start)
+        .collect();
+    if starts.len() != paths.len() {
+        return Err(Error::Prompt(format!(
+            "{} image spans for {} image items",
+            starts.len(),
+            paths.len()
+        )));
     }
-    Ok(spans)
+    starts
+        .into_iter()
+        .zip(paths)
+        .map(|(start, path)| {
+            let well_formed = ids
+                .get(start..start + IMG_SPAN + 2)
+                .and_then(tokenizer::image_path_from_span)
+                .is_some();
+            if well_formed {
+                Ok(ImageSpan { path, start })
+            } else {
+                Err(Error::Prompt(format!(
+                    "malformed image span at position {start}"
+                )))
+            }
+        })
+        .collect()
+}
+
+impl Prompt {
+    /// Fails with a message that says what to remove when the prompt leaves no room for a reply
+    /// in a context of `max_positions` (the model's `max_position_embeddings`): checked before
+    /// any image is decoded or the model runs.
+    pub fn check_context(&self, max_positions: usize) -> Result<()> {
+        let n = self.ids.len();
+        if n < max_positions {
+            return Ok(());
+        }
+        let k = self.images.len();
+        Err(Error::Prompt(format!(
+            "the prompt has {n} tokens ({k} image(s) take {} of them, {} each) but the model's \
+             context holds {max_positions} positions, reply included: remove images or text",
+            k * (IMG_SPAN + 2),
+            IMG_SPAN + 2
+        )))
+    }
 }

@@ -46,6 +46,9 @@ pub const VOCAB_SIZE: usize = 151860;
 /// Positions between `<img>` and `</img>`: one per visual feature.
 pub const IMG_SPAN: usize = 256;
 
+/// Largest accepted `qwen.tiktoken` (the real one has about 2.5 MB).
+const MAX_VOCAB_FILE: u64 = 64 << 20;
+
 /// The upstream pre-tokenisation regex (README 2.3).
 pub const PAT_STR: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
@@ -197,6 +200,14 @@ impl std::fmt::Debug for QwenTokenizer {
 impl QwenTokenizer {
     /// Loads `qwen.tiktoken` (lines `base64(token bytes) rank`) and builds the BPE.
     pub fn from_file(path: &Path) -> Result<Self> {
+        // A FIFO or device would block or never end; the real file is about 2.5 MB.
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        if !meta.is_file() || meta.len() > MAX_VOCAB_FILE {
+            return Err(Error::Tokenizer(format!(
+                "{}: not a vocabulary file (expected a regular file of at most {MAX_VOCAB_FILE} bytes)",
+                path.display()
+            )));
+        }
         let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let bad = |line: usize, msg: String| {
             Error::Tokenizer(format!("{}: line {line}: {msg}", path.display()))
@@ -406,13 +417,22 @@ impl QwenTokenizer {
         };
         let mut out = Vec::new();
         let mut i = 0;
+        // Position of the first `</img>` after the current `<img>`, cached so that many unclosed
+        // `<img>` ids do not each search the rest of the ids (quadratic).
+        let mut next_end: Option<usize> = None;
+        let mut searched_from = 0;
         while i < ids.len() {
             let id = ids[i];
             if id == IMG_START {
-                let span = ids[i + 1..]
-                    .iter()
-                    .position(|&x| x == IMG_END)
-                    .map(|len| &ids[i..i + len + 2]);
+                if next_end.is_none_or(|e| e <= i) && searched_from <= i {
+                    next_end = ids
+                        .get(i + 1..)
+                        .and_then(|rest| rest.iter().position(|&x| x == IMG_END))
+                        .map(|len| i + 1 + len);
+                    // Without a `</img>` after `i` there is none after any later position either.
+                    searched_from = if next_end.is_some() { i + 1 } else { ids.len() };
+                }
+                let span = next_end.filter(|&e| e > i).map(|e| &ids[i..=e]);
                 let path = span.and_then(image_path_from_span);
                 if let (Some(span), Some(path)) = (span, path) {
                     if keep(IMG_START) {
@@ -471,11 +491,15 @@ pub fn image_span(path: &[u8]) -> Result<Vec<u32>> {
 /// value); `None` if `ids` is not such a span.
 pub fn image_path_from_span(ids: &[u32]) -> Option<Vec<u8>> {
     let inner = ids.strip_prefix(&[IMG_START])?.strip_suffix(&[IMG_END])?;
-    let end = inner
-        .iter()
-        .position(|&x| x == IMG_PAD)
-        .unwrap_or(inner.len());
-    inner[..end].iter().map(|&x| u8::try_from(x).ok()).collect()
+    // Stops at the first `<imgpad>` or non-byte id: never walks the rest of a long span.
+    let mut path = Vec::new();
+    for &x in inner {
+        if x == IMG_PAD {
+            break;
+        }
+        path.push(u8::try_from(x).ok()?);
+    }
+    Some(path)
 }
 
 /// The `tokenizers` pipeline: NFC, Split(Qwen regex, isolated), ByteLevel (no regex, no prefix

@@ -43,20 +43,50 @@ pub fn decoder_limits() -> Limits {
 
 /// Reads and decodes the picture at `path` into 8-bit RGB (Pillow's `convert("RGB")`).
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
+    let bytes = read_image_file(path)?;
+    decode_rgb(&bytes, &path.display().to_string())
+}
+
+/// Reads the encoded bytes of the picture file at `path` (for callers that hash or cache them
+/// before [`decode_rgb`]), safely: a directory, FIFO, socket or device is refused before it is
+/// opened (opening a FIFO blocks until a writer appears, reading `/dev/zero` never ends), and at
+/// most [`MAX_DECODE_ALLOC`] bytes are read, even from a file that grows meanwhile.
+pub fn read_image_file(path: &Path) -> Result<Vec<u8>> {
     let name = path.display().to_string();
     let read_err = |source| Error::Read {
         name: name.clone(),
         source,
     };
-    let len = std::fs::metadata(path).map_err(read_err)?.len();
-    if len > MAX_DECODE_ALLOC {
-        return Err(Error::TooLarge {
-            name,
-            detail: format!("the file has {len} bytes"),
-        });
+    let too_large = |len: u64| Error::TooLarge {
+        name: name.clone(),
+        detail: format!("the file has {len} bytes or more"),
+    };
+    let meta = std::fs::metadata(path).map_err(read_err)?;
+    if !meta.is_file() {
+        let kind = if meta.is_dir() {
+            "it is a directory"
+        } else {
+            "not a regular file (a pipe, socket or device)"
+        };
+        return Err(read_err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            kind,
+        )));
     }
-    let bytes = std::fs::read(path).map_err(read_err)?;
-    decode_rgb(&bytes, &name)
+    if meta.len() > MAX_DECODE_ALLOC {
+        return Err(too_large(meta.len()));
+    }
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(file, MAX_DECODE_ALLOC + 1),
+        &mut bytes,
+    )
+    .map_err(read_err)?;
+    if bytes.len() as u64 > MAX_DECODE_ALLOC {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
 }
 
 /// Decodes an encoded picture held in memory (clipboard, network); `name` is used in errors only.

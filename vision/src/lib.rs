@@ -13,7 +13,8 @@ mod resize;
 
 pub use error::{Error, Result};
 pub use image_io::{
-    decode_rgb, decoder_limits, load_rgb, to_rgb8_like_pil, MAX_DECODE_ALLOC, MAX_IMAGE_SIDE,
+    decode_rgb, decoder_limits, load_rgb, read_image_file, to_rgb8_like_pil, MAX_DECODE_ALLOC,
+    MAX_IMAGE_SIDE,
 };
 pub use preprocess::{denormalize_sample, normalize, preprocess, CLIP_MEAN, CLIP_STD};
 pub use qwen_vit::{Config, Layer, LinearBuilder, VisualDebug, VisualEncoder, N_QUERIES};

@@ -18,6 +18,19 @@ struct IndexFile {
 /// the checkpoint folder: an index must not make us map arbitrary files.
 pub(crate) fn read_weight_map(path: &Path) -> Result<BTreeMap<String, String>> {
     let index: IndexFile = read_json(path)?;
+    check_weight_map(path, index)
+}
+
+/// [`read_weight_map`] of index bytes already read; `path` names them in errors.
+pub(crate) fn parse_weight_map(path: &Path, data: &[u8]) -> Result<BTreeMap<String, String>> {
+    let index: IndexFile = serde_json::from_slice(data).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    check_weight_map(path, index)
+}
+
+fn check_weight_map(path: &Path, index: IndexFile) -> Result<BTreeMap<String, String>> {
     let map = index
         .weight_map
         .ok_or_else(|| Error::checkpoint(path, "index file has no \"weight_map\""))?;

@@ -359,22 +359,47 @@ impl Weights {
 }
 
 /// Index of the first NaN or infinity among the little-endian floats `bytes` of `dtype` (integer
-/// dtypes have none). Checks the exponent bits only: one pass over the mapped bytes, no conversion.
+/// dtypes have none). Checks the exponent bits only, eight bytes at a time: one pass over the
+/// mapped bytes, no conversion (a few GB/s even unoptimised).
 fn first_non_finite(bytes: &[u8], dtype: DType) -> Option<usize> {
-    fn scan<const N: usize>(bytes: &[u8], non_finite: impl Fn([u8; N]) -> bool) -> Option<usize> {
-        bytes
-            .chunks_exact(N)
-            .position(|c| <[u8; N]>::try_from(c).is_ok_and(&non_finite))
+    // An element is NaN or infinite when all bits of its exponent (`mask`) are set.
+    let (elem, mask): (usize, u64) = match dtype {
+        DType::F16 => (2, 0x7C00),
+        DType::BF16 => (2, 0x7F80),
+        DType::F32 => (4, 0x7F80_0000),
+        DType::F64 => (8, 0x7FF0_0000_0000_0000),
+        _ => return None,
+    };
+    let bits = elem * 8;
+    let lanes = 8 / elem;
+    // The mask in every lane of a word, and the lowest and highest bit of every lane.
+    let (mut masks, mut low, mut high) = (0u64, 0u64, 0u64);
+    for l in 0..lanes {
+        masks |= mask << (l * bits);
+        low |= 1 << (l * bits);
+        high |= 1 << (l * bits + bits - 1);
     }
-    match dtype {
-        DType::F32 => scan::<4>(bytes, |b| u32::from_le_bytes(b) & 0x7F80_0000 == 0x7F80_0000),
-        DType::F16 => scan::<2>(bytes, |b| u16::from_le_bytes(b) & 0x7C00 == 0x7C00),
-        DType::BF16 => scan::<2>(bytes, |b| u16::from_le_bytes(b) & 0x7F80 == 0x7F80),
-        DType::F64 => scan::<8>(bytes, |b| {
-            u64::from_le_bytes(b) & 0x7FF0_0000_0000_0000 == 0x7FF0_0000_0000_0000
-        }),
-        _ => None,
+    let element = |c: &[u8]| {
+        c.iter()
+            .enumerate()
+            .fold(0u64, |v, (i, &b)| v | u64::from(b) << (8 * i))
+    };
+    let words = bytes.chunks_exact(8);
+    let tail = words.remainder();
+    for (wi, w) in words.enumerate() {
+        let w = element(w);
+        // A lane of `y` is zero exactly for a non-finite element; the classic "has a zero lane"
+        // test is exact here because no lane of `y` has its top bit set.
+        let y = (w & masks) ^ masks;
+        if y.wrapping_sub(low) & !y & high != 0 {
+            let lane = (0..lanes).find(|l| (w >> (l * bits)) & mask == mask)?;
+            return Some(wi * lanes + lane);
+        }
     }
+    let done = (bytes.len() - tail.len()) / elem;
+    tail.chunks_exact(elem)
+        .position(|c| element(c) & mask == mask)
+        .map(|i| done + i)
 }
 
 /// Copies the strided view `(shape, stride, offset)` of `storage` (elements of `elem` bytes)
@@ -566,5 +591,70 @@ impl Checkpoint {
             .values()
             .map(|e| byte_len(&e.shape, e.dtype).unwrap_or(0) as u64)
             .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The element-by-element definition.
+    fn reference(bytes: &[u8], dtype: DType) -> Option<usize> {
+        let n = dtype.size_in_bytes();
+        bytes.chunks_exact(n).position(|c| match dtype {
+            DType::F16 => !half::f16::from_le_bytes([c[0], c[1]]).is_finite(),
+            DType::BF16 => !half::bf16::from_le_bytes([c[0], c[1]]).is_finite(),
+            DType::F32 => !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite(),
+            DType::F64 => !f64::from_le_bytes(c.try_into().unwrap()).is_finite(),
+            _ => false,
+        })
+    }
+
+    #[test]
+    fn non_finite_scan_matches_the_definition() {
+        let mut x = 0x1234_5678_9abc_def0u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for dtype in [DType::F16, DType::BF16, DType::F32, DType::F64, DType::U8] {
+            for len in [0usize, 1, 2, 6, 8, 14, 16, 30, 64, 200] {
+                for _ in 0..200 {
+                    let mut bytes: Vec<u8> = (0..len).map(|_| (next() % 256) as u8).collect();
+                    // Mostly finite data: clear the top exponent bit of every element sometimes.
+                    if next() % 2 == 0 {
+                        let n = dtype.size_in_bytes();
+                        for c in bytes.chunks_mut(n) {
+                            if c.len() == n {
+                                c[n - 1] &= 0x3F;
+                            }
+                        }
+                        if len > 0 && next() % 2 == 0 {
+                            let at = (next() as usize % len) / n * n;
+                            if n >= 2 && at + n <= len {
+                                bytes[at + n - 1] |= 0x7F;
+                                bytes[at + n - 2] |= 0xF0;
+                            }
+                        }
+                    }
+                    assert_eq!(
+                        first_non_finite(&bytes, dtype),
+                        reference(&bytes, dtype),
+                        "{dtype:?} {bytes:?}"
+                    );
+                }
+            }
+        }
+        assert_eq!(
+            first_non_finite(&f32::NAN.to_le_bytes(), DType::F32),
+            Some(0)
+        );
+        let v: Vec<u8> = [1.0f32, 2.0, f32::INFINITY]
+            .iter()
+            .flat_map(|f| f.to_le_bytes())
+            .collect();
+        assert_eq!(first_non_finite(&v, DType::F32), Some(2));
     }
 }

@@ -49,6 +49,66 @@ pub(crate) struct TensorRef {
     pub stride: Vec<u64>,
 }
 
+/// Deepest container nesting accepted. A state dict nests 3 levels (dict, argument tuple, size
+/// tuple); a pickle can nest one level per byte, and dropping a million nested containers
+/// overflows the stack, so deeper nesting is refused while it is built.
+const MAX_DEPTH: u32 = 256;
+
+/// The items of a tuple, list or dict, with the nesting depth of the container (1 for one holding
+/// no container).
+#[derive(Debug, Clone)]
+struct Seq<T> {
+    items: Vec<T>,
+    depth: u32,
+}
+
+impl<T> Default for Seq<T> {
+    fn default() -> Self {
+        Self {
+            items: Vec::new(),
+            depth: 1,
+        }
+    }
+}
+
+impl<T> std::ops::Deref for Seq<T> {
+    type Target = Vec<T>;
+    fn deref(&self) -> &Vec<T> {
+        &self.items
+    }
+}
+
+fn nested(depth: u32) -> Result<u32, String> {
+    if depth >= MAX_DEPTH {
+        return Err(format!(
+            "pickle containers nested deeper than {MAX_DEPTH} levels (not a state dict)"
+        ));
+    }
+    Ok(depth + 1)
+}
+
+impl Seq<Value> {
+    fn of(items: Vec<Value>) -> Result<Rc<Self>, String> {
+        let depth = nested(items.iter().map(Value::depth).max().unwrap_or(0))?;
+        Ok(Rc::new(Self { items, depth }))
+    }
+    fn extend(&mut self, items: Vec<Value>) -> Result<(), String> {
+        for v in &items {
+            self.depth = self.depth.max(nested(v.depth())?);
+        }
+        self.items.extend(items);
+        Ok(())
+    }
+}
+
+impl Seq<(Value, Value)> {
+    fn push(&mut self, k: Value, v: Value) -> Result<(), String> {
+        self.depth = self.depth.max(nested(k.depth().max(v.depth()))?);
+        self.items.push((k, v));
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Value {
     None,
@@ -57,15 +117,24 @@ enum Value {
     Int(i64),
     Float,
     Str(Rc<str>),
-    Tuple(Rc<Vec<Value>>),
-    List(Rc<Vec<Value>>),
-    Dict(Rc<Vec<(Value, Value)>>),
+    Tuple(Rc<Seq<Value>>),
+    List(Rc<Seq<Value>>),
+    Dict(Rc<Seq<(Value, Value)>>),
     Global(Global),
     Storage(Rc<StorageRef>),
     Tensor(Rc<TensorRef>),
 }
 
 impl Value {
+    /// Container nesting depth (0 for a scalar).
+    fn depth(&self) -> u32 {
+        match self {
+            Value::Tuple(s) | Value::List(s) => s.depth,
+            Value::Dict(s) => s.depth,
+            _ => 0,
+        }
+    }
+
     fn kind(&self) -> &'static str {
         match self {
             Value::None => "None",
@@ -253,17 +322,14 @@ impl<'a> Machine<'a> {
             let v = it
                 .next()
                 .ok_or_else(|| "pickle: odd number of items for SETITEMS".to_string())?;
-            dict.push((k, v));
+            dict.push(k, v)?;
         }
         Ok(())
     }
 
     fn append(&mut self, items: Vec<Value>) -> Result<(), String> {
         match self.top()? {
-            Value::List(list) => {
-                Rc::make_mut(list).extend(items);
-                Ok(())
-            }
+            Value::List(list) => Rc::make_mut(list).extend(items),
             other => Err(format!("pickle: APPEND to a {}", other.kind())),
         }
     }
@@ -396,7 +462,7 @@ impl<'a> Machine<'a> {
             // TUPLE, TUPLE1..3
             b't' => {
                 let items = self.pop_mark()?;
-                self.stack.push(Value::Tuple(Rc::new(items)));
+                self.stack.push(Value::Tuple(Seq::of(items)?));
             }
             0x85..=0x87 => {
                 let n = usize::from(op - 0x84);
@@ -404,12 +470,12 @@ impl<'a> Machine<'a> {
                     return Err("pickle stack underflow".to_string());
                 }
                 let items = self.stack.split_off(self.stack.len() - n);
-                self.stack.push(Value::Tuple(Rc::new(items)));
+                self.stack.push(Value::Tuple(Seq::of(items)?));
             }
             // LIST, DICT (from MARK)
             b'l' => {
                 let items = self.pop_mark()?;
-                self.stack.push(Value::List(Rc::new(items)));
+                self.stack.push(Value::List(Seq::of(items)?));
             }
             b'd' => {
                 let items = self.pop_mark()?;
