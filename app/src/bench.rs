@@ -117,6 +117,8 @@ pub struct BenchReport {
     pub quant: String,
     pub threads: usize,
     pub load_s: f64,
+    /// The quantized weights were read from the on-disk cache.
+    pub load_from_cache: bool,
     pub peak_rss_gb: f64,
     pub lm_weight_bytes_per_token: u64,
     pub vision_encode_s: f64,
@@ -243,6 +245,7 @@ fn prefill_flop(cfg: &QwenConfig, t: usize) -> f64 {
 pub fn run(source: Source, wt: WeightType, decode_tokens: usize) -> Result<BenchReport> {
     let device = Device::Cpu;
     let threads = candle_core::utils::get_num_threads();
+    let mut q: lm::quant::Quantizer = wt.into();
     let (cfg, vb, model_name): (QwenConfig, VarBuilder, String) = match &source {
         Source::Random => {
             let cfg: QwenConfig = serde_json::from_str(QWEN_VL_CHAT_CONFIG)?;
@@ -257,6 +260,7 @@ pub fn run(source: Source, wt: WeightType, decode_tokens: usize) -> Result<Bench
             let ck = lm::Checkpoint::open(dir)
                 .with_context(|| format!("cannot open the model folder {}", dir.display()))?;
             let vb = ck.var_builder(wt.compute_dtype(), &device);
+            q = crate::engine::quantizer_for(dir, wt)?;
             (ck.config.clone(), vb, dir.display().to_string())
         }
     };
@@ -268,16 +272,28 @@ pub fn run(source: Source, wt: WeightType, decode_tokens: usize) -> Result<Bench
 
     eprintln!("loading ({wt}) ...");
     let t0 = Instant::now();
-    let lm = QwenLm::load(&cfg, vb.clone(), wt)?;
+    let lm = QwenLm::load(&cfg, vb.clone(), q.clone())?;
     let vision_vb = vb.pp("transformer").pp("visual");
     let visual = if wt.is_quantized() {
-        let linear: vision::LinearBuilder =
-            &move |i, o, vb| Ok(vision::Layer(Arc::new(QLinear::load(i, o, true, vb, wt)?)));
+        let linear: vision::LinearBuilder = &|i, o, vb| {
+            Ok(vision::Layer(Arc::new(QLinear::load(
+                i,
+                o,
+                true,
+                vb,
+                q.clone(),
+            )?)))
+        };
         vision::VisualEncoder::new_with_linear(&vcfg, vision_vb, linear)?
     } else {
         vision::VisualEncoder::new(&vcfg, vision_vb)?
     };
     let load_s = t0.elapsed().as_secs_f64();
+    let from_cache = q.cache.as_ref().is_some_and(|c| c.is_hit());
+    // Written after the clock stops: the next start is the one that profits.
+    if let Some(c) = &q.cache {
+        c.save()?;
+    }
 
     // One 448×448 picture of noise, through the real preprocessing.
     let s = vcfg.image_size as u32;
@@ -337,6 +353,7 @@ pub fn run(source: Source, wt: WeightType, decode_tokens: usize) -> Result<Bench
         quant: wt.to_string(),
         threads,
         load_s,
+        load_from_cache: from_cache,
         peak_rss_gb: peak_rss as f64 / 1e9,
         lm_weight_bytes_per_token: bytes,
         vision_encode_s,
@@ -363,7 +380,18 @@ pub fn table(r: &BenchReport) -> String {
         ("model", r.model.clone()),
         ("weights", r.quant.clone()),
         ("threads", r.threads.to_string()),
-        ("load", format!("{:.1} s", r.load_s)),
+        (
+            "load",
+            format!(
+                "{:.1} s{}",
+                r.load_s,
+                if r.load_from_cache {
+                    " (quantized cache)"
+                } else {
+                    ""
+                }
+            ),
+        ),
         ("peak RSS", format!("{:.2} GB", r.peak_rss_gb)),
         (
             "vision encode (1 image)",

@@ -151,6 +151,22 @@ pub fn checkpoint_identity(dir: &Path) -> Result<String> {
     Ok(digest[..10].iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// How to build the linear layers of the model in `dir`: quantized weights come from (or go to)
+/// the on-disk cache when there is a cache folder.
+pub fn quantizer_for(dir: &Path, wt: WeightType) -> Result<Quantizer> {
+    let cache = match (wt.is_quantized(), quant_cache_dir()) {
+        (true, Some(cache_dir)) => {
+            let name = lm::quant::cache_file_name(&checkpoint_identity(dir)?, wt);
+            Some(Arc::new(QuantCache::open(&cache_dir.join(name))))
+        }
+        _ => None,
+    };
+    Ok(Quantizer {
+        weight_type: wt,
+        cache,
+    })
+}
+
 impl Engine {
     /// Dense model in `dtype` (f32 is the exact reference path).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
@@ -192,18 +208,8 @@ impl Engine {
             Some(p) => checkpoint.var_builder_with_progress(dtype, device, p),
             None => checkpoint.var_builder(dtype, device),
         };
-        // Quantized weights come from (or go to) the on-disk cache when there is a cache folder.
-        let cache = match (wt.is_quantized(), quant_cache_dir()) {
-            (true, Some(cache_dir)) => {
-                let name = lm::quant::cache_file_name(&checkpoint_identity(dir)?, wt);
-                Some(Arc::new(QuantCache::open(&cache_dir.join(name))))
-            }
-            _ => None,
-        };
-        let q = Quantizer {
-            weight_type: wt,
-            cache: cache.clone(),
-        };
+        let q = quantizer_for(dir, wt)?;
+        let cache = q.cache.clone();
         let lm = QwenLm::load(&checkpoint.config, vb.clone(), q.clone())
             .with_context(|| format!("cannot build the language model from {}", dir.display()))?;
         let vision_vb = vb.pp("transformer").pp("visual");
@@ -249,7 +255,10 @@ impl Engine {
     /// Builds the prompt of a conversation with the checkpoint's history window.
     pub fn prompt(&self, conv: &Conversation) -> Result<Prompt> {
         let window = self.checkpoint.generation.max_window_size;
-        Ok(lm::prompt::build_chatml(&self.tokenizer, conv, window)?)
+        let prompt = lm::prompt::build_chatml(&self.tokenizer, conv, window)?;
+        // Refused before any image is decoded or the model runs.
+        prompt.check_context(self.checkpoint.config.max_position_embeddings)?;
+        Ok(prompt)
     }
 
     /// Forgets the feature cache and the previous reply's KV cache (the next reply runs cold).
@@ -278,8 +287,9 @@ impl Engine {
                 .map_err(|_| anyhow::anyhow!("engine state poisoned"))?;
             for span in &prompt.images {
                 let file: PathBuf = base_dir.join(&span.path);
-                let bytes = std::fs::read(&file)
-                    .with_context(|| format!("cannot read the image {}", file.display()))?;
+                // Refuses pipes, devices and directories, and caps the size: a FIFO or /dev/zero
+                // must not hang or exhaust memory.
+                let bytes = vision::read_image_file(&file)?;
                 let key: ImageKey = sha2::Sha256::digest(&bytes).into();
                 keys.push(key);
                 if known.contains_key(&key) || todo.iter().any(|t| t.0 == key) {
@@ -419,6 +429,16 @@ impl Engine {
         let mut first_token_at = None;
         let mut stream = generate::StreamDecoder::default();
         let stop_ids = opts.stop_ids.clone();
+        // The reply cannot run past the positions the model knows.
+        let room = self
+            .checkpoint
+            .config
+            .max_position_embeddings
+            .saturating_sub(prompt.ids.len());
+        let opts = &GenerateOptions {
+            max_new_tokens: opts.max_new_tokens.min(room),
+            ..opts.clone()
+        };
         let generation = generate::generate(
             &self.lm,
             &mut cache,

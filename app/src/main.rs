@@ -210,7 +210,28 @@ fn generate_options(args: &RunArgs, engine: &Engine) -> Result<GenerateOptions> 
     Ok(opts)
 }
 
+/// Conversation files larger than this are refused (1 MB of text is already far beyond any
+/// context window).
+const MAX_CONVERSATION_BYTES: u64 = 256 << 20;
+
 fn read_conversation(path: &Path) -> Result<Conversation> {
+    // A pipe or device would block or never end: only regular files are read.
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("cannot read the conversation {}", path.display()))?;
+    if !meta.is_file() {
+        bail!(
+            "cannot read the conversation {}: not a regular file",
+            path.display()
+        );
+    }
+    if meta.len() > MAX_CONVERSATION_BYTES {
+        bail!(
+            "cannot read the conversation {}: {} bytes is more than the {} MiB limit",
+            path.display(),
+            meta.len(),
+            MAX_CONVERSATION_BYTES >> 20
+        );
+    }
     let bytes = std::fs::read(path)
         .with_context(|| format!("cannot read the conversation {}", path.display()))?;
     serde_json::from_slice(&bytes)
@@ -242,6 +263,12 @@ fn run(args: RunArgs) -> Result<()> {
     })?;
     if let Some(path) = &args.logits_out {
         write_logits(path, &reply.last_logits)?;
+    }
+    if reply.prompt.history_turns_dropped > 0 && !args.json {
+        eprintln!(
+            "note: the {} oldest turn(s) did not fit the history window and were left out",
+            reply.prompt.history_turns_dropped
+        );
     }
     if args.json {
         let out = json_output(&engine, &reply);
