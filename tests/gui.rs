@@ -717,3 +717,84 @@ fn loading_shows_its_stage_then_the_chat() {
         Some(tiny_a().as_path())
     );
 }
+
+/// The child half of `sigkill_during_generation_loses_nothing`: sends a message with a picture and
+/// keeps a slow reply streaming until the parent kills it. A no-op unless the parent runs it.
+#[test]
+fn sigkill_child() {
+    let Some(root) = std::env::var_os("QWENVL_SIGKILL_CHILD_ROOT") else {
+        return;
+    };
+    let root = PathBuf::from(root);
+    let (app, _) = scripted_app(&root, &"一个很长的回答。".repeat(2000), 20);
+    let mut h = harness(app, vec2(1100.0, 800.0));
+    step_until(&mut h, 60, "the scripted model", ready);
+    h.state_mut().attach_files(&[image("photo_640x480.jpg")]);
+    h.run_steps(2);
+    type_message(&mut h, "Killed mid-reply?");
+    h.get_by_label("Send").click();
+    step_until(&mut h, 60, "streaming", |app| {
+        app.chat()
+            .turns
+            .first()
+            .is_some_and(|t| !t.reply.is_empty())
+    });
+    std::fs::write(root.join("streaming"), b"").unwrap();
+    loop {
+        h.step();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn sigkill_during_generation_loses_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "sigkill_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("QWENVL_SIGKILL_CHILD_ROOT", tmp.path())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !tmp.path().join("streaming").exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the child app exited before it was killed"
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "the child never streamed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // `Child::kill` is SIGKILL on Unix: no destructor, no last save.
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // Restart on the same folders: the sent message and its picture are there.
+    let (app, _) = scripted_app(tmp.path(), "x", 0);
+    let mut h = harness(app, vec2(1100.0, 800.0));
+    h.run_steps(2);
+    let chat = h.state().chat().clone();
+    assert_eq!(chat.turns.len(), 1, "{chat:?}");
+    let turn = &chat.turns[0];
+    assert!(
+        matches!(&turn.user[..], [Item::Image { .. }, Item::Text { text }] if text == "Killed mid-reply?"),
+        "{:?}",
+        turn.user
+    );
+    let picture = turn.pictures().next().unwrap();
+    let stored = tmp.path().join("data/chats").join(picture);
+    assert_eq!(
+        std::fs::read(&stored).unwrap(),
+        std::fs::read(image("photo_640x480.jpg")).unwrap(),
+        "the attached picture survives, byte for byte"
+    );
+    // Shown again: as the chat's title in the sidebar and as the message.
+    assert_eq!(h.get_all_by_label("Killed mid-reply?").count(), 2);
+}
