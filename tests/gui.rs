@@ -512,6 +512,7 @@ fn snapshot_chat_with_boxes() {
         time_to_first_token_ms: 120.0,
         tokens_per_s: 24.5,
         cancelled: false,
+        history_turns_dropped: 0,
     });
     h.remove_cursor();
     h.run_steps(2);
@@ -797,4 +798,24 @@ fn sigkill_during_generation_loses_nothing() {
     );
     // Shown again: as the chat's title in the sidebar and as the message.
     assert_eq!(h.get_all_by_label("Killed mid-reply?").count(), 2);
+}
+
+#[test]
+fn a_reply_that_lost_old_turns_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (app, _) = scripted_app(tmp.path(), "ok", 0);
+    let mut h = harness(app, vec2(1100.0, 800.0));
+    send_with_photo(&mut h, "A question");
+    assert!(h
+        .query_by_label_contains("no longer fit the model's context")
+        .is_none());
+    h.state_mut().chats[0].turns[0].stats = Some(ReplyStats {
+        tokens: 3,
+        time_to_first_token_ms: 10.0,
+        tokens_per_s: 5.0,
+        cancelled: false,
+        history_turns_dropped: 2,
+    });
+    h.run_steps(2);
+    h.get_by_label_contains("The 2 oldest turn(s) no longer fit the model's context");
 }

@@ -558,6 +558,7 @@ impl QwenApp {
                         .unwrap_or(0.0),
                     tokens_per_s: p.pieces_per_s(),
                     cancelled: true,
+                    history_turns_dropped: 0,
                 }
                 .rounded(),
             );

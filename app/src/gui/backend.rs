@@ -93,6 +93,9 @@ pub struct ReplyStats {
     pub time_to_first_token_ms: f64,
     pub tokens_per_s: f64,
     pub cancelled: bool,
+    /// Oldest turns left out of the prompt because the history window was full.
+    #[serde(default)]
+    pub history_turns_dropped: usize,
 }
 
 impl ReplyStats {
@@ -274,6 +277,7 @@ impl Backend for EngineBackend {
             time_to_first_token_ms: reply.timings.time_to_first_token_ms,
             tokens_per_s: reply.timings.decode_tokens_per_s,
             cancelled: reply.generation.finish == Finish::Cancelled,
+            history_turns_dropped: reply.prompt.history_turns_dropped,
         })
     }
 }

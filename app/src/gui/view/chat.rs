@@ -258,6 +258,17 @@ fn reply(app: &mut QwenApp, ui: &mut egui::Ui, t: usize) {
             .small()
             .weak(),
         );
+        if s.history_turns_dropped > 0 {
+            // The model did not see the start of the chat: say so where the answer is.
+            ui.label(
+                RichText::new(format!(
+                    "The {} oldest turn(s) no longer fit the model's context and were left out of this answer.",
+                    s.history_turns_dropped
+                ))
+                .small()
+                .color(ui.visuals().warn_fg_color),
+            );
+        }
     }
     let objects = geometry::objects(&turn.reply);
     let picture = app.chat().latest_picture(t).map(str::to_string);
