@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Module, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use lm::model::{ImageFeatures, QwenLm};
-use lm::quant::{QLinear, WeightType};
+use lm::quant::WeightType;
 use lm::QwenConfig;
 
 /// `config.json` of Qwen/Qwen-VL-Chat (the shapes `--random qwen-vl-chat` builds).
@@ -274,20 +274,7 @@ pub fn run(source: Source, wt: WeightType, decode_tokens: usize) -> Result<Bench
     let t0 = Instant::now();
     let lm = QwenLm::load(&cfg, vb.clone(), q.clone())?;
     let vision_vb = vb.pp("transformer").pp("visual");
-    let visual = if wt.is_quantized() {
-        let linear: vision::LinearBuilder = &|i, o, vb| {
-            Ok(vision::Layer(Arc::new(QLinear::load(
-                i,
-                o,
-                true,
-                vb,
-                q.clone(),
-            )?)))
-        };
-        vision::VisualEncoder::new_with_linear(&vcfg, vision_vb, linear)?
-    } else {
-        vision::VisualEncoder::new(&vcfg, vision_vb)?
-    };
+    let visual = crate::engine::build_visual(&vcfg, vision_vb, &q)?;
     let load_s = t0.elapsed().as_secs_f64();
     let from_cache = q.cache.as_ref().is_some_and(|c| c.is_hit());
     // Written after the clock stops: the next start is the one that profits.

@@ -167,6 +167,27 @@ pub fn quantizer_for(dir: &Path, wt: WeightType) -> Result<Quantizer> {
     })
 }
 
+/// The vision tower with its block linears built by `q` (quantized or dense).
+pub fn build_visual(
+    cfg: &vision::Config,
+    vb: candle_nn::VarBuilder,
+    q: &Quantizer,
+) -> vision::Result<vision::VisualEncoder> {
+    if !q.weight_type.is_quantized() {
+        return vision::VisualEncoder::new(cfg, vb);
+    }
+    let linear: vision::LinearBuilder = &|i, o, vb| {
+        Ok(vision::Layer(Arc::new(QLinear::load(
+            i,
+            o,
+            true,
+            vb,
+            q.clone(),
+        )?)))
+    };
+    vision::VisualEncoder::new_with_linear(cfg, vb, linear)
+}
+
 impl Engine {
     /// Dense model in `dtype` (f32 is the exact reference path).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
@@ -213,21 +234,8 @@ impl Engine {
         let lm = QwenLm::load(&checkpoint.config, vb.clone(), q.clone())
             .with_context(|| format!("cannot build the language model from {}", dir.display()))?;
         let vision_vb = vb.pp("transformer").pp("visual");
-        let visual = if wt.is_quantized() {
-            let linear: vision::LinearBuilder = &|i, o, vb| {
-                Ok(vision::Layer(Arc::new(QLinear::load(
-                    i,
-                    o,
-                    true,
-                    vb,
-                    q.clone(),
-                )?)))
-            };
-            vision::VisualEncoder::new_with_linear(&visual_config, vision_vb, linear)
-        } else {
-            vision::VisualEncoder::new(&visual_config, vision_vb)
-        }
-        .with_context(|| format!("cannot build the vision tower from {}", dir.display()))?;
+        let visual = build_visual(&visual_config, vision_vb, &q)
+            .with_context(|| format!("cannot build the vision tower from {}", dir.display()))?;
         if let Some(c) = &cache {
             // A cache that cannot be written only costs the next start its speed.
             if let Err(e) = c.save() {
