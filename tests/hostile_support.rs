@@ -48,27 +48,12 @@ pub fn encode(img: &DynamicImage, fmt: ImageFormat) -> Vec<u8> {
     out.into_inner()
 }
 
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = 0xFFFF_FFFFu32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
 /// A valid 8x8 PNG whose IHDR (with a correct CRC) announces `w` x `h`.
 pub fn png_with_size(w: u32, h: u32) -> Vec<u8> {
     let mut data = encode(&DynamicImage::ImageRgb8(gradient(8, 8)), ImageFormat::Png);
     data[16..20].copy_from_slice(&w.to_be_bytes());
     data[20..24].copy_from_slice(&h.to_be_bytes());
-    let crc = crc32(&data[12..29]);
+    let crc = crc32fast::hash(&data[12..29]);
     data[29..33].copy_from_slice(&crc.to_be_bytes());
     data
 }
@@ -319,7 +304,7 @@ pub fn torch_zip(pickle: &[u8], storage_bytes: usize) -> Vec<u8> {
     let mut central = Vec::new();
     for (name, data) in entries {
         let offset = out.len() as u32;
-        let crc = crc32(data);
+        let crc = crc32fast::hash(data);
         out.extend_from_slice(&0x0403_4b50u32.to_le_bytes());
         out.extend_from_slice(&[20, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
         out.extend_from_slice(&crc.to_le_bytes());

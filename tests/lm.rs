@@ -12,9 +12,11 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
 use lm::generate::{self, Decoding, Flow, GenerateOptions, CHAT_STOP_IDS};
-use lm::model::{ImageFeatures, QwenLm};
+use lm::model::QwenLm;
 use lm::Checkpoint;
-use qwenvl_e2e::{expected_json, expected_tensors, max_abs_diff, tiny_a};
+use qwenvl_e2e::{
+    case_image_features, expected_json, expected_tensors, ids_of, max_abs_diff, tiny_a,
+};
 use serde_json::Value;
 
 const LOGITS_TOL: f32 = 1e-3;
@@ -23,7 +25,6 @@ const NEAR_TIE: f64 = 2e-3;
 struct Model {
     lm: QwenLm,
     visual: vision::VisualEncoder,
-    image_size: usize,
 }
 
 fn model() -> &'static Model {
@@ -36,7 +37,6 @@ fn model() -> &'static Model {
         Model {
             lm: QwenLm::new(&ckpt.config, vb.clone()).unwrap(),
             visual: vision::VisualEncoder::new(&vcfg, vb.pp("transformer").pp("visual")).unwrap(),
-            image_size: vcfg.image_size,
         }
     })
 }
@@ -55,47 +55,6 @@ fn case(id: &str) -> &'static Value {
     cases().iter().find(|c| c["id"] == id).unwrap()
 }
 
-fn ids_of(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-/// Our visual features for the case's image spans (all images of the prompt in one batch, as the
-/// reference does).
-fn image_features(case: &Value) -> Vec<ImageFeatures> {
-    let m = model();
-    let spans = case["image_spans"].as_array().unwrap();
-    if spans.is_empty() {
-        return Vec::new();
-    }
-    let pixels: Vec<Tensor> = spans
-        .iter()
-        .map(|s| {
-            let path = tiny_a().join(s["path"].as_str().unwrap());
-            vision::preprocess(&vision::load_rgb(&path).unwrap(), m.image_size).unwrap()
-        })
-        .collect();
-    let feats = m
-        .visual
-        .forward(&Tensor::stack(&pixels, 0).unwrap())
-        .unwrap();
-    spans
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let first = s["feature_positions"][0].as_u64().unwrap() as usize;
-            assert_eq!(first, s["img_start_pos"].as_u64().unwrap() as usize + 1);
-            ImageFeatures {
-                first_position: first,
-                features: feats.get(i).unwrap(),
-            }
-        })
-        .collect()
-}
-
 #[test]
 fn per_layer_hidden_states_match_reference() {
     let m = model();
@@ -103,7 +62,9 @@ fn per_layer_hidden_states_match_reference() {
     for id in ["text_only_en", "one_image"] {
         let c = case(id);
         let ids = ids_of(&c["prompt_ids"]);
-        let emb = m.lm.embed(&ids, &image_features(c)).unwrap();
+        let emb =
+            m.lm.embed(&ids, &case_image_features(&model().visual, c))
+                .unwrap();
         let d = max_abs_diff(&emb, &debug[&format!("{id}.embeddings")]);
         assert!(d < 1e-4, "{id}: embeddings differ by {d}");
         let mut cache = m.lm.new_cache();
@@ -142,7 +103,7 @@ fn final_logits_and_greedy_generation_match_reference_for_every_case() {
     for c in cases() {
         let id = c["id"].as_str().unwrap();
         let ids = ids_of(&c["prompt_ids"]);
-        let features = image_features(c);
+        let features = case_image_features(&model().visual, c);
         let mut cache = m.lm.new_cache();
         let last = m.lm.forward(&ids, &features, &mut cache).unwrap();
 

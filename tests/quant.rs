@@ -5,18 +5,19 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use lm::generate::{self, Decoding, Flow, GenerateOptions, CHAT_STOP_IDS};
-use lm::model::{ImageFeatures, QwenLm};
+use lm::model::QwenLm;
 use lm::quant::{QLinear, WeightType};
 use lm::Checkpoint;
-use qwenvl_e2e::{expected_json, expected_tensors, max_abs_diff, tiny_a};
+use qwenvl_e2e::{
+    case_image_features, expected_json, expected_tensors, ids_of, max_abs_diff, tiny_a,
+};
 use serde_json::Value;
 
 struct Model {
     lm: QwenLm,
     visual: vision::VisualEncoder,
-    image_size: usize,
 }
 
 /// Builds LM and vision tower with weights of type `wt`, the way the app does.
@@ -33,46 +34,7 @@ fn load(wt: WeightType) -> Model {
     } else {
         vision::VisualEncoder::new(&vcfg, vvb).unwrap()
     };
-    Model {
-        lm,
-        visual,
-        image_size: vcfg.image_size,
-    }
-}
-
-fn ids_of(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn features(m: &Model, case: &Value) -> Vec<ImageFeatures> {
-    let spans = case["image_spans"].as_array().unwrap();
-    if spans.is_empty() {
-        return Vec::new();
-    }
-    let pixels: Vec<Tensor> = spans
-        .iter()
-        .map(|s| {
-            let img = vision::load_rgb(&tiny_a().join(s["path"].as_str().unwrap())).unwrap();
-            vision::preprocess(&img, m.image_size).unwrap()
-        })
-        .collect();
-    let batch = Tensor::stack(&pixels, 0)
-        .unwrap()
-        .to_dtype(m.lm.dtype())
-        .unwrap();
-    let feats = m.visual.forward(&batch).unwrap();
-    spans
-        .iter()
-        .enumerate()
-        .map(|(i, s)| ImageFeatures {
-            first_position: s["feature_positions"][0].as_u64().unwrap() as usize,
-            features: feats.get(i).unwrap(),
-        })
-        .collect()
+    Model { lm, visual }
 }
 
 struct Outcome {
@@ -102,7 +64,9 @@ fn evaluate(wt: WeightType, max_len: usize) -> Outcome {
     for c in &cases {
         let ids = ids_of(&c["prompt_ids"]);
         let mut cache = m.lm.new_cache();
-        let logits = m.lm.forward(&ids, &features(&m, c), &mut cache).unwrap();
+        let logits =
+            m.lm.forward(&ids, &case_image_features(&m.visual, c), &mut cache)
+                .unwrap();
         let want = &reference[c["logits_key"].as_str().unwrap()];
         out.max_delta = out.max_delta.max(max_abs_diff(&logits, want));
         let ours = generate::argmax(&logits.to_vec1::<f32>().unwrap());

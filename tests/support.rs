@@ -57,3 +57,45 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 /// and `cli_hostile.rs`.
 #[path = "hostile_support.rs"]
 pub mod hostile;
+
+/// Token ids of a JSON array (`prompt_ids`, `greedy.ids`).
+pub fn ids_of(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// `visual`'s features for a `cases.json` case's image spans, all images in one batch (as the
+/// reference does), placed at the case's recorded feature positions.
+pub fn case_image_features(
+    visual: &vision::VisualEncoder,
+    case: &serde_json::Value,
+) -> Vec<lm::model::ImageFeatures> {
+    let spans = case["image_spans"].as_array().unwrap();
+    if spans.is_empty() {
+        return Vec::new();
+    }
+    let size = visual.config().image_size;
+    let pixels: Vec<Tensor> = spans
+        .iter()
+        .map(|s| {
+            let path = tiny_a().join(s["path"].as_str().unwrap());
+            vision::preprocess(&vision::load_rgb(&path).unwrap(), size).unwrap()
+        })
+        .collect();
+    let feats = visual.forward(&Tensor::stack(&pixels, 0).unwrap()).unwrap();
+    spans
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let first = s["feature_positions"][0].as_u64().unwrap() as usize;
+            assert_eq!(first, s["img_start_pos"].as_u64().unwrap() as usize + 1);
+            lm::model::ImageFeatures {
+                first_position: first,
+                features: feats.get(i).unwrap(),
+            }
+        })
+        .collect()
+}

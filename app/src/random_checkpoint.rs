@@ -614,7 +614,7 @@ struct ZipWriter<'a> {
     pos: u64,
     records: Vec<ZipRecord>,
     /// The entry being written: record, bytes written, CRC state.
-    open: Option<(ZipRecord, u64, u32)>,
+    open: Option<(ZipRecord, u64, crc32fast::Hasher)>,
     /// Sizes and offsets from this value on go to zip64 fields (`U32_MAX`; lower in tests).
     zip64_at: u64,
 }
@@ -687,7 +687,7 @@ impl<'a> ZipWriter<'a> {
             size,
             offset,
         };
-        self.open = Some((rec, 0, !0));
+        self.open = Some((rec, 0, crc32fast::Hasher::new()));
         Ok(())
     }
 
@@ -696,7 +696,7 @@ impl<'a> ZipWriter<'a> {
             bail!("zip data written outside an entry");
         };
         *written += b.len() as u64;
-        *crc = crc32_update(*crc, b);
+        crc.update(b);
         self.raw(b)
     }
 
@@ -710,7 +710,7 @@ impl<'a> ZipWriter<'a> {
             rec.name,
             rec.size
         );
-        rec.crc = !crc;
+        rec.crc = crc.finalize();
         // Patch the CRC (offset 14 of the local header) and return to the end.
         self.w.seek(SeekFrom::Start(rec.offset + 14))?;
         self.w.write_all(&rec.crc.to_le_bytes())?;
@@ -809,68 +809,9 @@ impl<'a> ZipWriter<'a> {
     }
 }
 
-/// CRC-32 (IEEE) tables for slicing-by-8.
-const CRC_TABLES: [[u32; 256]; 8] = {
-    let mut t = [[0u32; 256]; 8];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut k = 0;
-        while k < 8 {
-            c = if c & 1 != 0 {
-                0xEDB8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-            k += 1;
-        }
-        t[0][i] = c;
-        i += 1;
-    }
-    let mut s = 1;
-    while s < 8 {
-        let mut i = 0;
-        while i < 256 {
-            let prev = t[s - 1][i];
-            t[s][i] = (prev >> 8) ^ t[0][(prev & 0xff) as usize];
-            i += 1;
-        }
-        s += 1;
-    }
-    t
-};
-
-/// Continues the (pre-inverted) CRC state `crc` over `data`.
-fn crc32_update(mut crc: u32, data: &[u8]) -> u32 {
-    let t = &CRC_TABLES;
-    let mut chunks = data.chunks_exact(8);
-    for c in &mut chunks {
-        let a = crc ^ u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-        crc = t[7][(a & 0xff) as usize]
-            ^ t[6][((a >> 8) & 0xff) as usize]
-            ^ t[5][((a >> 16) & 0xff) as usize]
-            ^ t[4][(a >> 24) as usize]
-            ^ t[3][c[4] as usize]
-            ^ t[2][c[5] as usize]
-            ^ t[1][c[6] as usize]
-            ^ t[0][c[7] as usize];
-    }
-    for &b in chunks.remainder() {
-        crc = (crc >> 8) ^ t[0][((crc ^ u32::from(b)) & 0xff) as usize];
-    }
-    crc
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn crc32_known_value() {
-        assert_eq!(!crc32_update(!0, b"123456789"), 0xCBF4_3926);
-        let split = crc32_update(crc32_update(!0, b"1234"), b"56789");
-        assert_eq!(!split, 0xCBF4_3926);
-    }
 
     #[test]
     fn balance_never_leaves_a_shard_empty() {
