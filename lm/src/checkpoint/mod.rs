@@ -352,9 +352,43 @@ impl Weights {
                 entry.shape
             )));
         }
-        Tensor::from_raw_buffer(bytes, entry.dtype, &entry.shape, device)
+        let t = Tensor::from_raw_buffer(bytes, entry.dtype, &entry.shape, device)
             .and_then(|t| t.to_dtype(dtype))
-            .map_err(|e| err(format!("cannot load as {dtype:?} on {device:?}: {e}")))
+            .map_err(|e| err(format!("cannot load as {dtype:?} on {device:?}: {e}")))?;
+        let (start, len) = match &entry.span {
+            Span::Contiguous { start } => (*start, nbytes),
+            Span::Strided {
+                start, storage_len, ..
+            } => (*start, *storage_len),
+        };
+        self.release(entry.shard, start, len);
+        Ok(t)
+    }
+
+    /// Drops the mapped pages of a tensor that has been copied out from this process's resident
+    /// set: otherwise every byte of a 19 GB bf16 checkpoint read through the map stays counted in
+    /// RSS until the map closes, and a quantized load would peak at the checkpoint's size instead
+    /// of the model's. The pages stay in the page cache; a later read faults them back in.
+    fn release(&self, shard: usize, start: usize, len: usize) {
+        #[cfg(unix)]
+        if let Some(s) = self.shards.get(shard) {
+            const PAGE: usize = 4096;
+            // Whole pages inside the range only: a neighbouring tensor may share the edge pages.
+            let (first, end) = (start.next_multiple_of(PAGE), (start + len) / PAGE * PAGE);
+            if end > first && end <= s.mmap.len() {
+                // SAFETY: the map is a read-only view of a file, so dropped pages read back the
+                // same bytes from the file; no borrow of this range outlives the copy above.
+                let _ = unsafe {
+                    s.mmap.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        first,
+                        end - first,
+                    )
+                };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = (shard, start, len);
     }
 }
 

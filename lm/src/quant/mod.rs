@@ -2,12 +2,16 @@
 //! formats), chosen at load time. A quantized weight is read from the mapped checkpoint as f32 and
 //! quantized at once, so the full-precision model never sits in memory.
 
+pub mod cpu;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
+
+use cpu::CpuQWeight;
 
 /// In-memory type of the linear weights (`--quant` / `--dtype`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -99,15 +103,15 @@ impl std::fmt::Display for WeightType {
     }
 }
 
-/// Quantizes a `[rows, cols]` weight with every core: rows are independent blocks in the GGML
-/// layout, so each thread quantizes a band of rows and the bands' bytes are concatenated.
+/// Quantizes a `[rows, cols]` weight with every core into GGML block bytes: rows are independent
+/// blocks, so each thread quantizes a band of rows and the bands' bytes are concatenated.
 /// (candle's `QTensor::quantize` is single-threaded; this is what makes a 9.6 B-parameter load
 /// take seconds per gigabyte rather than minutes.)
-pub fn quantize_rows_parallel(w: &Tensor, dtype: GgmlDType) -> Result<QTensor> {
+pub fn quantize_rows_bytes(w: &Tensor, dtype: GgmlDType) -> Result<Vec<u8>> {
     let (rows, cols) = w.dims2()?;
     let threads = candle_core::utils::get_num_threads().clamp(1, rows.max(1));
     if threads == 1 || rows * cols < (1 << 20) || !w.device().is_cpu() {
-        return QTensor::quantize(w, dtype);
+        return Ok(QTensor::quantize(w, dtype)?.data()?.into_owned());
     }
     let band = rows.div_ceil(threads);
     let parts: Vec<Result<Vec<u8>>> = std::thread::scope(|s| {
@@ -138,20 +142,75 @@ pub fn quantize_rows_parallel(w: &Tensor, dtype: GgmlDType) -> Result<QTensor> {
             })
             .collect()
     });
-    let mut bytes = Vec::new();
+    let mut bytes = Vec::with_capacity(rows * cols / dtype.block_size() * dtype.type_size());
     for p in parts {
         bytes.extend_from_slice(&p?);
     }
+    Ok(bytes)
+}
+
+/// [`quantize_rows_bytes`] as a candle `QTensor` on `w`'s device.
+pub fn quantize_rows_parallel(w: &Tensor, dtype: GgmlDType) -> Result<QTensor> {
+    let bytes = quantize_rows_bytes(w, dtype)?;
     let storage = candle_core::quantized::QStorage::from_data(
         std::borrow::Cow::Owned(bytes),
         w.device(),
         dtype,
     )?;
-    QTensor::new(storage, (rows, cols))
+    QTensor::new(storage, w.shape())
 }
 
-/// Quantized weights of one checkpoint and weight type on disk (GGUF, candle's writer), so the
-/// second start reads finished blocks instead of quantizing 9.6 B parameters again.
+/// GGML type ids as GGUF stores them.
+fn ggml_type_id(g: GgmlDType) -> u32 {
+    match g {
+        GgmlDType::F32 => 0,
+        GgmlDType::F16 => 1,
+        GgmlDType::Q4_0 => 2,
+        GgmlDType::Q4_1 => 3,
+        GgmlDType::Q5_0 => 6,
+        GgmlDType::Q5_1 => 7,
+        GgmlDType::Q8_0 => 8,
+        GgmlDType::Q8_1 => 9,
+        GgmlDType::Q2K => 10,
+        GgmlDType::Q3K => 11,
+        GgmlDType::Q4K => 12,
+        GgmlDType::Q5K => 13,
+        GgmlDType::Q6K => 14,
+        GgmlDType::Q8K => 15,
+        GgmlDType::BF16 => 30,
+    }
+}
+
+/// A weight quantized during this load, kept (shared, not copied) until the cache is written.
+#[derive(Debug)]
+enum Fresh {
+    Cpu(Arc<CpuQWeight>),
+    Candle(Arc<QTensor>),
+}
+
+impl Fresh {
+    /// GGUF dims (innermost first), type and bytes.
+    fn parts(&self) -> Result<(Vec<u64>, GgmlDType, std::borrow::Cow<'_, [u8]>)> {
+        Ok(match self {
+            Fresh::Cpu(w) => {
+                let (n, k) = w.dims();
+                (
+                    vec![k as u64, n as u64],
+                    w.format().ggml(),
+                    std::borrow::Cow::Owned(w.to_ggml()),
+                )
+            }
+            Fresh::Candle(t) => (
+                t.shape().dims().iter().rev().map(|&d| d as u64).collect(),
+                t.dtype(),
+                t.data()?,
+            ),
+        })
+    }
+}
+
+/// Quantized weights of one checkpoint and weight type on disk (GGUF), so the second start reads
+/// finished blocks instead of quantizing 9.6 B parameters again.
 ///
 /// On a miss the loader quantizes as usual and [`QuantCache::save`] writes every quantized weight
 /// at the end (temp file + rename: a crash never leaves a half cache behind). Biases, norms and
@@ -160,7 +219,7 @@ pub fn quantize_rows_parallel(w: &Tensor, dtype: GgmlDType) -> Result<QTensor> {
 pub struct QuantCache {
     path: PathBuf,
     hit: Option<(gguf_file::Content, Mutex<std::fs::File>)>,
-    fresh: Mutex<Vec<(String, Arc<QTensor>)>>,
+    fresh: Mutex<Vec<(String, Fresh)>>,
 }
 
 impl QuantCache {
@@ -186,13 +245,24 @@ impl QuantCache {
         &self.path
     }
 
-    fn get(&self, name: &str, device: &candle_core::Device) -> Option<QTensor> {
+    /// The blocks of `name` if the cache holds it as `dtype` with GGML dims `(out, in)`.
+    fn get_bytes(&self, name: &str, dtype: GgmlDType, (n, k): (usize, usize)) -> Option<Vec<u8>> {
+        use std::io::{Read, Seek, SeekFrom};
         let (content, file) = self.hit.as_ref()?;
+        let info = content.tensor_infos.get(name)?;
+        if info.ggml_dtype != dtype || info.shape.dims() != [n, k] {
+            return None;
+        }
+        let len = n * k / dtype.block_size() * dtype.type_size();
+        let mut bytes = vec![0u8; len];
         let mut f = file.lock().ok()?;
-        content.tensor(&mut *f, name, device).ok()
+        f.seek(SeekFrom::Start(content.tensor_data_offset + info.offset))
+            .ok()?;
+        f.read_exact(&mut bytes).ok()?;
+        Some(bytes)
     }
 
-    fn remember(&self, name: &str, t: Arc<QTensor>) {
+    fn remember(&self, name: &str, t: Fresh) {
         if self.hit.is_none() {
             if let Ok(mut fresh) = self.fresh.lock() {
                 fresh.push((name.to_string(), t));
@@ -200,7 +270,8 @@ impl QuantCache {
         }
     }
 
-    /// Writes what was quantized during this load (nothing on a hit).
+    /// Writes what was quantized during this load (nothing on a hit), streaming each weight's
+    /// blocks from where they already are in memory.
     pub fn save(&self) -> Result<()> {
         let fresh = self
             .fresh
@@ -215,12 +286,7 @@ impl QuantCache {
         let tmp = self.path.with_extension("gguf.partial");
         {
             let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-            let tensors: Vec<(&str, &QTensor)> = fresh
-                .iter()
-                .map(|(n, t)| (n.as_str(), t.as_ref()))
-                .collect();
-            let version = gguf_file::Value::String(env!("CARGO_PKG_VERSION").to_string());
-            gguf_file::write(&mut f, &[("qwenvl.version", &version)], &tensors)?;
+            write_gguf(&mut f, env!("CARGO_PKG_VERSION"), &fresh)?;
             use std::io::Write;
             f.flush()?;
             f.get_ref().sync_all()?;
@@ -228,6 +294,49 @@ impl QuantCache {
         std::fs::rename(&tmp, &self.path)?;
         Ok(())
     }
+}
+
+/// GGUF v2 in the layout candle's `gguf_file::write` produces (and reads), one metadata string.
+fn write_gguf<W: std::io::Write>(
+    w: &mut W,
+    version: &str,
+    tensors: &[(String, Fresh)],
+) -> Result<()> {
+    fn string<W: std::io::Write>(w: &mut W, s: &str) -> std::io::Result<()> {
+        w.write_all(&(s.len() as u64).to_le_bytes())?;
+        w.write_all(s.as_bytes())
+    }
+    const ALIGN: usize = 32;
+    let mut head = Vec::new();
+    head.extend_from_slice(&0x4655_4747u32.to_le_bytes());
+    head.extend_from_slice(&2u32.to_le_bytes());
+    head.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    head.extend_from_slice(&1u64.to_le_bytes());
+    string(&mut head, "qwenvl.version")?;
+    head.extend_from_slice(&8u32.to_le_bytes()); // string
+    string(&mut head, version)?;
+    let mut offset = 0usize;
+    for (name, t) in tensors {
+        let (dims, dtype, data) = t.parts()?;
+        string(&mut head, name)?;
+        head.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+        for d in &dims {
+            head.extend_from_slice(&d.to_le_bytes());
+        }
+        head.extend_from_slice(&ggml_type_id(dtype).to_le_bytes());
+        head.extend_from_slice(&(offset as u64).to_le_bytes());
+        offset += data.len().next_multiple_of(ALIGN);
+    }
+    let pad = head.len().next_multiple_of(ALIGN) - head.len();
+    head.resize(head.len() + pad, 0);
+    w.write_all(&head)?;
+    for (_, t) in tensors {
+        let (_, _, data) = t.parts()?;
+        w.write_all(&data)?;
+        let pad = data.len().next_multiple_of(ALIGN) - data.len();
+        w.write_all(&vec![0u8; pad])?;
+    }
+    Ok(())
 }
 
 /// How linear layers are built: the weight type, and the on-disk cache of quantized weights.
@@ -251,10 +360,18 @@ pub fn cache_file_name(checkpoint_identity: &str, wt: WeightType) -> String {
     format!("{checkpoint_identity}-{wt}.gguf")
 }
 
+#[derive(Debug, Clone)]
+enum LinearWeight {
+    /// Dense, or quantized through candle (GPU devices, and q4_0 on the CPU).
+    Candle(QMatMul),
+    /// q4k / q8_0 on the CPU: one copy of the blocks, our kernels (see [`cpu`]).
+    Cpu(Arc<CpuQWeight>),
+}
+
 /// `y = x·Wᵀ + b` with W dense or quantized.
 #[derive(Debug, Clone)]
 pub struct QLinear {
-    weight: QMatMul,
+    weight: LinearWeight,
     bias: Option<Tensor>,
     /// Zero columns appended to quantized rows (and so to the inputs), see [`QUANT_ROW_ALIGN`].
     pad: usize,
@@ -278,13 +395,8 @@ impl QLinear {
             Some(g) => {
                 let name = format!("{}.weight", vb.prefix());
                 let stored = (out_dim, in_dim + pad);
-                let cached = q
-                    .cache
-                    .as_ref()
-                    .and_then(|c| c.get(&name, vb.device()))
-                    .filter(|t| t.dtype() == g && t.shape().dims2().ok() == Some(stored));
-                let qt = match cached {
-                    Some(t) => Arc::new(t),
+                let bytes = match q.cache.as_ref().and_then(|c| c.get_bytes(&name, g, stored)) {
+                    Some(b) => b,
                     None => {
                         let w = vb.get((out_dim, in_dim), "weight")?;
                         let w = if pad > 0 {
@@ -292,16 +404,37 @@ impl QLinear {
                         } else {
                             w
                         };
-                        let t = Arc::new(quantize_rows_parallel(&w, g)?);
-                        if let Some(c) = &q.cache {
-                            c.remember(&name, t.clone());
-                        }
-                        t
+                        quantize_rows_bytes(&w, g)?
                     }
                 };
-                QMatMul::from_arc(qt)?
+                let from_cache = q.cache.as_ref().is_some_and(|c| c.is_hit());
+                let cpu_format = cpu::Format::from_ggml(g).filter(|_| vb.device().is_cpu());
+                let (weight, fresh) = match cpu_format {
+                    Some(f) => {
+                        let w = CpuQWeight::from_ggml(f, stored.0, stored.1, &bytes)
+                            .map_err(|e| candle_core::Error::Msg(format!("{name}: {e}")))?;
+                        let w = Arc::new(w);
+                        (LinearWeight::Cpu(w.clone()), Fresh::Cpu(w))
+                    }
+                    None => {
+                        let storage = candle_core::quantized::QStorage::from_data(
+                            std::borrow::Cow::Owned(bytes),
+                            vb.device(),
+                            g,
+                        )?;
+                        let t = Arc::new(QTensor::new(storage, stored)?);
+                        (
+                            LinearWeight::Candle(QMatMul::from_arc(t.clone())?),
+                            Fresh::Candle(t),
+                        )
+                    }
+                };
+                if let (Some(c), false) = (&q.cache, from_cache) {
+                    c.remember(&name, fresh);
+                }
+                weight
             }
-            None => QMatMul::Tensor(vb.get((out_dim, in_dim), "weight")?),
+            None => LinearWeight::Candle(QMatMul::Tensor(vb.get((out_dim, in_dim), "weight")?)),
         };
         let bias = if bias {
             Some(vb.get(out_dim, "bias")?)
@@ -314,7 +447,7 @@ impl QLinear {
     /// A dense layer from an existing weight (tied embeddings).
     pub fn from_weight(weight: Tensor) -> Self {
         Self {
-            weight: QMatMul::Tensor(weight),
+            weight: LinearWeight::Candle(QMatMul::Tensor(weight)),
             bias: None,
             pad: 0,
         }
@@ -323,11 +456,25 @@ impl QLinear {
 
 impl Module for QLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = if self.pad > 0 {
-            let x = x.pad_with_zeros(candle_core::D::Minus1, 0, self.pad)?;
-            self.weight.forward(&x)?
+        let x = if self.pad > 0 {
+            x.pad_with_zeros(candle_core::D::Minus1, 0, self.pad)?
         } else {
-            self.weight.forward(x)?
+            x.clone()
+        };
+        let y = match &self.weight {
+            LinearWeight::Candle(w) => w.forward(&x)?,
+            LinearWeight::Cpu(w) => {
+                let (n, k) = w.dims();
+                let mut dims = x.dims().to_vec();
+                let m = x.elem_count() / k;
+                let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                let mut out = vec![0f32; m * n];
+                w.matmul(&xs, m, &mut out);
+                if let Some(last) = dims.last_mut() {
+                    *last = n;
+                }
+                Tensor::from_vec(out, dims, x.device())?.to_dtype(x.dtype())?
+            }
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),

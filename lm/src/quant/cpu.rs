@@ -1,0 +1,713 @@
+//! Quantized linear weights held once, in tiles of 16 rows, with their CPU kernels.
+//!
+//! Why not candle's `QMatMul` on the CPU: candle 0.11 repacks q4k/q8_0 weights into an expanded
+//! tile layout on first use (q4k tiles take 6 bits per weight, with f32 scales) and keeps the
+//! original GGML blocks as well, so the model sits in memory ~2.3 times. Here the weights are
+//! repacked once at load into a compact tile layout (4.625 bits per q4k weight, 9 per q8_0) and the
+//! GGML blocks are dropped; the GGUF cache still stores GGML blocks ([`CpuQWeight::to_ggml`]
+//! converts back exactly).
+//!
+//! A tile holds 16 weight rows so that one AVX-512 VNNI `vpdpbusd` multiplies 4 inputs into all 16
+//! rows at once (64 multiply-adds): the activations are quantized to int8 once per matmul and
+//! broadcast 4 bytes at a time, and no horizontal sums are needed. A portable path runs the same
+//! arithmetic elsewhere.
+//!
+//! Arithmetic, per weight row `w` and activation row `x` (both int8-quantized per block):
+//! - q4k: `w = d·sc_s·q − dmin·m_s` per 32-value sub-block `s`, `x = d_x·a` per 256-value block,
+//!   so `w·x = Σ_blocks d_x·Σ_s d·sc_s·(q·a)_s − Σ_s dmin·m_s·(d_x·Σa_s)`.
+//! - q8_0: `w = d·q` per 32 values, `x = d_x·a`; VNNI multiplies unsigned by signed bytes, so the
+//!   activations are stored as `a + 128` and `128·Σq` is subtracted per block.
+
+use candle_core::quantized::GgmlDType;
+use half::f16;
+use rayon::prelude::*;
+
+const QK_K: usize = 256;
+const QK8_0: usize = 32;
+const Q4K_BLOCK_BYTES: usize = 144;
+const Q8_0_BLOCK_BYTES: usize = 34;
+/// Weight rows per tile.
+const TILE: usize = 16;
+/// One q4k tile-block: d and dmin (16 f16 each), scales and mins (8 sub-blocks × 16 rows, u8),
+/// then 2048 bytes of nibbles: per sub-block 4 chunks of 64 bytes, in which bytes `4r..4r+4` hold
+/// values `8p..8p+4` of row `r` in their low nibbles and `8p+4..8p+8` in their high nibbles.
+const Q4K_TILE_BYTES: usize = 32 + 32 + 128 + 128 + 2048;
+/// One q8_0 tile-block: d (16 f16), Σq per row (16 i16), then 8 chunks of 64 bytes in which
+/// bytes `4r..4r+4` hold values `4p..4p+4` of row `r`.
+const Q8_0_TILE_BYTES: usize = 32 + 32 + 512;
+/// Activation rows a weight tile is reused for before the next tile: keeps the chunk's quantized
+/// activations in L2 (64 rows × 11008 bytes for the LM's down projection).
+const M_CHUNK: usize = 64;
+
+/// The block formats this module runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Q4K,
+    Q8_0,
+}
+
+impl Format {
+    pub fn from_ggml(g: GgmlDType) -> Option<Self> {
+        match g {
+            GgmlDType::Q4K => Some(Self::Q4K),
+            GgmlDType::Q8_0 => Some(Self::Q8_0),
+            _ => None,
+        }
+    }
+
+    pub fn ggml(self) -> GgmlDType {
+        match self {
+            Self::Q4K => GgmlDType::Q4K,
+            Self::Q8_0 => GgmlDType::Q8_0,
+        }
+    }
+
+    /// (values, GGML bytes, tile bytes) of one block.
+    fn block(self) -> (usize, usize, usize) {
+        match self {
+            Self::Q4K => (QK_K, Q4K_BLOCK_BYTES, Q4K_TILE_BYTES),
+            Self::Q8_0 => (QK8_0, Q8_0_BLOCK_BYTES, Q8_0_TILE_BYTES),
+        }
+    }
+}
+
+/// An `[n, k]` weight (`n` output rows of `k` inputs) in 16-row tiles.
+#[derive(Clone)]
+pub struct CpuQWeight {
+    format: Format,
+    n: usize,
+    k: usize,
+    /// `[n/16 tiles][k/block blocks][tile-block]`; rows past `n` in the last tile are zero.
+    tiles: Vec<u8>,
+}
+
+impl std::fmt::Debug for CpuQWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CpuQWeight({:?}, [{}, {}])", self.format, self.n, self.k)
+    }
+}
+
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// GGML's 6-bit scales and mins of a q4k block (`get_scale_min_k4`).
+fn q4k_scales(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+    let (mut sc, mut m) = ([0u8; 8], [0u8; 8]);
+    for j in 0..8 {
+        if j < 4 {
+            sc[j] = s[j] & 63;
+            m[j] = s[j + 4] & 63;
+        } else {
+            sc[j] = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+            m[j] = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+        }
+    }
+    (sc, m)
+}
+
+/// The inverse of [`q4k_scales`].
+fn q4k_pack_scales(sc: &[u8; 8], m: &[u8; 8]) -> [u8; 12] {
+    let mut s = [0u8; 12];
+    for j in 0..4 {
+        s[j] = sc[j] | ((sc[j + 4] >> 4) << 6);
+        s[j + 4] = m[j] | ((m[j + 4] >> 4) << 6);
+        s[j + 8] = (sc[j + 4] & 0xF) | ((m[j + 4] & 0xF) << 4);
+    }
+    s
+}
+
+/// The 4-bit value `v` (0..256) of a GGML q4k block's `qs`: 64-value chunks, low nibbles first.
+fn ggml_nibble(qs: &[u8], v: usize) -> u8 {
+    let (chunk, r) = (v / 64, v % 64);
+    let byte = qs[chunk * 32 + r % 32];
+    if r < 32 {
+        byte & 0xF
+    } else {
+        byte >> 4
+    }
+}
+
+/// Byte offset in a q4k tile's nibble area of value `v` of row `r`, and whether it is the high
+/// nibble.
+fn tile_nibble_at(r: usize, v: usize) -> (usize, bool) {
+    let (s, w) = (v / 32, v % 32);
+    let (p, j) = (w / 8, w % 8);
+    ((s * 4 + p) * 64 + r * 4 + j % 4, j >= 4)
+}
+
+impl CpuQWeight {
+    /// Repacks GGML blocks (`n` rows of `k / block` blocks); `k` must be a whole number of blocks.
+    pub fn from_ggml(format: Format, n: usize, k: usize, ggml: &[u8]) -> Result<Self, String> {
+        let (bv, bb, tb) = format.block();
+        if k == 0 || k % bv != 0 {
+            return Err(format!(
+                "{format:?} rows need a multiple of {bv} columns, got {k}"
+            ));
+        }
+        let kb = k / bv;
+        let want = n * kb * bb;
+        if ggml.len() != want {
+            return Err(format!(
+                "{format:?} [{n}, {k}] needs {want} bytes of blocks, got {}",
+                ggml.len()
+            ));
+        }
+        let n_tiles = n.div_ceil(TILE);
+        let mut tiles = vec![0u8; n_tiles * kb * tb];
+        tiles
+            .par_chunks_mut(kb * tb)
+            .enumerate()
+            .for_each(|(t, tile)| {
+                for (b, out) in tile.chunks_exact_mut(tb).enumerate() {
+                    for r in 0..TILE.min(n - t * TILE) {
+                        let row = t * TILE + r;
+                        let blk = &ggml[(row * kb + b) * bb..(row * kb + b + 1) * bb];
+                        match format {
+                            Format::Q4K => {
+                                out[2 * r..2 * r + 2].copy_from_slice(&blk[0..2]);
+                                out[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&blk[2..4]);
+                                let (sc, m) = q4k_scales(&blk[4..16]);
+                                for s in 0..8 {
+                                    out[64 + s * 16 + r] = sc[s];
+                                    out[192 + s * 16 + r] = m[s];
+                                }
+                                let qs = &blk[16..];
+                                let area = &mut out[320..];
+                                for v in 0..QK_K {
+                                    let (at, high) = tile_nibble_at(r, v);
+                                    let q = ggml_nibble(qs, v);
+                                    area[at] |= if high { q << 4 } else { q };
+                                }
+                            }
+                            Format::Q8_0 => {
+                                out[2 * r..2 * r + 2].copy_from_slice(&blk[0..2]);
+                                let qs = &blk[2..];
+                                let sum: i16 = qs.iter().map(|&q| q as i8 as i16).sum();
+                                out[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&sum.to_le_bytes());
+                                for (v, &q) in qs.iter().enumerate() {
+                                    out[64 + (v / 4) * 64 + r * 4 + v % 4] = q;
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        Ok(Self {
+            format,
+            n,
+            k,
+            tiles,
+        })
+    }
+
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// Bytes held in memory.
+    pub fn size_in_bytes(&self) -> usize {
+        self.tiles.len()
+    }
+
+    fn tile_block(&self, t: usize, b: usize) -> &[u8] {
+        let (bv, _, tb) = self.format.block();
+        let at = (t * (self.k / bv) + b) * tb;
+        &self.tiles[at..at + tb]
+    }
+
+    /// The weights as GGML blocks again, bit for bit what [`Self::from_ggml`] was given.
+    pub fn to_ggml(&self) -> Vec<u8> {
+        let (bv, bb, _) = self.format.block();
+        let kb = self.k / bv;
+        let mut out = vec![0u8; self.n * kb * bb];
+        for (row, out_row) in out.chunks_exact_mut(kb * bb).enumerate() {
+            let (t, r) = (row / TILE, row % TILE);
+            for (b, blk) in out_row.chunks_exact_mut(bb).enumerate() {
+                let tb = self.tile_block(t, b);
+                match self.format {
+                    Format::Q4K => {
+                        blk[0..2].copy_from_slice(&tb[2 * r..2 * r + 2]);
+                        blk[2..4].copy_from_slice(&tb[32 + 2 * r..32 + 2 * r + 2]);
+                        let mut sc = [0u8; 8];
+                        let mut m = [0u8; 8];
+                        for s in 0..8 {
+                            sc[s] = tb[64 + s * 16 + r];
+                            m[s] = tb[192 + s * 16 + r];
+                        }
+                        blk[4..16].copy_from_slice(&q4k_pack_scales(&sc, &m));
+                        let qs = &mut blk[16..];
+                        for v in 0..QK_K {
+                            let q = self.q4k_nibble(tb, r, v);
+                            let (chunk, rr) = (v / 64, v % 64);
+                            qs[chunk * 32 + rr % 32] |= if rr < 32 { q } else { q << 4 };
+                        }
+                    }
+                    Format::Q8_0 => {
+                        blk[0..2].copy_from_slice(&tb[2 * r..2 * r + 2]);
+                        for v in 0..QK8_0 {
+                            blk[2 + v] = tb[64 + (v / 4) * 64 + r * 4 + v % 4];
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn q4k_nibble(&self, tb: &[u8], r: usize, v: usize) -> u8 {
+        let (at, high) = tile_nibble_at(r, v);
+        let byte = tb[320 + at];
+        if high {
+            byte >> 4
+        } else {
+            byte & 0xF
+        }
+    }
+
+    /// Weight row `j` in f32 (what the blocks encode).
+    pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
+        let (bv, _, _) = self.format.block();
+        let (t, r) = (j / TILE, j % TILE);
+        for (b, out) in out.chunks_exact_mut(bv).enumerate() {
+            let tb = self.tile_block(t, b);
+            let d = f16_at(tb, 2 * r);
+            match self.format {
+                Format::Q4K => {
+                    let dmin = f16_at(tb, 32 + 2 * r);
+                    for (v, o) in out.iter_mut().enumerate() {
+                        let s = v / 32;
+                        let (sc, m) = (tb[64 + s * 16 + r], tb[192 + s * 16 + r]);
+                        let q = self.q4k_nibble(tb, r, v);
+                        *o = d * sc as f32 * q as f32 - dmin * m as f32;
+                    }
+                }
+                Format::Q8_0 => {
+                    for (v, o) in out.iter_mut().enumerate() {
+                        *o = d * (tb[64 + (v / 4) * 64 + r * 4 + v % 4] as i8) as f32;
+                    }
+                }
+            }
+        }
+    }
+
+    /// `out[i·n + j] = x[i] · w[j]` for the `m` rows of `x` (`[m, k]`, row-major).
+    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        self.matmul_with(x, m, out, Kernel::best())
+    }
+
+    /// [`Self::matmul`] with a chosen kernel (tests compare them).
+    pub fn matmul_with(&self, x: &[f32], m: usize, out: &mut [f32], kernel: Kernel) {
+        let (n, k) = (self.n, self.k);
+        assert_eq!(x.len(), m * k, "activation shape");
+        assert_eq!(out.len(), m * n, "output shape");
+        if m == 0 || n == 0 {
+            return;
+        }
+        let acts: Vec<Act> = if m == 1 {
+            vec![Act::new(self.format, x)]
+        } else {
+            x.par_chunks_exact(k)
+                .map(|r| Act::new(self.format, r))
+                .collect()
+        };
+        let n_tiles = n.div_ceil(TILE);
+        // Bands of tiles, several per thread so uneven bands even out.
+        let threads = rayon::current_num_threads().max(1);
+        let band = n_tiles.div_ceil(threads * 4).clamp(1, 16);
+        let bands: Vec<(usize, Vec<f32>)> = (0..n_tiles)
+            .into_par_iter()
+            .step_by(band)
+            .map(|t0| {
+                let t1 = (t0 + band).min(n_tiles);
+                let bw = (t1 - t0) * TILE;
+                let mut res = vec![0f32; m * bw];
+                let mut dots = [[0f32; TILE]; 4];
+                for i0 in (0..m).step_by(M_CHUNK) {
+                    let i1 = (i0 + M_CHUNK).min(m);
+                    for t in t0..t1 {
+                        let mut i = i0;
+                        while i < i1 {
+                            let r = (i1 - i).min(4);
+                            self.tile_dots(t, &acts[i..i + r], &mut dots[..r], kernel);
+                            for (u, d) in dots[..r].iter().enumerate() {
+                                let at = (i + u) * bw + (t - t0) * TILE;
+                                res[at..at + TILE].copy_from_slice(d);
+                            }
+                            i += r;
+                        }
+                    }
+                }
+                (t0 * TILE, res)
+            })
+            .collect();
+        for (j0, res) in bands {
+            let bw = res.len() / m;
+            let cols = bw.min(n - j0);
+            for i in 0..m {
+                out[i * n + j0..i * n + j0 + cols].copy_from_slice(&res[i * bw..i * bw + cols]);
+            }
+        }
+    }
+
+    /// `out[u][r] = w[16t + r] · acts[u]` for up to 4 activation rows.
+    fn tile_dots(&self, t: usize, acts: &[Act], out: &mut [[f32; TILE]], kernel: Kernel) {
+        match kernel {
+            Kernel::Portable => {
+                for (a, o) in acts.iter().zip(out.iter_mut()) {
+                    self.tile_dot_portable(t, a, o);
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Kernel::Avx512Vnni` is only chosen after the CPU features were detected.
+            Kernel::Avx512Vnni => unsafe {
+                match acts.len() {
+                    1 => self.tile_dots_avx512::<1>(t, acts, out),
+                    2 => self.tile_dots_avx512::<2>(t, acts, out),
+                    3 => self.tile_dots_avx512::<3>(t, acts, out),
+                    _ => self.tile_dots_avx512::<4>(t, acts, out),
+                }
+            },
+        }
+    }
+
+    fn tile_dot_portable(&self, t: usize, a: &Act, out: &mut [f32; TILE]) {
+        let (bv, _, _) = self.format.block();
+        out.fill(0.0);
+        for b in 0..self.k / bv {
+            let tb = self.tile_block(t, b);
+            for (r, o) in out.iter_mut().enumerate() {
+                let d = f16_at(tb, 2 * r);
+                match self.format {
+                    Format::Q4K => {
+                        let dmin = f16_at(tb, 32 + 2 * r);
+                        let da = a.d[b];
+                        for s in 0..8 {
+                            let isum: i32 = (0..32)
+                                .map(|w| {
+                                    let v = s * 32 + w;
+                                    self.q4k_nibble(tb, r, v) as i32
+                                        * a.q[b * QK_K + v] as i8 as i32
+                                })
+                                .sum();
+                            let (sc, m) = (tb[64 + s * 16 + r], tb[192 + s * 16 + r]);
+                            *o += isum as f32 * (d * sc as f32) * da;
+                            *o -= dmin * m as f32 * a.aux[b * 8 + s];
+                        }
+                    }
+                    Format::Q8_0 => {
+                        let wsum = i16::from_le_bytes([tb[32 + 2 * r], tb[33 + 2 * r]]) as i32;
+                        let isum: i32 = (0..QK8_0)
+                            .map(|v| {
+                                let w = tb[64 + (v / 4) * 64 + r * 4 + v % 4] as i8 as i32;
+                                a.q[b * QK8_0 + v] as i32 * w
+                            })
+                            .sum();
+                        *o += (isum - 128 * wsum) as f32 * (d * a.d[b]);
+                    }
+                }
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn tile_dots_avx512<const N: usize>(
+        &self,
+        t: usize,
+        acts: &[Act],
+        out: &mut [[f32; TILE]],
+    ) {
+        use std::arch::x86_64::*;
+        let (bv, _, tbytes) = self.format.block();
+        let kb = self.k / bv;
+        let base = self.tiles.as_ptr().add(t * kb * tbytes);
+        let mut facc = [_mm512_setzero_ps(); N];
+        // SAFETY (all pointer reads): a tile-block is `tbytes` long with the layout documented at
+        // the constants; activation rows are `k` bytes long with `kb` (q4k: 8·kb) scales.
+        match self.format {
+            Format::Q4K => {
+                let mask = _mm512_set1_epi8(0x0F);
+                for b in 0..kb {
+                    let tb = base.add(b * tbytes);
+                    let dv = _mm512_cvtph_ps(_mm256_loadu_si256(tb as *const __m256i));
+                    let dmv = _mm512_cvtph_ps(_mm256_loadu_si256(tb.add(32) as *const __m256i));
+                    let mut bacc = [_mm512_setzero_ps(); N];
+                    for s in 0..8 {
+                        let mut iacc = [_mm512_setzero_si512(); N];
+                        for p in 0..4 {
+                            let w = _mm512_loadu_si512(tb.add(320 + (s * 4 + p) * 64) as *const _);
+                            let lo = _mm512_and_si512(w, mask);
+                            let hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), mask);
+                            for u in 0..N {
+                                let ap = acts[u].q.as_ptr().add(b * QK_K + s * 32 + p * 8);
+                                let a0 = _mm512_set1_epi32((ap as *const i32).read_unaligned());
+                                let a1 =
+                                    _mm512_set1_epi32((ap.add(4) as *const i32).read_unaligned());
+                                iacc[u] = _mm512_dpbusd_epi32(iacc[u], lo, a0);
+                                iacc[u] = _mm512_dpbusd_epi32(iacc[u], hi, a1);
+                            }
+                        }
+                        let sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                            tb.add(64 + s * 16) as *const __m128i,
+                        )));
+                        let mn = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                            tb.add(192 + s * 16) as *const __m128i,
+                        )));
+                        let mn = _mm512_mul_ps(dmv, mn);
+                        for u in 0..N {
+                            bacc[u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[u]), sc, bacc[u]);
+                            let asum = _mm512_set1_ps(*acts[u].aux.get_unchecked(b * 8 + s));
+                            facc[u] = _mm512_fnmadd_ps(mn, asum, facc[u]);
+                        }
+                    }
+                    for u in 0..N {
+                        let scale = _mm512_mul_ps(dv, _mm512_set1_ps(*acts[u].d.get_unchecked(b)));
+                        facc[u] = _mm512_fmadd_ps(bacc[u], scale, facc[u]);
+                    }
+                }
+            }
+            Format::Q8_0 => {
+                for b in 0..kb {
+                    let tb = base.add(b * tbytes);
+                    let dv = _mm512_cvtph_ps(_mm256_loadu_si256(tb as *const __m256i));
+                    let wsum = _mm512_slli_epi32(
+                        _mm512_cvtepi16_epi32(_mm256_loadu_si256(tb.add(32) as *const __m256i)),
+                        7,
+                    );
+                    let mut iacc = [_mm512_setzero_si512(); N];
+                    for p in 0..8 {
+                        let w = _mm512_loadu_si512(tb.add(64 + p * 64) as *const _);
+                        for u in 0..N {
+                            let ap = acts[u].q.as_ptr().add(b * QK8_0 + p * 4);
+                            let a = _mm512_set1_epi32((ap as *const i32).read_unaligned());
+                            iacc[u] = _mm512_dpbusd_epi32(iacc[u], a, w);
+                        }
+                    }
+                    for u in 0..N {
+                        let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(iacc[u], wsum));
+                        let scale = _mm512_mul_ps(dv, _mm512_set1_ps(*acts[u].d.get_unchecked(b)));
+                        facc[u] = _mm512_fmadd_ps(v, scale, facc[u]);
+                    }
+                }
+            }
+        }
+        for u in 0..N {
+            _mm512_storeu_ps(out[u].as_mut_ptr(), facc[u]);
+        }
+    }
+}
+
+/// Which dot-product code runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vnni,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU runs.
+    pub fn best() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::sync::OnceLock;
+            static HAS: OnceLock<bool> = OnceLock::new();
+            let has = *HAS.get_or_init(|| {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512vnni")
+            });
+            if has {
+                return Kernel::Avx512Vnni;
+            }
+        }
+        Kernel::Portable
+    }
+}
+
+/// One activation row quantized to int8 for a weight format.
+struct Act {
+    /// q4k: the signed values. q8_0: unsigned `a + 128`.
+    q: Vec<u8>,
+    /// Per-block scale (q4k: per 256 values; q8_0: per 32).
+    d: Vec<f32>,
+    /// q4k: `d·Σa` per 32-value sub-block. q8_0: unused.
+    aux: Vec<f32>,
+}
+
+/// Symmetric int8 quantization of one block; returns the scale (NaN if the block is not finite).
+fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
+    // `f32::max` drops NaNs; a NaN or infinite input must poison the result, not vanish.
+    let (amax, finite) = x.iter().fold((0f32, true), |(a, ok), v| {
+        (a.max(v.abs()), ok && v.is_finite())
+    });
+    if amax == 0.0 || !finite {
+        q.fill(0);
+        return if finite { 0.0 } else { f32::NAN };
+    }
+    let id = 127.0 / amax;
+    for (q, v) in q.iter_mut().zip(x) {
+        *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+    }
+    amax / 127.0
+}
+
+impl Act {
+    fn new(format: Format, x: &[f32]) -> Self {
+        let k = x.len();
+        let (bv, _, _) = format.block();
+        let mut q = vec![0u8; k];
+        let mut d = Vec::with_capacity(k / bv);
+        let mut aux = Vec::new();
+        let mut tmp = [0i8; QK_K];
+        for (xb, qb) in x.chunks_exact(bv).zip(q.chunks_exact_mut(bv)) {
+            let tmp = &mut tmp[..bv];
+            let db = quantize_block(xb, tmp);
+            d.push(db);
+            match format {
+                Format::Q4K => {
+                    for s in tmp.chunks_exact(32) {
+                        aux.push(db * s.iter().map(|&v| v as i32).sum::<i32>() as f32);
+                    }
+                    for (o, &v) in qb.iter_mut().zip(tmp.iter()) {
+                        *o = v as u8;
+                    }
+                }
+                Format::Q8_0 => {
+                    for (o, &v) in qb.iter_mut().zip(tmp.iter()) {
+                        *o = (v as i16 + 128) as u8;
+                    }
+                }
+            }
+        }
+        Self { q, d, aux }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::QTensor;
+    use candle_core::{Device, Tensor};
+
+    fn weight(format: Format, n: usize, k: usize, seed: u64) -> (CpuQWeight, Vec<u8>, Vec<f32>) {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap();
+        // A seed-dependent offset so the weights differ between calls (q4k mins are then used).
+        let w = (w + seed as f64 * 1e-2).unwrap();
+        let q = QTensor::quantize(&w, format.ggml()).unwrap();
+        let ggml = q.data().unwrap().into_owned();
+        let qw = CpuQWeight::from_ggml(format, n, k, &ggml).unwrap();
+        let deq = q
+            .dequantize(&dev)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        (qw, ggml, deq)
+    }
+
+    #[test]
+    fn tiles_hold_exactly_the_ggml_blocks() {
+        for format in [Format::Q4K, Format::Q8_0] {
+            // 37 rows: the last tile is partial.
+            let (qw, ggml, deq) = weight(format, 37, 512, 3);
+            assert_eq!(qw.to_ggml(), ggml, "{format:?} round trip");
+            let mut row = vec![0f32; 512];
+            for j in 0..37 {
+                qw.dequantize_row(j, &mut row);
+                assert_eq!(row, deq[j * 512..(j + 1) * 512], "{format:?} row {j}");
+            }
+        }
+    }
+
+    #[test]
+    fn q4k_scale_packing_round_trips() {
+        for seed in 0..64u8 {
+            let mix = |a: u8, b: u8, i: usize| seed.wrapping_mul(a).wrapping_add(i as u8 * b) % 64;
+            let sc: [u8; 8] = std::array::from_fn(|i| mix(7, 13, i));
+            let m: [u8; 8] = std::array::from_fn(|i| mix(11, 5, i));
+            assert_eq!(q4k_scales(&q4k_pack_scales(&sc, &m)), (sc, m));
+        }
+    }
+
+    /// Both kernels against an f32 product with the dequantized weights: the only difference left
+    /// is the int8 rounding of the activations (≤ 1/254 of each block's largest value).
+    #[test]
+    fn kernels_match_the_dequantized_product() {
+        let dev = Device::Cpu;
+        for format in [Format::Q4K, Format::Q8_0] {
+            for (m, k, n) in [(1, 512, 37), (7, 768, 48), (70, 256, 300), (5, 1792, 16)] {
+                let (qw, _, deq) = weight(format, n, k, m as u64);
+                let x: Vec<f32> = Tensor::randn(0f32, 1.0, (m, k), &dev)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let mut reference = vec![0f32; m * n];
+                for i in 0..m {
+                    for j in 0..n {
+                        reference[i * n + j] = x[i * k..(i + 1) * k]
+                            .iter()
+                            .zip(&deq[j * k..(j + 1) * k])
+                            .map(|(a, b)| a * b)
+                            .sum();
+                    }
+                }
+                let scale = reference.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let mut portable = vec![0f32; m * n];
+                qw.matmul_with(&x, m, &mut portable, Kernel::Portable);
+                let err = portable
+                    .iter()
+                    .zip(&reference)
+                    .fold(0f32, |a, (p, r)| a.max((p - r).abs()));
+                assert!(
+                    err < 0.02 * scale,
+                    "{format:?} {m}x{k}x{n}: max error {err} vs scale {scale}"
+                );
+                let mut best = vec![0f32; m * n];
+                qw.matmul(&x, m, &mut best);
+                // Same integer sums; only the float summation order differs.
+                for (b, p) in best.iter().zip(&portable) {
+                    assert!(
+                        (b - p).abs() <= 1e-4 * scale,
+                        "{format:?} {m}x{k}x{n}: {:?} kernel {b} vs portable {p}",
+                        Kernel::best()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn zero_and_non_finite_activation_blocks() {
+        for format in [Format::Q4K, Format::Q8_0] {
+            let (qw, _, _) = weight(format, 16, 256, 1);
+            let mut out = vec![1f32; 16];
+            qw.matmul(&[0f32; 256], 1, &mut out);
+            assert!(out.iter().all(|v| *v == 0.0), "{format:?} {out:?}");
+            let mut x = [0.5f32; 256];
+            x[3] = f32::NAN;
+            qw.matmul(&x, 1, &mut out);
+            assert!(
+                out.iter().all(|v| v.is_nan()),
+                "{format:?}: a NaN must not vanish: {out:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_inconsistent_blocks() {
+        assert!(CpuQWeight::from_ggml(Format::Q4K, 2, 250, &[0; 288]).is_err());
+        assert!(CpuQWeight::from_ggml(Format::Q4K, 2, 256, &[0; 287]).is_err());
+        assert!(CpuQWeight::from_ggml(Format::Q8_0, 2, 96, &[0; 203]).is_err());
+        assert!(CpuQWeight::from_ggml(Format::Q8_0, 2, 96, &[0; 204]).is_ok());
+    }
+}
