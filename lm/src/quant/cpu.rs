@@ -117,17 +117,6 @@ fn q4k_pack_scales(sc: &[u8; 8], m: &[u8; 8]) -> [u8; 12] {
     s
 }
 
-/// The 4-bit value `v` (0..256) of a GGML q4k block's `qs`: 64-value chunks, low nibbles first.
-fn ggml_nibble(qs: &[u8], v: usize) -> u8 {
-    let (chunk, r) = (v / 64, v % 64);
-    let byte = qs[chunk * 32 + r % 32];
-    if r < 32 {
-        byte & 0xF
-    } else {
-        byte >> 4
-    }
-}
-
 /// Byte offset in a q4k tile's nibble area of value `v` of row `r`, and whether it is the high
 /// nibble.
 fn tile_nibble_at(r: usize, v: usize) -> (usize, bool) {
@@ -172,12 +161,20 @@ impl CpuQWeight {
                                     out[64 + s * 16 + r] = sc[s];
                                     out[192 + s * 16 + r] = m[s];
                                 }
+                                // Sub-block `s` is the low (even `s`) or high (odd) nibbles
+                                // of bytes 32·(s/2).. of the GGML block.
                                 let qs = &blk[16..];
                                 let area = &mut out[320..];
-                                for v in 0..QK_K {
-                                    let (at, high) = tile_nibble_at(r, v);
-                                    let q = ggml_nibble(qs, v);
-                                    area[at] |= if high { q << 4 } else { q };
+                                for s in 0..8 {
+                                    let (src, sh) = (&qs[(s / 2) * 32..], 4 * (s % 2));
+                                    for p in 0..4 {
+                                        let at = (s * 4 + p) * 64 + r * 4;
+                                        for j in 0..4 {
+                                            let lo = (src[8 * p + j] >> sh) & 0xF;
+                                            let hi = (src[8 * p + 4 + j] >> sh) & 0xF;
+                                            area[at + j] = lo | (hi << 4);
+                                        }
+                                    }
                                 }
                             }
                             Format::Q8_0 => {
@@ -551,8 +548,11 @@ fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
         return if finite { 0.0 } else { f32::NAN };
     }
     let id = 127.0 / amax;
+    // Round to nearest by the 1.5·2²³ trick (|v·id| ≤ 127): `f32::round` is a libm call on
+    // baseline x86-64 and was 1/4 of the quantization time.
+    const MAGIC: f32 = 12_582_912.0;
     for (q, v) in q.iter_mut().zip(x) {
-        *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+        *q = ((v * id + MAGIC) - MAGIC) as i8;
     }
     amax / 127.0
 }
