@@ -8,6 +8,8 @@
 //! Tensor names follow the checkpoint: `transformer.wte`, `transformer.h.{i}.attn.c_attn`, ...,
 //! `transformer.ln_f`, `lm_head`.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
 
@@ -345,10 +347,33 @@ pub struct ForwardTrace {
     pub ln_f_out: Tensor,
 }
 
+/// The token embedding table: dense, or q8_0 rows on the CPU (quantized models).
+#[derive(Debug, Clone)]
+enum TokenEmbedding {
+    Dense(Embedding),
+    Q8(Arc<crate::quant::cpu::CpuQWeight>),
+}
+
+impl TokenEmbedding {
+    fn lookup(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
+        match self {
+            TokenEmbedding::Dense(e) => e.forward(&Tensor::new(ids, device)?),
+            TokenEmbedding::Q8(w) => {
+                let hidden = w.dims().1;
+                let mut out = vec![0f32; ids.len() * hidden];
+                for (row, &id) in out.chunks_exact_mut(hidden).zip(ids) {
+                    w.dequantize_row(id as usize, row);
+                }
+                Tensor::from_vec(out, (ids.len(), hidden), device)
+            }
+        }
+    }
+}
+
 /// The QWen language model with its LM head.
 #[derive(Debug, Clone)]
 pub struct QwenLm {
-    wte: Embedding,
+    wte: TokenEmbedding,
     h: Vec<Block>,
     ln_f: RmsNorm,
     lm_head: QLinear,
@@ -371,26 +396,35 @@ impl QwenLm {
     }
 
     /// Model with linear weights of type `wt`; activations use `wt.compute_dtype()`, the type `vb`
-    /// is switched to. With quantized weights the embedding table is kept in f16: its rows are only
-    /// looked up, never multiplied.
+    /// is switched to. With quantized weights the embedding table is kept in q8_0 (f16 off the CPU):
+    /// its rows are only looked up, never multiplied.
     pub fn load(cfg: &QwenConfig, vb: VarBuilder, q: impl Into<Quantizer>) -> Result<Self> {
         let q: Quantizer = q.into();
         let wt = q.weight_type;
         let dtype = wt.compute_dtype();
         let vb = vb.set_dtype(dtype);
         let t = vb.pp("transformer");
-        let wte_vb = if wt.is_quantized() {
-            t.pp("wte").set_dtype(DType::F16)
-        } else {
-            t.pp("wte")
+        let tied = cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight");
+        let table = (cfg.vocab_size, cfg.hidden_size);
+        let q8 = match wt.is_quantized() && !tied {
+            true => crate::quant::load_q8_table(&t.pp("wte"), &q, table)?,
+            false => None,
         };
-        let wte = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, wte_vb)?;
+        let wte = match q8 {
+            Some(w) => TokenEmbedding::Q8(w),
+            None if wt.is_quantized() => TokenEmbedding::Dense(candle_nn::embedding(
+                table.0,
+                table.1,
+                t.pp("wte").set_dtype(DType::F16),
+            )?),
+            None => TokenEmbedding::Dense(candle_nn::embedding(table.0, table.1, t.pp("wte"))?),
+        };
         let h = (0..cfg.num_hidden_layers)
             .map(|i| Block::new(cfg, t.pp("h").pp(i), &q))
             .collect::<Result<Vec<_>>>()?;
         let ln_f = RmsNorm::new(cfg.hidden_size, cfg.layer_norm_epsilon, t.pp("ln_f"))?;
-        let lm_head = if cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight") {
-            QLinear::from_weight(wte.embeddings().to_dtype(dtype)?)
+        let lm_head = if let (true, TokenEmbedding::Dense(e)) = (tied, &wte) {
+            QLinear::from_weight(e.embeddings().to_dtype(dtype)?)
         } else {
             QLinear::load(
                 cfg.hidden_size,
@@ -447,8 +481,7 @@ impl QwenLm {
         if let Some(bad) = ids.iter().find(|&&id| id >= vocab) {
             candle_core::bail!("token id {bad} is outside the vocabulary ({vocab})");
         }
-        let ids_t = Tensor::new(ids, &self.device)?;
-        let mut x = self.wte.forward(&ids_t)?.to_dtype(self.dtype)?;
+        let mut x = self.wte.lookup(ids, &self.device)?.to_dtype(self.dtype)?;
         for img in images {
             let n = img.features.dim(0)?;
             if img.first_position + n > ids.len() {

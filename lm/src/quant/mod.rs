@@ -360,6 +360,60 @@ pub fn cache_file_name(checkpoint_identity: &str, wt: WeightType) -> String {
     format!("{checkpoint_identity}-{wt}.gguf")
 }
 
+/// GGML blocks of `vb`'s `weight` (`[out, in]`, rows padded by `pad` zero columns) as type `g`:
+/// read from the quantized-model cache when it holds them, else quantized from the checkpoint.
+fn quantized_weight_bytes(
+    vb: &VarBuilder,
+    q: &Quantizer,
+    g: GgmlDType,
+    (out_dim, in_dim): (usize, usize),
+    pad: usize,
+) -> Result<Vec<u8>> {
+    let name = format!("{}.weight", vb.prefix());
+    let stored = (out_dim, in_dim + pad);
+    if let Some(b) = q.cache.as_ref().and_then(|c| c.get_bytes(&name, g, stored)) {
+        return Ok(b);
+    }
+    let w = vb.get((out_dim, in_dim), "weight")?;
+    let w = if pad > 0 {
+        w.pad_with_zeros(1, 0, pad)?
+    } else {
+        w
+    };
+    quantize_rows_bytes(&w, g)
+}
+
+fn cpu_weight(
+    name: &str,
+    f: cpu::Format,
+    (n, k): (usize, usize),
+    bytes: &[u8],
+) -> Result<Arc<CpuQWeight>> {
+    CpuQWeight::from_ggml(f, n, k, bytes)
+        .map(Arc::new)
+        .map_err(|e| candle_core::Error::Msg(format!("{name}: {e}")))
+}
+
+/// A `[rows, cols]` table whose rows are looked up, not multiplied (the token embeddings), held as
+/// q8_0 on the CPU: half the size of f16, well within the error of the quantized weights it feeds.
+/// `None` when the device is not the CPU or `cols` is not a whole number of blocks.
+pub fn load_q8_table(
+    vb: &VarBuilder,
+    q: &Quantizer,
+    (rows, cols): (usize, usize),
+) -> Result<Option<Arc<CpuQWeight>>> {
+    if !vb.device().is_cpu() || cols % 64 != 0 {
+        return Ok(None);
+    }
+    let name = format!("{}.weight", vb.prefix());
+    let bytes = quantized_weight_bytes(vb, q, GgmlDType::Q8_0, (rows, cols), 0)?;
+    let w = cpu_weight(&name, cpu::Format::Q8_0, (rows, cols), &bytes)?;
+    if let Some(c) = q.cache.as_ref().filter(|c| !c.is_hit()) {
+        c.remember(&name, Fresh::Cpu(w.clone()));
+    }
+    Ok(Some(w))
+}
+
 #[derive(Debug, Clone)]
 enum LinearWeight {
     /// Dense, or quantized through candle (GPU devices, and q4_0 on the CPU).
@@ -395,25 +449,12 @@ impl QLinear {
             Some(g) => {
                 let name = format!("{}.weight", vb.prefix());
                 let stored = (out_dim, in_dim + pad);
-                let bytes = match q.cache.as_ref().and_then(|c| c.get_bytes(&name, g, stored)) {
-                    Some(b) => b,
-                    None => {
-                        let w = vb.get((out_dim, in_dim), "weight")?;
-                        let w = if pad > 0 {
-                            w.pad_with_zeros(1, 0, pad)?
-                        } else {
-                            w
-                        };
-                        quantize_rows_bytes(&w, g)?
-                    }
-                };
+                let bytes = quantized_weight_bytes(&vb, &q, g, (out_dim, in_dim), pad)?;
                 let from_cache = q.cache.as_ref().is_some_and(|c| c.is_hit());
                 let cpu_format = cpu::Format::from_ggml(g).filter(|_| vb.device().is_cpu());
                 let (weight, fresh) = match cpu_format {
                     Some(f) => {
-                        let w = CpuQWeight::from_ggml(f, stored.0, stored.1, &bytes)
-                            .map_err(|e| candle_core::Error::Msg(format!("{name}: {e}")))?;
-                        let w = Arc::new(w);
+                        let w = cpu_weight(&name, f, stored, &bytes)?;
                         (LinearWeight::Cpu(w.clone()), Fresh::Cpu(w))
                     }
                     None => {
