@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Module, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use lm::model::{ImageFeatures, QwenLm};
+use lm::quant::cpu::{CpuQWeight, Format};
 use lm::quant::WeightType;
 use lm::QwenConfig;
 
@@ -196,8 +197,15 @@ pub fn measure_matmul(m: usize, k: usize, n: usize) -> Result<(f64, f64)> {
     };
     let dense = QMatMul::Tensor(w.clone());
     let f32_gflops = time(&|| dense.forward(&x))?;
-    let q = QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q4K)?)?;
-    let q4k_gflops = time(&|| q.forward(&x))?;
+    // The q4k kernel the engine runs (lm::quant::cpu), not candle's.
+    let ggml = QTensor::quantize(&w, GgmlDType::Q4K)?.data()?.into_owned();
+    let q = CpuQWeight::from_ggml(Format::Q4K, n, k, &ggml).map_err(anyhow::Error::msg)?;
+    let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    let q4k_gflops = time(&|| {
+        let mut out = vec![0f32; m * n];
+        q.matmul(&xs, m, &mut out);
+        Tensor::from_vec(out, (m, n), &dev)
+    })?;
     Ok((f32_gflops, q4k_gflops))
 }
 
@@ -214,7 +222,11 @@ fn lm_bytes_per_token(cfg: &QwenConfig, wt: WeightType) -> u64 {
 }
 
 fn weight_bytes(in_dim: usize, out_dim: usize, wt: WeightType) -> f64 {
-    wt.weight_bytes(in_dim, out_dim) as f64
+    // On the CPU q4k and q8_0 weights are held (and streamed) as 16-row tiles.
+    match wt.ggml().and_then(Format::from_ggml) {
+        Some(f) => CpuQWeight::tiled_size(f, out_dim, wt.stored_in_dim(in_dim)) as f64,
+        None => wt.weight_bytes(in_dim, out_dim) as f64,
+    }
 }
 
 /// FLOPs of one vision encode (ViT blocks, resampler, projection) for one image.

@@ -202,6 +202,12 @@ impl CpuQWeight {
         self.format
     }
 
+    /// Bytes an `[n, k]` weight takes in tiles (what a matmul streams).
+    pub fn tiled_size(format: Format, n: usize, k: usize) -> usize {
+        let (bv, _, tb) = format.block();
+        n.div_ceil(TILE) * k.div_ceil(bv) * tb
+    }
+
     pub fn dims(&self) -> (usize, usize) {
         (self.n, self.k)
     }

@@ -104,44 +104,33 @@ impl std::fmt::Display for WeightType {
 }
 
 /// Quantizes a `[rows, cols]` weight with every core into GGML block bytes: rows are independent
-/// blocks, so each thread quantizes a band of rows and the bands' bytes are concatenated.
+/// blocks, so chunks of rows are quantized in parallel and their bytes concatenated. Chunks are
+/// small (≤ 64 MB in f32), so a 2.5 GB embedding-sized table never exists twice in f32.
 /// (candle's `QTensor::quantize` is single-threaded; this is what makes a 9.6 B-parameter load
 /// take seconds per gigabyte rather than minutes.)
 pub fn quantize_rows_bytes(w: &Tensor, dtype: GgmlDType) -> Result<Vec<u8>> {
+    use rayon::prelude::*;
     let (rows, cols) = w.dims2()?;
-    let threads = candle_core::utils::get_num_threads().clamp(1, rows.max(1));
-    if threads == 1 || rows * cols < (1 << 20) || !w.device().is_cpu() {
+    if !w.device().is_cpu() || rows == 0 {
         return Ok(QTensor::quantize(w, dtype)?.data()?.into_owned());
     }
-    let band = rows.div_ceil(threads);
-    let parts: Vec<Result<Vec<u8>>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..rows)
-            .step_by(band)
-            .map(|r0| {
-                s.spawn(move || -> Result<Vec<u8>> {
-                    let n = band.min(rows - r0);
-                    // candle quantizes a tensor's whole storage, ignoring a view's offset, so
-                    // each band gets storage of its own.
-                    let band: Vec<f32> = w
-                        .narrow(0, r0, n)?
-                        .to_dtype(DType::F32)?
-                        .flatten_all()?
-                        .to_vec1()?;
-                    let band = Tensor::from_vec(band, (n, cols), w.device())?;
-                    let q = QTensor::quantize(&band, dtype)?;
-                    Ok(q.data()?.into_owned())
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(candle_core::Error::Msg("quantize thread panicked".into()))
-                })
-            })
-            .collect()
-    });
+    let chunk = ((16usize << 20) / cols.max(1)).clamp(1, rows);
+    let parts: Vec<Result<Vec<u8>>> = (0..rows)
+        .into_par_iter()
+        .step_by(chunk)
+        .map(|r0| {
+            let n = chunk.min(rows - r0);
+            // candle quantizes a tensor's whole storage, ignoring a view's offset, so each
+            // chunk gets storage of its own.
+            let part: Vec<f32> = w
+                .narrow(0, r0, n)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()?;
+            let part = Tensor::from_vec(part, (n, cols), w.device())?;
+            Ok(QTensor::quantize(&part, dtype)?.data()?.into_owned())
+        })
+        .collect();
     let mut bytes = Vec::with_capacity(rows * cols / dtype.block_size() * dtype.type_size());
     for p in parts {
         bytes.extend_from_slice(&p?);
@@ -394,10 +383,11 @@ fn cpu_weight(
         .map_err(|e| candle_core::Error::Msg(format!("{name}: {e}")))
 }
 
-/// A `[rows, cols]` table whose rows are looked up, not multiplied (the token embeddings), held as
-/// q8_0 on the CPU: half the size of f16, well within the error of the quantized weights it feeds.
-/// `None` when the device is not the CPU or `cols` is not a whole number of blocks.
-pub fn load_q8_table(
+/// A `[rows, cols]` table whose rows are looked up, not multiplied (the token embeddings), held
+/// quantized on the CPU like the weights it feeds: q4k for 4-bit models (as llama.cpp's Q4_K_M
+/// keeps its token embeddings), q8_0 otherwise or when rows are not a whole number of 256-blocks.
+/// `None` when the device is not the CPU or `cols` is not a whole number of q8_0 blocks.
+pub fn load_quantized_table(
     vb: &VarBuilder,
     q: &Quantizer,
     (rows, cols): (usize, usize),
@@ -405,9 +395,13 @@ pub fn load_q8_table(
     if !vb.device().is_cpu() || cols % 64 != 0 {
         return Ok(None);
     }
+    let format = match q.weight_type {
+        WeightType::Q4K | WeightType::Q4_0 if cols % 256 == 0 => cpu::Format::Q4K,
+        _ => cpu::Format::Q8_0,
+    };
     let name = format!("{}.weight", vb.prefix());
-    let bytes = quantized_weight_bytes(vb, q, GgmlDType::Q8_0, (rows, cols), 0)?;
-    let w = cpu_weight(&name, cpu::Format::Q8_0, (rows, cols), &bytes)?;
+    let bytes = quantized_weight_bytes(vb, q, format.ggml(), (rows, cols), 0)?;
+    let w = cpu_weight(&name, format, (rows, cols), &bytes)?;
     if let Some(c) = q.cache.as_ref().filter(|c| !c.is_hit()) {
         c.remember(&name, Fresh::Cpu(w.clone()));
     }
