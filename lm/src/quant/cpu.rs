@@ -129,7 +129,7 @@ impl CpuQWeight {
     /// Repacks GGML blocks (`n` rows of `k / block` blocks); `k` must be a whole number of blocks.
     pub fn from_ggml(format: Format, n: usize, k: usize, ggml: &[u8]) -> Result<Self, String> {
         let (bv, bb, tb) = format.block();
-        if k == 0 || k % bv != 0 {
+        if k == 0 || !k.is_multiple_of(bv) {
             return Err(format!(
                 "{format:?} rows need a multiple of {bv} columns, got {k}"
             ));

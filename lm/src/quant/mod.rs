@@ -392,11 +392,11 @@ pub fn load_quantized_table(
     q: &Quantizer,
     (rows, cols): (usize, usize),
 ) -> Result<Option<Arc<CpuQWeight>>> {
-    if !vb.device().is_cpu() || cols % 64 != 0 {
+    if !vb.device().is_cpu() || !cols.is_multiple_of(64) {
         return Ok(None);
     }
     let format = match q.weight_type {
-        WeightType::Q4K | WeightType::Q4_0 if cols % 256 == 0 => cpu::Format::Q4K,
+        WeightType::Q4K | WeightType::Q4_0 if cols.is_multiple_of(256) => cpu::Format::Q4K,
         _ => cpu::Format::Q8_0,
     };
     let name = format!("{}.weight", vb.prefix());

@@ -133,8 +133,26 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.c_proj.forward(&self.c_fc.forward(xs)?.gelu_erf()?)
+        self.c_proj.forward(&gelu_erf(&self.c_fc.forward(xs)?)?)
     }
+}
+
+/// Exact (erf) GELU with candle's formula, on every core: candle's `gelu_erf` runs on one thread,
+/// and the MLP applies it to 1024 × 8192 values per layer (~5% of a vision encode, measured).
+fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
+    use rayon::prelude::*;
+    if !xs.device().is_cpu() || xs.dtype() != DType::F32 {
+        return xs.gelu_erf();
+    }
+    let mut v: Vec<f32> = xs.flatten_all()?.to_vec1()?;
+    v.par_chunks_mut(1 << 14).for_each(|c| {
+        for x in c {
+            *x = (candle_core::cpu::erf::erf_f32(*x * std::f32::consts::FRAC_1_SQRT_2) + 1.0)
+                * 0.5
+                * *x;
+        }
+    });
+    Tensor::from_vec(v, xs.shape(), xs.device())
 }
 
 /// One pre-norm block: `x += attn(ln_1(x))`, `x += mlp(ln_2(x))`.
