@@ -3,7 +3,7 @@
 //! Why not candle's `QMatMul` on the CPU: candle 0.11 repacks q4k/q8_0 weights into an expanded
 //! tile layout on first use (q4k tiles take 6 bits per weight, with f32 scales) and keeps the
 //! original GGML blocks as well, so the model sits in memory ~2.3 times. Here the weights are
-//! repacked once at load into a compact tile layout (4.625 bits per q4k weight, 9 per q8_0) and the
+//! repacked once at load into a compact tile layout (4.625 bits per q4k weight, 8.5 per q8_0) and the
 //! GGML blocks are dropped; the GGUF cache still stores GGML blocks ([`CpuQWeight::to_ggml`]
 //! converts back exactly).
 //!
@@ -16,7 +16,7 @@
 //! - q4k: `w = d·sc_s·q − dmin·m_s` per 32-value sub-block `s`, `x = d_x·a` per 256-value block,
 //!   so `w·x = Σ_blocks d_x·Σ_s d·sc_s·(q·a)_s − Σ_s dmin·m_s·(d_x·Σa_s)`.
 //! - q8_0: `w = d·q` per 32 values, `x = d_x·a`; VNNI multiplies unsigned by signed bytes, so the
-//!   activations are stored as `a + 128` and `128·Σq` is subtracted per block.
+//!   weights are stored as `q + 128` and `128·Σa` is subtracted per block.
 
 use candle_core::quantized::GgmlDType;
 use half::f16;
@@ -32,9 +32,9 @@ const TILE: usize = 16;
 /// then 2048 bytes of nibbles: per sub-block 4 chunks of 64 bytes, in which bytes `4r..4r+4` hold
 /// values `8p..8p+4` of row `r` in their low nibbles and `8p+4..8p+8` in their high nibbles.
 const Q4K_TILE_BYTES: usize = 32 + 32 + 128 + 128 + 2048;
-/// One q8_0 tile-block: d (16 f16), Σq per row (16 i16), then 8 chunks of 64 bytes in which
-/// bytes `4r..4r+4` hold values `4p..4p+4` of row `r`.
-const Q8_0_TILE_BYTES: usize = 32 + 32 + 512;
+/// One q8_0 tile-block: d (16 f16), then 8 chunks of 64 bytes in which bytes `4r..4r+4` hold
+/// values `4p..4p+4` of row `r`, offset by +128 (unsigned, as `vpdpbusd` wants its first operand).
+const Q8_0_TILE_BYTES: usize = 32 + 512;
 /// Activation rows a weight tile is reused for before the next tile: keeps the chunk's quantized
 /// activations in L2 (64 rows × 11008 bytes for the LM's down projection).
 const M_CHUNK: usize = 64;
@@ -179,11 +179,8 @@ impl CpuQWeight {
                             }
                             Format::Q8_0 => {
                                 out[2 * r..2 * r + 2].copy_from_slice(&blk[0..2]);
-                                let qs = &blk[2..];
-                                let sum: i16 = qs.iter().map(|&q| q as i8 as i16).sum();
-                                out[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&sum.to_le_bytes());
-                                for (v, &q) in qs.iter().enumerate() {
-                                    out[64 + (v / 4) * 64 + r * 4 + v % 4] = q;
+                                for (v, &q) in blk[2..].iter().enumerate() {
+                                    out[32 + (v / 4) * 64 + r * 4 + v % 4] = q ^ 0x80;
                                 }
                             }
                         }
@@ -253,7 +250,7 @@ impl CpuQWeight {
                     Format::Q8_0 => {
                         blk[0..2].copy_from_slice(&tb[2 * r..2 * r + 2]);
                         for v in 0..QK8_0 {
-                            blk[2 + v] = tb[64 + (v / 4) * 64 + r * 4 + v % 4];
+                            blk[2 + v] = tb[32 + (v / 4) * 64 + r * 4 + v % 4] ^ 0x80;
                         }
                     }
                 }
@@ -291,7 +288,7 @@ impl CpuQWeight {
                 }
                 Format::Q8_0 => {
                     for (v, o) in out.iter_mut().enumerate() {
-                        *o = d * (tb[64 + (v / 4) * 64 + r * 4 + v % 4] as i8) as f32;
+                        *o = d * ((tb[32 + (v / 4) * 64 + r * 4 + v % 4] ^ 0x80) as i8) as f32;
                     }
                 }
             }
@@ -403,14 +400,14 @@ impl CpuQWeight {
                         }
                     }
                     Format::Q8_0 => {
-                        let wsum = i16::from_le_bytes([tb[32 + 2 * r], tb[33 + 2 * r]]) as i32;
                         let isum: i32 = (0..QK8_0)
                             .map(|v| {
-                                let w = tb[64 + (v / 4) * 64 + r * 4 + v % 4] as i8 as i32;
-                                a.q[b * QK8_0 + v] as i32 * w
+                                let w = tb[32 + (v / 4) * 64 + r * 4 + v % 4] as i32;
+                                w * a.q[b * QK8_0 + v] as i8 as i32
                             })
                             .sum();
-                        *o += (isum - 128 * wsum) as f32 * (d * a.d[b]);
+                        let corr = 128 * a.sums[b];
+                        *o += (isum - corr) as f32 * (d * a.d[b]);
                     }
                 }
             }
@@ -478,21 +475,18 @@ impl CpuQWeight {
                 for b in 0..kb {
                     let tb = base.add(b * tbytes);
                     let dv = _mm512_cvtph_ps(_mm256_loadu_si256(tb as *const __m256i));
-                    let wsum = _mm512_slli_epi32(
-                        _mm512_cvtepi16_epi32(_mm256_loadu_si256(tb.add(32) as *const __m256i)),
-                        7,
-                    );
                     let mut iacc = [_mm512_setzero_si512(); N];
                     for p in 0..8 {
-                        let w = _mm512_loadu_si512(tb.add(64 + p * 64) as *const _);
+                        let w = _mm512_loadu_si512(tb.add(32 + p * 64) as *const _);
                         for u in 0..N {
                             let ap = acts[u].q.as_ptr().add(b * QK8_0 + p * 4);
                             let a = _mm512_set1_epi32((ap as *const i32).read_unaligned());
-                            iacc[u] = _mm512_dpbusd_epi32(iacc[u], a, w);
+                            iacc[u] = _mm512_dpbusd_epi32(iacc[u], w, a);
                         }
                     }
                     for u in 0..N {
-                        let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(iacc[u], wsum));
+                        let corr = _mm512_set1_epi32(128 * *acts[u].sums.get_unchecked(b));
+                        let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(iacc[u], corr));
                         let scale = _mm512_mul_ps(dv, _mm512_set1_ps(*acts[u].d.get_unchecked(b)));
                         facc[u] = _mm512_fmadd_ps(v, scale, facc[u]);
                     }
@@ -535,12 +529,14 @@ impl Kernel {
 
 /// One activation row quantized to int8 for a weight format.
 struct Act {
-    /// q4k: the signed values. q8_0: unsigned `a + 128`.
+    /// The signed values.
     q: Vec<u8>,
     /// Per-block scale (q4k: per 256 values; q8_0: per 32).
     d: Vec<f32>,
     /// q4k: `d·Σa` per 32-value sub-block. q8_0: unused.
     aux: Vec<f32>,
+    /// q8_0: `Σa` per block (the +128 offset of the weights adds `128·Σa`). q4k: unused.
+    sums: Vec<i32>,
 }
 
 /// Symmetric int8 quantization of one block; returns the scale (NaN if the block is not finite).
@@ -570,6 +566,7 @@ impl Act {
         let mut q = vec![0u8; k];
         let mut d = Vec::with_capacity(k / bv);
         let mut aux = Vec::new();
+        let mut sums = Vec::new();
         let mut tmp = [0i8; QK_K];
         for (xb, qb) in x.chunks_exact(bv).zip(q.chunks_exact_mut(bv)) {
             let tmp = &mut tmp[..bv];
@@ -585,13 +582,14 @@ impl Act {
                     }
                 }
                 Format::Q8_0 => {
+                    sums.push(tmp.iter().map(|&v| v as i32).sum());
                     for (o, &v) in qb.iter_mut().zip(tmp.iter()) {
-                        *o = (v as i16 + 128) as u8;
+                        *o = v as u8;
                     }
                 }
             }
         }
-        Self { q, d, aux }
+        Self { q, d, aux, sums }
     }
 }
 

@@ -72,11 +72,16 @@ impl WeightType {
         }
     }
 
-    /// Row length a quantized weight with `in_dim` inputs is stored with: rounded up to
-    /// [`QUANT_ROW_ALIGN`] (zero columns; the input gets matching zeros), dense weights as they are.
+    /// Row length a quantized weight with `in_dim` inputs is stored with: rounded up to whole blocks
+    /// (see [`QUANT_ROW_ALIGN`]; zero columns, and the input gets matching zeros), dense weights as
+    /// they are.
     pub fn stored_in_dim(self, in_dim: usize) -> usize {
         if self.is_quantized() {
-            in_dim.next_multiple_of(QUANT_ROW_ALIGN)
+            in_dim.next_multiple_of(match self {
+                // k-quants group 256 values; block-32 types need only whole blocks.
+                WeightType::Q4K => QUANT_ROW_ALIGN,
+                _ => 32,
+            })
         } else {
             in_dim
         }
@@ -92,9 +97,9 @@ impl WeightType {
     }
 }
 
-/// Quantized rows are padded to a multiple of 256: k-quants need it, and candle's fast CPU kernels
-/// for q8_0 take it too (measured: a 1024×1664×4992 q8_0 product runs at 11 GFLOP/s, the same product
-/// padded to 1792 columns at 52 GFLOP/s). The vision tower's width 1664 is the case that matters.
+/// q4k rows are padded to a multiple of 256 (k-quants group 256 values), so the vision tower's
+/// width 1664 is stored as 1792; block-32 types are padded to whole blocks only (our q8_0 tiles
+/// need nothing more, and 1664 is already a multiple of 32).
 pub const QUANT_ROW_ALIGN: usize = 256;
 
 impl std::fmt::Display for WeightType {
@@ -345,8 +350,9 @@ impl From<WeightType> for Quantizer {
 }
 
 /// Names of the files of a quantized-model cache: one per checkpoint identity and weight type.
+/// `v2`: block-32 types stopped padding rows to 256, so older files would never match.
 pub fn cache_file_name(checkpoint_identity: &str, wt: WeightType) -> String {
-    format!("{checkpoint_identity}-{wt}.gguf")
+    format!("{checkpoint_identity}-{wt}-v2.gguf")
 }
 
 /// GGML blocks of `vb`'s `weight` (`[out, in]`, rows padded by `pad` zero columns) as type `g`:
