@@ -114,12 +114,17 @@ impl std::fmt::Display for WeightType {
 /// (candle's `QTensor::quantize` is single-threaded; this is what makes a 9.6 B-parameter load
 /// take seconds per gigabyte rather than minutes.)
 pub fn quantize_rows_bytes(w: &Tensor, dtype: GgmlDType) -> Result<Vec<u8>> {
+    quantize_rows_chunked(w, dtype, 16 << 20)
+}
+
+/// [`quantize_rows_bytes`] with chunks of at most `chunk_elems` values (at least one row).
+fn quantize_rows_chunked(w: &Tensor, dtype: GgmlDType, chunk_elems: usize) -> Result<Vec<u8>> {
     use rayon::prelude::*;
     let (rows, cols) = w.dims2()?;
     if !w.device().is_cpu() || rows == 0 {
         return Ok(QTensor::quantize(w, dtype)?.data()?.into_owned());
     }
-    let chunk = ((16usize << 20) / cols.max(1)).clamp(1, rows);
+    let chunk = (chunk_elems / cols.max(1)).clamp(1, rows);
     let parts: Vec<Result<Vec<u8>>> = (0..rows)
         .into_par_iter()
         .step_by(chunk)
@@ -141,17 +146,6 @@ pub fn quantize_rows_bytes(w: &Tensor, dtype: GgmlDType) -> Result<Vec<u8>> {
         bytes.extend_from_slice(&p?);
     }
     Ok(bytes)
-}
-
-/// [`quantize_rows_bytes`] as a candle `QTensor` on `w`'s device.
-pub fn quantize_rows_parallel(w: &Tensor, dtype: GgmlDType) -> Result<QTensor> {
-    let bytes = quantize_rows_bytes(w, dtype)?;
-    let storage = candle_core::quantized::QStorage::from_data(
-        std::borrow::Cow::Owned(bytes),
-        w.device(),
-        dtype,
-    )?;
-    QTensor::new(storage, w.shape())
 }
 
 /// GGML type ids as GGUF stores them.
@@ -183,22 +177,24 @@ enum Fresh {
 }
 
 impl Fresh {
-    /// GGUF dims (innermost first), type and bytes.
-    fn parts(&self) -> Result<(Vec<u64>, GgmlDType, std::borrow::Cow<'_, [u8]>)> {
-        Ok(match self {
+    /// GGUF dims (innermost first), type and byte length, without touching the data.
+    fn header(&self) -> (Vec<u64>, GgmlDType, usize) {
+        let (dims, dtype): (Vec<usize>, GgmlDType) = match self {
             Fresh::Cpu(w) => {
                 let (n, k) = w.dims();
-                (
-                    vec![k as u64, n as u64],
-                    w.format().ggml(),
-                    std::borrow::Cow::Owned(w.to_ggml()),
-                )
+                (vec![k, n], w.format().ggml())
             }
-            Fresh::Candle(t) => (
-                t.shape().dims().iter().rev().map(|&d| d as u64).collect(),
-                t.dtype(),
-                t.data()?,
-            ),
+            Fresh::Candle(t) => (t.shape().dims().iter().rev().copied().collect(), t.dtype()),
+        };
+        let len = dims.iter().product::<usize>() / dtype.block_size() * dtype.type_size();
+        (dims.into_iter().map(|d| d as u64).collect(), dtype, len)
+    }
+
+    /// The GGML blocks (converted back from the tiles for CPU weights).
+    fn data(&self) -> Result<std::borrow::Cow<'_, [u8]>> {
+        Ok(match self {
+            Fresh::Cpu(w) => std::borrow::Cow::Owned(w.to_ggml()),
+            Fresh::Candle(t) => t.data()?,
         })
     }
 }
@@ -311,7 +307,7 @@ fn write_gguf<W: std::io::Write>(
     string(&mut head, version)?;
     let mut offset = 0usize;
     for (name, t) in tensors {
-        let (dims, dtype, data) = t.parts()?;
+        let (dims, dtype, len) = t.header();
         string(&mut head, name)?;
         head.extend_from_slice(&(dims.len() as u32).to_le_bytes());
         for d in &dims {
@@ -319,13 +315,13 @@ fn write_gguf<W: std::io::Write>(
         }
         head.extend_from_slice(&ggml_type_id(dtype).to_le_bytes());
         head.extend_from_slice(&(offset as u64).to_le_bytes());
-        offset += data.len().next_multiple_of(ALIGN);
+        offset += len.next_multiple_of(ALIGN);
     }
     let pad = head.len().next_multiple_of(ALIGN) - head.len();
     head.resize(head.len() + pad, 0);
     w.write_all(&head)?;
     for (_, t) in tensors {
-        let (_, _, data) = t.parts()?;
+        let data = t.data()?;
         w.write_all(&data)?;
         let pad = data.len().next_multiple_of(ALIGN) - data.len();
         w.write_all(&vec![0u8; pad])?;
@@ -534,9 +530,10 @@ mod tests {
         let w = Tensor::randn(0f32, 0.02, (1000, 2048), &Device::Cpu).unwrap();
         for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4K] {
             let a = QTensor::quantize(&w, dtype).unwrap();
-            let b = quantize_rows_parallel(&w, dtype).unwrap();
-            assert_eq!(a.shape(), b.shape());
-            assert_eq!(a.data().unwrap(), b.data().unwrap(), "{dtype:?}");
+            // 96-row chunks: eleven chunks, the last one short.
+            let b = quantize_rows_chunked(&w, dtype, 96 * 2048).unwrap();
+            assert_eq!(a.data().unwrap().as_ref(), b.as_slice(), "{dtype:?}");
+            assert_eq!(quantize_rows_bytes(&w, dtype).unwrap(), b, "{dtype:?}");
         }
     }
 }
