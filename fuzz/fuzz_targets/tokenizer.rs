@@ -2,23 +2,12 @@
 //! that text encoded without specials decodes back to its NFC form.
 #![no_main]
 
-use std::sync::OnceLock;
-
 use libfuzzer_sys::fuzz_target;
-use lm::tokenizer::{QwenTokenizer, Specials};
+use lm::tokenizer::Specials;
 
-fn tok() -> &'static QwenTokenizer {
-    static TOK: OnceLock<QwenTokenizer> = OnceLock::new();
-    TOK.get_or_init(|| {
-        let root = std::env::var("QWENVL_FIXTURES").unwrap_or_else(|_| {
-            concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures").into()
-        });
-        let t = QwenTokenizer::from_file(&std::path::Path::new(&root).join("tiny-a/qwen.tiktoken"))
-            .expect("fixture vocabulary");
-        t.warm_up().expect("BPE");
-        t
-    })
-}
+#[path = "shared/mod.rs"]
+mod shared;
+use shared::tok;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
