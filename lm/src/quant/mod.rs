@@ -252,6 +252,7 @@ impl QuantCache {
         Some(bytes)
     }
 
+    /// Keeps `t` for [`Self::save`]; a cache that was hit writes nothing, so it keeps nothing.
     fn remember(&self, name: &str, t: Fresh) {
         if self.hit.is_none() {
             if let Ok(mut fresh) = self.fresh.lock() {
@@ -404,7 +405,7 @@ pub fn load_quantized_table(
     let name = format!("{}.weight", vb.prefix());
     let bytes = quantized_weight_bytes(vb, q, format.ggml(), (rows, cols), 0)?;
     let w = cpu_weight(&name, format, (rows, cols), &bytes)?;
-    if let Some(c) = q.cache.as_ref().filter(|c| !c.is_hit()) {
+    if let Some(c) = &q.cache {
         c.remember(&name, Fresh::Cpu(w.clone()));
     }
     Ok(Some(w))
@@ -446,7 +447,6 @@ impl QLinear {
                 let name = format!("{}.weight", vb.prefix());
                 let stored = (out_dim, in_dim + pad);
                 let bytes = quantized_weight_bytes(&vb, &q, g, (out_dim, in_dim), pad)?;
-                let from_cache = q.cache.as_ref().is_some_and(|c| c.is_hit());
                 let cpu_format = cpu::Format::from_ggml(g).filter(|_| vb.device().is_cpu());
                 let (weight, fresh) = match cpu_format {
                     Some(f) => {
@@ -466,7 +466,7 @@ impl QLinear {
                         )
                     }
                 };
-                if let (Some(c), false) = (&q.cache, from_cache) {
+                if let Some(c) = &q.cache {
                     c.remember(&name, fresh);
                 }
                 weight
