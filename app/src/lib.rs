@@ -5,4 +5,19 @@
 pub mod bench;
 pub mod engine;
 pub mod gui;
+pub mod model_dir;
+pub mod openai;
 pub mod random_checkpoint;
+pub mod remote;
+pub mod serve;
+
+/// `--quant` and friends: a weight type by name, or the list of names.
+pub fn parse_weight_type(s: &str) -> std::result::Result<lm::quant::WeightType, String> {
+    lm::quant::WeightType::parse(s).ok_or_else(|| {
+        let all: Vec<&str> = lm::quant::WeightType::ALL
+            .iter()
+            .map(|w| w.name())
+            .collect();
+        format!("unknown weight type {s:?} (one of {})", all.join(", "))
+    })
+}

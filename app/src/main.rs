@@ -13,7 +13,7 @@ use lm::prompt::Conversation;
 
 use lm::quant::WeightType;
 use qwenvl::engine::{Engine, Reply};
-use qwenvl::{bench, gui};
+use qwenvl::{bench, gui, parse_weight_type};
 
 #[derive(Parser)]
 #[command(name = "qwenvl", version, about = "Run Qwen-VL-Chat locally")]
@@ -29,6 +29,8 @@ enum Command {
     /// Measure load time, memory, vision encode, prefill and decode speed against this machine's
     /// bandwidth and matmul throughput.
     Bench(BenchArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API (`/v1/chat/completions`, `/v1/models`).
+    Serve(qwenvl::serve::ServeArgs),
     /// Developer tools.
     #[command(subcommand)]
     Dev(DevCommand),
@@ -76,13 +78,6 @@ struct BenchArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
-}
-
-fn parse_weight_type(s: &str) -> std::result::Result<WeightType, String> {
-    WeightType::parse(s).ok_or_else(|| {
-        let all: Vec<&str> = WeightType::ALL.iter().map(|w| w.name()).collect();
-        format!("unknown weight type {s:?} (one of {})", all.join(", "))
-    })
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -165,6 +160,7 @@ fn main() {
         Some(Command::Run(args)) => run(args),
         Some(Command::Bench(args)) => run_bench(args),
         Some(Command::Cache { action }) => cache_command(&action),
+        Some(Command::Serve(args)) => qwenvl::serve::run(args),
         Some(Command::Dev(DevCommand::RandomCheckpoint {
             preset,
             format,

@@ -1,0 +1,586 @@
+//! `qwenvl serve` end to end: the real binary on the tiny-a fixture on a loopback port, talked to
+//! with the official `openai` Python client and with curl. Answers must equal `qwenvl run`'s for
+//! the same conversation and greedy settings.
+//!
+//! Needs `python3` with `openai` (`pip install openai`; `.ci/run` installs it) and `curl`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use qwenvl_e2e::{expected_json, tiny_a};
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_qwenvl");
+const MAX_TOKENS: u64 = 24;
+
+/// A running `qwenvl serve`; killed when dropped. Its stderr (the request log) is collected.
+struct Server {
+    child: Child,
+    url: String,
+    log: Arc<Mutex<String>>,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Server {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--port", "0", "--model"])
+            .arg(tiny_a())
+            .args(extra)
+            .env_remove("QWENVL_API_KEY")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start qwenvl serve");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let l = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut g = l.lock().unwrap();
+                g.push_str(&line);
+                g.push('\n');
+            }
+        });
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| {
+                panic!(
+                    "qwenvl serve did not start: {line:?}; log: {}",
+                    log.lock().unwrap()
+                )
+            })
+            .to_string();
+        Server { child, url, log }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the request log has a line containing `needle`.
+    fn wait_log(&self, needle: &str) -> String {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(60) {
+            if let Some(l) = self.log().lines().find(|l| l.contains(needle)) {
+                return l.to_string();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("no log line with {needle:?}; log:\n{}", self.log());
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn case(id: &str) -> Value {
+    expected_json("cases.json")["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == id)
+        .unwrap()
+        .clone()
+}
+
+/// The fixture images are referenced as `images/...` relative to the tiny-a folder.
+fn images_base() -> PathBuf {
+    tiny_a()
+}
+
+/// `qwenvl run --greedy --json` on the case's conversation.
+fn cli(conv: &Value, max_tokens: u64) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(tiny_a().join("images"), dir.path().join("images")).unwrap();
+    let path = dir.path().join("conversation.json");
+    std::fs::write(&path, serde_json::to_vec(conv).unwrap()).unwrap();
+    let out = Command::new(BIN)
+        .arg("run")
+        .arg("--model")
+        .arg(tiny_a())
+        .arg("--conversation")
+        .arg(&path)
+        .args(["--json", "--greedy", "--max-new-tokens"])
+        .arg(max_tokens.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The OpenAI messages of a conversation, images inline as data URLs.
+fn messages(conv: &Value) -> Value {
+    let conv: lm::prompt::Conversation = serde_json::from_value(conv.clone()).unwrap();
+    serde_json::to_value(qwenvl::openai::to_messages(&conv, &images_base()).unwrap()).unwrap()
+}
+
+/// curl's status code and body.
+fn curl(url: &str, key: Option<&str>, body: Option<&[u8]>) -> (u16, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "-o"])
+        .arg(dir.path().join("out"))
+        .args(["-w", "%{http_code}"]);
+    if let Some(k) = key {
+        cmd.args(["-H", &format!("Authorization: Bearer {k}")]);
+    }
+    if let Some(b) = body {
+        let f = dir.path().join("body.json");
+        std::fs::write(&f, b).unwrap();
+        cmd.args(["-H", "Content-Type: application/json", "--data-binary"])
+            .arg(format!("@{}", f.display()));
+    }
+    let out = cmd.arg(url).output().expect("curl");
+    let code = String::from_utf8_lossy(&out.stdout).parse().unwrap_or(0);
+    (
+        code,
+        std::fs::read(dir.path().join("out")).unwrap_or_default(),
+    )
+}
+
+fn chat_body(conv: &Value, extra: Value) -> Vec<u8> {
+    let mut body = json!({
+        "model": "tiny-a",
+        "messages": messages(conv),
+        "temperature": 0,
+        "max_tokens": MAX_TOKENS,
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    serde_json::to_vec(&body).unwrap()
+}
+
+/// Runs a Python script with the `openai` client; its stdout is JSON.
+fn python(script: &str, args: &[&str]) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("client.py");
+    std::fs::write(&f, script).unwrap();
+    let out = Command::new("python3")
+        .arg(&f)
+        .args(args)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "the openai client script failed (is `pip install openai` done?):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "client output is not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// Non-streaming and streaming chat through the official client; messages come from a file.
+const OPENAI_CHAT: &str = r#"
+import json, sys
+import openai
+url, key, messages_file, max_tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+client = openai.OpenAI(base_url=url + "/v1", api_key=key)
+messages = json.load(open(messages_file))
+out = {"models": [m.id for m in client.models.list().data]}
+r = client.chat.completions.create(model="tiny-a", messages=messages, temperature=0, max_tokens=max_tokens)
+out["text"] = r.choices[0].message.content
+out["finish"] = r.choices[0].finish_reason
+out["usage"] = r.usage.model_dump()
+out["boxes"] = (r.choices[0].message.model_extra or {}).get("boxes")
+pieces, finish, usage = [], None, None
+for chunk in client.chat.completions.create(model="tiny-a", messages=messages, temperature=0,
+        max_tokens=max_tokens, stream=True, stream_options={"include_usage": True}):
+    if chunk.usage is not None:
+        usage = chunk.usage.model_dump()
+    for c in chunk.choices:
+        if c.delta.content:
+            pieces.append(c.delta.content)
+        if c.finish_reason:
+            finish = c.finish_reason
+out["stream_pieces"] = pieces
+out["stream_finish"] = finish
+out["stream_usage"] = usage
+try:
+    openai.OpenAI(base_url=url + "/v1", api_key="wrong-key").models.list()
+    out["bad_key"] = "accepted"
+except openai.AuthenticationError as e:
+    out["bad_key"] = {"status": e.status_code, "message": str(e)}
+print(json.dumps(out))
+"#;
+
+#[test]
+fn openai_client_gets_the_cli_answer_streamed_and_not() {
+    let server = Server::start(&["--api-key", "k-123"]);
+    for id in ["one_image", "multi_turn_history_images", "custom_system"] {
+        let conv = case(id)["conversation"].clone();
+        let want = cli(&conv, MAX_TOKENS);
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("messages.json");
+        std::fs::write(&f, serde_json::to_vec(&messages(&conv)).unwrap()).unwrap();
+        let got = python(
+            OPENAI_CHAT,
+            &[
+                &server.url,
+                "k-123",
+                f.to_str().unwrap(),
+                &MAX_TOKENS.to_string(),
+            ],
+        );
+        assert_eq!(got["models"], json!(["tiny-a"]));
+        assert_eq!(got["text"], want["text"], "{id}: non-streamed text");
+        let streamed: String = got["stream_pieces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_str().unwrap())
+            .collect();
+        assert_eq!(
+            streamed,
+            want["text"].as_str().unwrap(),
+            "{id}: streamed text"
+        );
+        let n_prompt = want["prompt_ids"].as_array().unwrap().len() as u64;
+        let n_gen = want["generated_ids"].as_array().unwrap().len() as u64;
+        if n_gen > 4 {
+            assert!(
+                got["stream_pieces"].as_array().unwrap().len() > 1,
+                "{id}: the reply came in one piece, not streamed"
+            );
+        }
+        for usage in [&got["usage"], &got["stream_usage"]] {
+            assert_eq!(usage["prompt_tokens"], n_prompt, "{id}");
+            assert_eq!(usage["completion_tokens"], n_gen, "{id}");
+            assert_eq!(usage["total_tokens"], n_prompt + n_gen, "{id}");
+        }
+        let finish = if want["finish"] == "Length" {
+            "length"
+        } else {
+            "stop"
+        };
+        assert_eq!(got["finish"], finish, "{id}");
+        assert_eq!(got["stream_finish"], finish, "{id}");
+        assert_eq!(got["boxes"], json!([]), "{id}: the boxes extension field");
+        assert_eq!(got["bad_key"]["status"], 401, "{id}: {}", got["bad_key"]);
+        assert!(got["bad_key"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("incorrect API key"));
+    }
+}
+
+#[test]
+fn curl_answers_equal_the_cli_and_keys_are_checked() {
+    let server = Server::start(&["--api-key", "s3cret"]);
+    let chat = format!("{}/v1/chat/completions", server.url);
+    for id in ["text_only_zh", "two_images", "grounding_en", "box_input"] {
+        let conv = case(id)["conversation"].clone();
+        let want = cli(&conv, MAX_TOKENS);
+        let (code, body) = curl(&chat, Some("s3cret"), Some(&chat_body(&conv, json!({}))));
+        assert_eq!(code, 200, "{id}: {}", String::from_utf8_lossy(&body));
+        let r: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(r["object"], "chat.completion");
+        assert_eq!(r["choices"][0]["message"]["content"], want["text"], "{id}");
+        assert_eq!(
+            r["usage"]["completion_tokens"],
+            want["generated_ids"].as_array().unwrap().len(),
+            "{id}"
+        );
+        // The grounding extension: the CLI's boxes, in the same grid and pixels.
+        let boxes = r["choices"][0]["message"]["boxes"].as_array().unwrap();
+        let cli_boxes = want["boxes"].as_array().unwrap();
+        assert_eq!(boxes.len(), cli_boxes.len(), "{id}");
+        for (b, c) in boxes.iter().zip(cli_boxes) {
+            assert_eq!(b["box"], c["box"]);
+            assert_eq!(b["box_px"], c["box_px"]);
+        }
+    }
+    // Streaming with curl: server-sent events ending in [DONE].
+    let conv = case("one_image")["conversation"].clone();
+    let want = cli(&conv, MAX_TOKENS);
+    let (code, body) = curl(
+        &chat,
+        Some("s3cret"),
+        Some(&chat_body(&conv, json!({"stream": true}))),
+    );
+    assert_eq!(code, 200);
+    let text = String::from_utf8(body).unwrap();
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"));
+    let mut streamed = String::new();
+    for e in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(e).unwrap();
+        assert_eq!(v["object"], "chat.completion.chunk");
+        if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
+            streamed.push_str(t);
+        }
+    }
+    assert_eq!(streamed, want["text"].as_str().unwrap());
+
+    // Keys: none, wrong, right; /v1/models too.
+    let models = format!("{}/v1/models", server.url);
+    for key in [None, Some("wrong"), Some("s3cret-and-more")] {
+        let (code, body) = curl(&models, key, None);
+        assert_eq!(code, 401, "{key:?}");
+        let e: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(e["error"]["code"], "invalid_api_key");
+    }
+    let (code, _) = curl(&chat, Some("wrong"), Some(&chat_body(&conv, json!({}))));
+    assert_eq!(code, 401);
+    let (code, body) = curl(&models, Some("s3cret"), None);
+    assert_eq!(code, 200);
+    let m: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(m["data"][0]["id"], "tiny-a");
+}
+
+#[test]
+fn limits_and_bad_requests_get_clear_errors() {
+    let server = Server::start(&[
+        "--max-body-mb",
+        "1",
+        "--max-images",
+        "2",
+        "--max-image-pixels",
+        "100000",
+    ]);
+    let chat = format!("{}/v1/chat/completions", server.url);
+    let err = |code: u16, body: &[u8]| -> (u16, String) {
+        let v: Value = serde_json::from_slice(body)
+            .unwrap_or_else(|_| panic!("not a JSON error: {}", String::from_utf8_lossy(body)));
+        (code, v["error"]["message"].as_str().unwrap().to_string())
+    };
+
+    // An oversized body: 413 before the model sees anything.
+    let big =
+        json!({"model": "tiny-a", "messages": [{"role": "user", "content": "x".repeat(2 << 20)}]});
+    let (code, body) = curl(&chat, None, Some(&serde_json::to_vec(&big).unwrap()));
+    let (code, msg) = err(code, &body);
+    assert_eq!(code, 413, "{msg}");
+    assert!(msg.contains("1 MiB"), "{msg}");
+
+    // Too many images.
+    let img = |name: &str| json!({"type": "image_url", "image_url": {"url": qwenvl::openai::data_url(&tiny_a().join("images").join(name)).unwrap()}});
+    let three = json!({"model": "tiny-a", "messages": [{"role": "user", "content": [img("tiny_50x40.png"), img("tiny_50x40.png"), img("tiny_50x40.png"), {"type": "text", "text": "?"}]}]});
+    let (code, body) = curl(&chat, None, Some(&serde_json::to_vec(&three).unwrap()));
+    let (code, msg) = err(code, &body);
+    assert_eq!(code, 400);
+    assert!(msg.contains("more than 2 images"), "{msg}");
+
+    // Too many pixels (640×480 > 100000).
+    let large = json!({"model": "tiny-a", "messages": [{"role": "user", "content": [img("photo_640x480.jpg")]}]});
+    let (code, body) = curl(&chat, None, Some(&serde_json::to_vec(&large).unwrap()));
+    let (code, msg) = err(code, &body);
+    assert_eq!(code, 400);
+    assert!(msg.contains("640×480"), "{msg}");
+
+    // Not an image, bad base64, a local path without --allow-local-files, an http URL.
+    for (url, needle) in [
+        (
+            "data:image/png;base64,aGVsbG8gd29ybGQ=",
+            "not a supported image",
+        ),
+        ("data:image/png;base64,!!!", "base64"),
+        ("/etc/passwd", "--allow-local-files"),
+        ("http://example.com/a.png", "not fetched"),
+    ] {
+        let body = json!({"model": "tiny-a", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]});
+        let (code, body) = curl(&chat, None, Some(&serde_json::to_vec(&body).unwrap()));
+        let (code, msg) = err(code, &body);
+        assert_eq!(code, 400, "{url}: {msg}");
+        assert!(msg.contains(needle), "{url}: {msg}");
+    }
+
+    // Malformed requests.
+    for (body, code_want, needle) in [
+        (&b"{not json"[..], 400, "not a valid chat request"),
+        (br#"{"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}"#, 404, "not served here"),
+        (br#"{"model": "tiny-a", "messages": []}"#, 400, "no user message"),
+        (br#"{"model": "tiny-a", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}"#, 400, "temperature"),
+        (br#"{"model": "tiny-a", "messages": [{"role": "user", "content": "hi"}], "n": 3}"#, 400, "n = 1"),
+    ] {
+        let (code, resp) = curl(&chat, None, Some(body));
+        let (code, msg) = err(code, &resp);
+        assert_eq!(code, code_want, "{msg}");
+        assert!(msg.contains(needle), "{msg}");
+    }
+    let (code, _) = curl(&format!("{}/v1/nothing", server.url), None, None);
+    assert_eq!(code, 404);
+
+    // After all that, the server still answers.
+    let ok = json!({"model": "tiny-a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3});
+    let (code, body) = curl(&chat, None, Some(&serde_json::to_vec(&ok).unwrap()));
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+}
+
+#[test]
+fn stop_strings_and_seeded_sampling() {
+    let server = Server::start(&[]);
+    let chat = format!("{}/v1/chat/completions", server.url);
+    let conv = case("one_image")["conversation"].clone();
+    let want = cli(&conv, MAX_TOKENS);
+    let text = want["text"].as_str().unwrap();
+    // Stop at the start of the second word of the greedy answer.
+    let words: Vec<&str> = text.split(' ').collect();
+    assert!(words.len() > 2, "need a multi-word answer: {text:?}");
+    let stop = words[1];
+    let cut = &text[..text.find(stop).unwrap()];
+    let (code, body) = curl(
+        &chat,
+        None,
+        Some(&chat_body(&conv, json!({"stop": [stop]}))),
+    );
+    assert_eq!(code, 200);
+    let r: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(r["choices"][0]["message"]["content"], cut.trim_end());
+    assert_eq!(r["choices"][0]["finish_reason"], "stop");
+
+    // The same seed gives the same sample; the CLI's sampler with that seed agrees.
+    let sampled = |seed: i64| {
+        let (code, body) = curl(
+            &chat,
+            None,
+            Some(&chat_body(
+                &conv,
+                json!({"temperature": 1.0, "top_p": 0.9, "seed": seed}),
+            )),
+        );
+        assert_eq!(code, 200);
+        let r: Value = serde_json::from_slice(&body).unwrap();
+        r["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let a = sampled(7);
+    assert_eq!(a, sampled(7));
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(tiny_a().join("images"), dir.path().join("images")).unwrap();
+    let path = dir.path().join("c.json");
+    std::fs::write(&path, serde_json::to_vec(&conv).unwrap()).unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "--json", "--model"])
+        .arg(tiny_a())
+        .arg("--conversation")
+        .arg(&path)
+        .args([
+            "--temperature",
+            "1.0",
+            "--top-p",
+            "0.9",
+            "--seed",
+            "7",
+            "--max-new-tokens",
+        ])
+        .arg(MAX_TOKENS.to_string())
+        .output()
+        .unwrap();
+    let cli_sample: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(a, cli_sample["text"].as_str().unwrap());
+}
+
+/// Sends a streaming request over a raw socket, reads `events` events, then hangs up.
+fn stream_then_hang_up(base: &str, body: &[u8], events: usize) -> Vec<String> {
+    let addr = base.strip_prefix("http://").unwrap();
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut got = Vec::new();
+    let mut line = String::new();
+    while got.len() < events {
+        line.clear();
+        if r.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        if let Some(d) = line.trim().strip_prefix("data: ") {
+            got.push(d.to_string());
+        }
+    }
+    s.shutdown(std::net::Shutdown::Both).unwrap();
+    got
+}
+
+#[test]
+fn a_client_that_hangs_up_cancels_its_generation() {
+    let server = Server::start(&[]);
+    let conv = json!({"query": [{"text": "Tell me a long story."}]});
+    // As many tokens as the context allows: minutes on a real model, so only a cancel ends it
+    // early.
+    let body = chat_body(&conv, json!({"stream": true, "max_tokens": 8000}));
+    let got = stream_then_hang_up(&server.url, &body, 4);
+    assert_eq!(got.len(), 4, "{got:?}");
+    let line = server.wait_log("chatcmpl-0 from");
+    assert!(line.contains("finish=cancelled"), "{line}");
+    let n: u64 = line
+        .split("completion_tokens=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    assert!(
+        n < 8000 - 300,
+        "generation went on after the hang-up: {line}"
+    );
+
+    // A request that waits in the queue behind a long one and whose client leaves is dropped
+    // without running: start a long non-streamed request, queue a streamed one, hang up on it.
+    let long = chat_body(&conv, json!({"max_tokens": 3000}));
+    let chat = format!("{}/v1/chat/completions", server.url);
+    let t = std::thread::spawn(move || curl(&chat, None, Some(&long)));
+    server.wait_log("chatcmpl-0 from"); // (already there; keeps the order readable)
+    std::thread::sleep(Duration::from_millis(200));
+    let got = stream_then_hang_up(&server.url, &body, 1);
+    assert_eq!(
+        got.len(),
+        1,
+        "the role chunk comes at once, even while queued"
+    );
+    let (code, _) = t.join().unwrap();
+    assert_eq!(code, 200);
+    let line = server.wait_log("chatcmpl-2 from");
+    assert!(line.contains("cancelled while queued"), "{line}");
+}
+
+#[test]
+fn concurrent_clients_are_all_answered_in_full() {
+    let server = Server::start(&[]);
+    let conv = case("one_image")["conversation"].clone();
+    let want = cli(&conv, MAX_TOKENS);
+    let chat = format!("{}/v1/chat/completions", server.url);
+    let body = chat_body(&conv, json!({}));
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let (chat, body) = (chat.clone(), body.clone());
+            std::thread::spawn(move || curl(&chat, None, Some(&body)))
+        })
+        .collect();
+    for h in handles {
+        let (code, body) = h.join().unwrap();
+        assert_eq!(code, 200);
+        let r: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(r["choices"][0]["message"]["content"], want["text"]);
+    }
+}
