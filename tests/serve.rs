@@ -7,83 +7,16 @@
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use qwenvl_e2e::{expected_json, tiny_a};
 use serde_json::{json, Value};
 
-const BIN: &str = env!("CARGO_BIN_EXE_qwenvl");
+#[path = "server_support.rs"]
+mod server_support;
+use server_support::{Server, BIN};
 const MAX_TOKENS: u64 = 24;
-
-/// A running `qwenvl serve`; killed when dropped. Its stderr (the request log) is collected.
-struct Server {
-    child: Child,
-    url: String,
-    log: Arc<Mutex<String>>,
-}
-
-impl Server {
-    fn start(extra: &[&str]) -> Server {
-        let mut child = Command::new(BIN)
-            .args(["serve", "--port", "0", "--model"])
-            .arg(tiny_a())
-            .args(extra)
-            .env_remove("QWENVL_API_KEY")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start qwenvl serve");
-        let log = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().unwrap();
-        let l = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut g = l.lock().unwrap();
-                g.push_str(&line);
-                g.push('\n');
-            }
-        });
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        let url = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| {
-                panic!(
-                    "qwenvl serve did not start: {line:?}; log: {}",
-                    log.lock().unwrap()
-                )
-            })
-            .to_string();
-        Server { child, url, log }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    /// Waits until the request log has a line containing `needle`.
-    fn wait_log(&self, needle: &str) -> String {
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(60) {
-            if let Some(l) = self.log().lines().find(|l| l.contains(needle)) {
-                return l.to_string();
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("no log line with {needle:?}; log:\n{}", self.log());
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn case(id: &str) -> Value {
     expected_json("cases.json")["cases"]

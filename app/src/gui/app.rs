@@ -12,7 +12,7 @@ use egui::{Rect, TextureHandle};
 use lm::checkpoint::LoadProgress;
 use lm::prompt::Item;
 
-use super::backend::{Backend, ModelInfo, Params, ReplyStats};
+use super::backend::{Backend, ModelInfo, ModelSource, Params, ReplyStats};
 use super::settings::{self, Dirs, Found, Settings};
 use super::state::{Chat, ChatStore, Stored, Turn, TurnStatus};
 use super::worker::{Command, Event, Worker};
@@ -48,6 +48,8 @@ pub struct AppOptions {
     pub discover_model: bool,
     /// Load this model at start (wins over discovery).
     pub model: Option<PathBuf>,
+    /// Connect to this server at start (wins over `model` and discovery).
+    pub server: Option<ModelSource>,
     /// Import this saved chat file and show it (`QWENVL_OPEN_CHAT`).
     pub open_chat: Option<PathBuf>,
     pub clipboard: ClipboardImage,
@@ -61,6 +63,7 @@ impl AppOptions {
             backend,
             discover_model: false,
             model: None,
+            server: None,
             open_chat: None,
             clipboard: Box::new(|| Ok(None)),
         }
@@ -89,7 +92,7 @@ impl ModelState {
 pub enum ModelState {
     None,
     Loading {
-        dir: PathBuf,
+        source: ModelSource,
         stage: String,
         /// Known progress of a stage; `None`: see `counter`.
         fraction: Option<f32>,
@@ -100,7 +103,7 @@ pub enum ModelState {
     },
     Ready(ModelInfo),
     Failed {
-        dir: PathBuf,
+        source: ModelSource,
         error: String,
     },
 }
@@ -239,6 +242,13 @@ pub struct QwenApp {
     pub found: Option<Found>,
     pub(crate) textures: HashMap<String, Option<Tex>>,
     pub(crate) clipboard: ClipboardImage,
+    /// The "Connect to a server" form.
+    pub server_url: String,
+    pub server_key: String,
+    pub show_connect: bool,
+    /// The model that was ready when a server connection was tried: it is still loaded if the
+    /// connection fails.
+    previous: Option<ModelInfo>,
     worker: Worker,
     waker_ctx: Arc<OnceLock<egui::Context>>,
     next_id: u64,
@@ -307,11 +317,31 @@ impl QwenApp {
             found: None,
             textures: HashMap::new(),
             clipboard: opts.clipboard,
+            server_url: String::new(),
+            server_key: String::new(),
+            show_connect: false,
+            previous: None,
             worker,
             waker_ctx,
             next_id: 0,
             pasted: false,
         };
+        if let Some(ModelSource::Server { url, api_key }) = &app.settings.server {
+            app.server_url = url.clone();
+            app.server_key = api_key.clone().unwrap_or_default();
+        }
+        let last_server = app
+            .settings
+            .server
+            .clone()
+            .filter(|_| app.settings.use_server && std::env::var_os("QWENVL_MODEL").is_none());
+        if let Some(server) = opts
+            .server
+            .or_else(|| last_server.filter(|_| opts.discover_model && opts.model.is_none()))
+        {
+            app.load_source(server);
+            return app;
+        }
         let start = opts.model.map(Found::EnvVar).or_else(|| {
             if opts.discover_model {
                 settings::discover(&app.settings)
@@ -340,16 +370,38 @@ impl QwenApp {
     }
 
     pub fn load_model(&mut self, dir: PathBuf) {
+        self.load_source(ModelSource::folder(dir));
+    }
+
+    /// Connects to the server of the "Connect to a server" form.
+    pub fn connect_server(&mut self) {
+        let key = self.server_key.trim();
+        self.load_source(ModelSource::Server {
+            url: self.server_url.trim().to_string(),
+            api_key: (!key.is_empty()).then(|| key.to_string()),
+        });
+        self.show_connect = false;
+    }
+
+    pub fn load_source(&mut self, source: ModelSource) {
         let counter = Arc::new(LoadProgress::default());
+        let total = match &source {
+            ModelSource::Folder { path } => super::backend::weights_bytes(path),
+            ModelSource::Server { .. } => 0,
+        };
+        self.previous = match std::mem::replace(&mut self.model, ModelState::None) {
+            ModelState::Ready(info) if source.is_server() => Some(info),
+            _ => None,
+        };
         self.model = ModelState::Loading {
-            dir: dir.clone(),
+            source: source.clone(),
             stage: "Starting".into(),
             fraction: None,
             counter: counter.clone(),
-            total: super::backend::weights_bytes(&dir),
+            total,
             since: Instant::now(),
         };
-        if !self.worker.send(Command::Load(dir, counter)) {
+        if !self.worker.send(Command::Load(source, counter)) {
             self.fail_worker();
         }
     }
@@ -379,23 +431,53 @@ impl QwenApp {
                 }
             }
             Event::Loaded(info) => {
-                let same = self.settings.last_model.as_deref() == Some(info.dir.as_path());
+                let same = match &info.source {
+                    ModelSource::Folder { path } => {
+                        !self.settings.use_server
+                            && self.settings.last_model.as_deref() == Some(path.as_path())
+                    }
+                    server => {
+                        self.settings.use_server && self.settings.server.as_ref() == Some(server)
+                    }
+                };
                 if !same || self.settings.params.is_none() {
                     self.params = info.defaults.clone();
                 }
                 self.model_defaults = info.defaults.clone();
-                self.settings.last_model = Some(info.dir.clone());
+                match &info.source {
+                    ModelSource::Folder { path } => {
+                        self.settings.last_model = Some(path.clone());
+                        self.settings.use_server = false;
+                    }
+                    server => {
+                        self.settings.server = Some(server.clone());
+                        self.settings.use_server = true;
+                    }
+                }
+                self.previous = None;
                 self.save_settings();
                 self.model = ModelState::Ready(info);
             }
             Event::LoadFailed(error) => {
-                let dir = match &self.model {
-                    ModelState::Loading { dir, .. } => dir.clone(),
-                    _ => PathBuf::new(),
+                let source = match &self.model {
+                    ModelState::Loading { source, .. } => source.clone(),
+                    _ => ModelSource::folder(PathBuf::new()),
                 };
-                self.errors
-                    .push(format!("Could not load the model: {error}"));
-                self.model = ModelState::Failed { dir, error };
+                if source.is_server() {
+                    self.errors.push(format!(
+                        "Could not connect to {}: {error}",
+                        source.location()
+                    ));
+                    // The backend keeps what it had loaded before.
+                    self.model = match self.previous.take() {
+                        Some(info) => ModelState::Ready(info),
+                        None => ModelState::Failed { source, error },
+                    };
+                } else {
+                    self.errors
+                        .push(format!("Could not load the model: {error}"));
+                    self.model = ModelState::Failed { source, error };
+                }
             }
             Event::Text(id, piece) => {
                 let Some(p) = self.pending.as_mut().filter(|p| p.id == id) else {

@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::Engine;
 pub use crate::model_dir::{check_memory, check_model_dir, choose_weights, weights_bytes};
+use crate::openai::ChatRequest;
+use crate::remote::RemoteClient;
 
 /// User-adjustable generation settings; defaults come from the checkpoint's
 /// `generation_config.json`.
@@ -76,10 +78,74 @@ impl Params {
     }
 }
 
+/// Where the model runs.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ModelSource {
+    /// A model folder, run on this computer.
+    Folder { path: PathBuf },
+    /// An OpenAI-compatible server serving Qwen-VL-Chat (`qwenvl serve`, vLLM).
+    Server {
+        url: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        api_key: Option<String>,
+    },
+}
+
+impl std::fmt::Debug for ModelSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The key stays out of logs and panic messages.
+        match self {
+            ModelSource::Folder { path } => write!(f, "Folder({})", path.display()),
+            ModelSource::Server { url, api_key } => write!(
+                f,
+                "Server({url}{})",
+                if api_key.is_some() { ", with key" } else { "" }
+            ),
+        }
+    }
+}
+
+impl ModelSource {
+    pub fn folder(path: impl Into<PathBuf>) -> Self {
+        ModelSource::Folder { path: path.into() }
+    }
+
+    /// Short name for the top bar: the folder's name, or the server's host and port.
+    pub fn label(&self) -> String {
+        match self {
+            ModelSource::Folder { path } => path
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_else(|| path.display().to_string()),
+            ModelSource::Server { url, .. } => url
+                .split("://")
+                .nth(1)
+                .unwrap_or(url)
+                .split('/')
+                .next()
+                .unwrap_or(url)
+                .to_string(),
+        }
+    }
+
+    /// The full folder path or URL.
+    pub fn location(&self) -> String {
+        match self {
+            ModelSource::Folder { path } => path.display().to_string(),
+            ModelSource::Server { url, .. } => url.clone(),
+        }
+    }
+
+    pub fn is_server(&self) -> bool {
+        matches!(self, ModelSource::Server { .. })
+    }
+}
+
 /// A loaded model as the UI shows it.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
-    pub dir: PathBuf,
+    pub source: ModelSource,
     /// Short human description ("2 layers, hidden 128, f32").
     pub description: String,
     pub defaults: Params,
@@ -113,10 +179,12 @@ impl ReplyStats {
 pub type Progress<'a> = &'a dyn Fn(&str, Option<f32>);
 
 pub trait Backend: Send {
-    /// Loads the model in `dir`; `counter` counts the weight bytes read (the UI polls it).
+    /// Loads the model of `source` (or connects to its server); `counter` counts the weight
+    /// bytes read (the UI polls it). A server that cannot be reached leaves the model that was
+    /// loaded before in place.
     fn load(
         &mut self,
-        dir: &Path,
+        source: &ModelSource,
         progress: Progress<'_>,
         counter: &Arc<LoadProgress>,
     ) -> Result<ModelInfo>;
@@ -132,31 +200,40 @@ pub trait Backend: Send {
     ) -> Result<ReplyStats>;
 }
 
-/// The real model, on the CPU.
+/// The real model: on the CPU, or on a server.
 #[derive(Default)]
 pub struct EngineBackend {
     engine: Option<Engine>,
+    /// The server and the model id it serves, when the model runs there.
+    remote: Option<(RemoteClient, String)>,
     requests: u64,
 }
 
 impl Backend for EngineBackend {
     fn load(
         &mut self,
-        dir: &Path,
+        source: &ModelSource,
         progress: Progress<'_>,
         counter: &Arc<LoadProgress>,
     ) -> Result<ModelInfo> {
+        let dir = match source {
+            ModelSource::Folder { path } => path.as_path(),
+            ModelSource::Server { url, api_key } => {
+                return self.connect(url.as_str(), api_key.clone(), progress)
+            }
+        };
         progress("Checking the folder", None);
         check_model_dir(dir)?;
         // Free the previous model first: two large models may not fit together.
         self.engine = None;
+        self.remote = None;
         let wt = choose_weights(dir)?;
         check_memory(dir, wt)?;
         progress(&format!("Loading the weights as {wt}"), None);
         let engine = Engine::load_with(dir, wt, &Device::Cpu, Some(counter.clone()))?;
         let cfg = &engine.checkpoint.config;
         let info = ModelInfo {
-            dir: dir.to_path_buf(),
+            source: source.clone(),
             description: format!(
                 "{} layers, hidden {}, weights {wt}",
                 cfg.num_hidden_layers, cfg.hidden_size
@@ -176,13 +253,16 @@ impl Backend for EngineBackend {
         cancel: &AtomicBool,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<ReplyStats> {
-        let engine = self.engine.as_ref().context("no model is loaded")?;
         self.requests += 1;
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0)
             ^ self.requests;
+        if let Some((client, model)) = &self.remote {
+            return remote_reply(client, model, conv, base_dir, params, seed, cancel, on_text);
+        }
+        let engine = self.engine.as_ref().context("no model is loaded")?;
         let opts = params.generate_options(seed);
         let reply = engine.reply(conv, base_dir, &opts, cancel, on_text)?;
         Ok(ReplyStats {
@@ -193,6 +273,84 @@ impl Backend for EngineBackend {
             history_turns_dropped: reply.prompt.history_turns_dropped,
         })
     }
+}
+
+impl EngineBackend {
+    /// Checks the server answers and serves a model; the local model (if any) is freed only
+    /// once it does.
+    fn connect(
+        &mut self,
+        url: &str,
+        api_key: Option<String>,
+        progress: Progress<'_>,
+    ) -> Result<ModelInfo> {
+        let t0 = Instant::now();
+        let client = RemoteClient::new(url, api_key.clone())?;
+        progress(&format!("Connecting to {}", client.base()), None);
+        let models = client.models()?;
+        // vLLM may serve several models: take the Qwen-VL one.
+        let model = models
+            .iter()
+            .find(|m| m.to_ascii_lowercase().contains("qwen"))
+            .or(models.first())
+            .cloned()
+            .with_context(|| format!("{} serves no model", client.base()))?;
+        let description = format!("{model} on {}", client.base());
+        self.engine = None;
+        self.remote = Some((client, model));
+        Ok(ModelInfo {
+            source: ModelSource::Server {
+                url: url.to_string(),
+                api_key,
+            },
+            description,
+            defaults: Params::default(),
+            load_ms: t0.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+}
+
+/// One reply from the server: the conversation goes as OpenAI messages with the images inline.
+#[allow(clippy::too_many_arguments)]
+fn remote_reply(
+    client: &RemoteClient,
+    model: &str,
+    conv: &Conversation,
+    base_dir: &Path,
+    params: &Params,
+    seed: u64,
+    cancel: &AtomicBool,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<ReplyStats> {
+    let sample = params.do_sample && params.temperature > 0.0;
+    let req = ChatRequest {
+        model: model.to_string(),
+        messages: crate::openai::to_messages(conv, base_dir)?,
+        temperature: Some(if sample { params.temperature } else { 0.0 }),
+        top_p: sample.then_some(params.top_p),
+        top_k: (sample && params.top_k > 0).then_some(params.top_k as i64),
+        repetition_penalty: (sample && params.repetition_penalty != 1.0)
+            .then_some(params.repetition_penalty),
+        seed: sample.then_some((seed >> 1) as i64),
+        max_tokens: Some(params.max_new_tokens.max(1) as u64),
+        ..ChatRequest::default()
+    };
+    let out = client.chat(&req, cancel, on_text)?;
+    let tokens = out
+        .usage
+        .map(|u| u.completion_tokens as usize)
+        .unwrap_or(out.pieces);
+    Ok(ReplyStats {
+        tokens,
+        time_to_first_token_ms: out.time_to_first_token_ms,
+        tokens_per_s: if out.pieces > 1 && out.streaming_s > 0.0 {
+            (out.pieces - 1) as f64 / out.streaming_s
+        } else {
+            0.0
+        },
+        cancelled: out.cancelled,
+        history_turns_dropped: 0,
+    })
 }
 
 /// Replays scripted replies piece by piece (tests, demo). Records every conversation it is
@@ -242,11 +400,15 @@ pub fn split_pieces(text: &str) -> Vec<String> {
 impl Backend for ScriptedBackend {
     fn load(
         &mut self,
-        dir: &Path,
+        source: &ModelSource,
         progress: Progress<'_>,
         _counter: &Arc<LoadProgress>,
     ) -> Result<ModelInfo> {
         progress("Loading scripted model", None);
+        let dir = match source {
+            ModelSource::Folder { path } => path.clone(),
+            ModelSource::Server { .. } => PathBuf::new(),
+        };
         std::thread::sleep(self.load_delay);
         if let Some(e) = &self.load_error {
             bail!("{e}");
@@ -260,7 +422,7 @@ impl Backend for ScriptedBackend {
             Err(_) => Params::default(),
         };
         Ok(ModelInfo {
-            dir: dir.to_path_buf(),
+            source: source.clone(),
             description: "scripted replies".into(),
             defaults,
             load_ms: 0.0,

@@ -63,6 +63,16 @@ pub fn run() -> Result<()> {
         discover_model: !demo,
         // The demo "model" is the scripted backend; any folder name will do.
         model: demo.then(|| PathBuf::from("demo")),
+        // QWENVL_SERVER=http://host:port (and QWENVL_API_KEY): chat with a server's model.
+        server: std::env::var("QWENVL_SERVER")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .map(|url| backend::ModelSource::Server {
+                url,
+                api_key: std::env::var("QWENVL_API_KEY")
+                    .ok()
+                    .filter(|k| !k.is_empty()),
+            }),
         open_chat: std::env::var_os("QWENVL_OPEN_CHAT").map(PathBuf::from),
         clipboard: app::system_clipboard_image(),
     };

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::backend::Params;
+use super::backend::{ModelSource, Params};
 use super::state::write_atomic;
 
 /// The Hugging Face repository the app is made for.
@@ -64,6 +64,12 @@ pub struct Settings {
     pub last_chat: Option<String>,
     #[serde(default = "yes")]
     pub show_boxes: bool,
+    /// The last server connected to (its key too: the settings file is the user's own).
+    #[serde(default)]
+    pub server: Option<ModelSource>,
+    /// The model ran on `server` last time: connect again at start.
+    #[serde(default)]
+    pub use_server: bool,
 }
 
 fn yes() -> bool {

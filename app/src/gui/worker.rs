@@ -11,14 +11,14 @@ use std::sync::Arc;
 use lm::checkpoint::LoadProgress;
 use lm::prompt::Conversation;
 
-use super::backend::{Backend, ModelInfo, Params, ReplyStats};
+use super::backend::{Backend, ModelInfo, ModelSource, Params, ReplyStats};
 
 /// Wakes the UI when an event is sent (`egui::Context::request_repaint`).
 pub type Waker = Arc<dyn Fn() + Send + Sync>;
 
 pub enum Command {
-    /// Load a model; the counter tracks the bytes read.
-    Load(PathBuf, Arc<LoadProgress>),
+    /// Load a model (or connect to a server); the counter tracks the bytes read.
+    Load(ModelSource, Arc<LoadProgress>),
     Reply {
         id: u64,
         conversation: Box<Conversation>,
@@ -67,12 +67,12 @@ impl Worker {
             .spawn(move || {
                 for cmd in rx {
                     match cmd {
-                        Command::Load(dir, counter) => {
+                        Command::Load(source, counter) => {
                             let stage =
                                 |s: &str, f: Option<f32>| send(Event::LoadStage(s.to_string(), f));
                             // A bug in the model code must not take the window down with it.
                             let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                                backend.load(&dir, &stage, &counter)
+                                backend.load(&source, &stage, &counter)
                             }));
                             send(match r {
                                 Ok(Ok(info)) => Event::Loaded(info),

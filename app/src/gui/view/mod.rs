@@ -17,6 +17,15 @@ pub fn frame(app: &mut QwenApp, ctx: &egui::Context) {
     if app.show_settings {
         settings::show(app, ctx);
     }
+    if app.show_connect {
+        let mut open = true;
+        egui::Window::new("Connect to a server")
+            .open(&mut open)
+            .collapsible(false)
+            .resizable(false)
+            .show(ctx, |ui| welcome::server_form(app, ui));
+        app.show_connect &= open;
+    }
     composer::show(app, ctx);
     egui::CentralPanel::default().show(ctx, |ui| {
         banners(app, ui);
@@ -37,18 +46,18 @@ fn top_bar(app: &mut QwenApp, ctx: &egui::Context) {
             ui.separator();
             match &app.model {
                 ModelState::Ready(info) => {
-                    let name = info
-                        .dir
-                        .file_name()
-                        .map(|n| n.to_string_lossy().to_string())
-                        .unwrap_or_default();
+                    let where_ = if info.source.is_server() {
+                        "Server"
+                    } else {
+                        "Model"
+                    };
                     ui.label(
-                        RichText::new(format!("Model: {name}"))
+                        RichText::new(format!("{where_}: {}", info.source.label()))
                             .color(Color32::from_rgb(60, 170, 90)),
                     )
                     .on_hover_text(format!(
-                        "{}\n{}\nloaded in {:.1} s",
-                        info.dir.display(),
+                        "{}\n{}\nready in {:.1} s",
+                        info.source.location(),
                         info.description,
                         info.load_ms / 1e3
                     ));
@@ -74,6 +83,13 @@ fn top_bar(app: &mut QwenApp, ctx: &egui::Context) {
                 {
                     app.load_model(dir);
                 }
+            }
+            if ui
+                .selectable_label(app.show_connect, "Connect to server…")
+                .on_hover_text("Chat with Qwen-VL-Chat on another machine (qwenvl serve, vLLM)")
+                .clicked()
+            {
+                app.show_connect = !app.show_connect;
             }
             ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
                 if ui

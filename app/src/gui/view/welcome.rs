@@ -14,10 +14,18 @@ pub fn show(app: &mut QwenApp, ui: &mut egui::Ui) {
     let fraction = app.model.load_fraction();
     match app.model.clone() {
         ModelState::Loading {
-            dir, stage, since, ..
+            source,
+            stage,
+            since,
+            ..
         } => {
             ui.vertical_centered(|ui| {
-                ui.label(format!("Loading {}", dir.display()));
+                let verb = if source.is_server() {
+                    "Connecting to"
+                } else {
+                    "Loading"
+                };
+                ui.label(format!("{verb} {}", source.location()));
                 ui.add_space(8.0);
                 match fraction {
                     Some(f) => {
@@ -33,10 +41,13 @@ pub fn show(app: &mut QwenApp, ui: &mut egui::Ui) {
             });
         }
         state => {
-            if let ModelState::Failed { dir, error } = &state {
+            if let ModelState::Failed { source, error } = &state {
                 ui.label(
-                    RichText::new(format!("{} could not be loaded: {error}", dir.display()))
-                        .color(Color32::LIGHT_RED),
+                    RichText::new(format!(
+                        "{} could not be loaded: {error}",
+                        source.location()
+                    ))
+                    .color(Color32::LIGHT_RED),
                 );
                 ui.add_space(8.0);
             }
@@ -70,7 +81,45 @@ pub fn show(app: &mut QwenApp, ui: &mut egui::Ui) {
                     app.load_model(dir);
                 }
             }
+            ui.add_space(16.0);
+            ui.separator();
+            ui.label(
+                "Or chat with Qwen-VL-Chat running on another machine: `qwenvl serve` there, or \
+                 any OpenAI-compatible server such as vLLM.",
+            );
+            server_form(app, ui);
         }
+    }
+}
+
+/// Server address and key, and the Connect button.
+pub fn server_form(app: &mut QwenApp, ui: &mut egui::Ui) {
+    egui::Grid::new("server_form")
+        .num_columns(2)
+        .spacing([8.0, 6.0])
+        .show(ui, |ui| {
+            ui.label("Server URL");
+            ui.add(
+                egui::TextEdit::singleline(&mut app.server_url)
+                    .hint_text("http://gpu-box:8080")
+                    .desired_width(280.0),
+            );
+            ui.end_row();
+            ui.label("API key");
+            ui.add(
+                egui::TextEdit::singleline(&mut app.server_key)
+                    .password(true)
+                    .hint_text("(none)")
+                    .desired_width(280.0),
+            );
+            ui.end_row();
+        });
+    let ready = !app.server_url.trim().is_empty();
+    if ui
+        .add_enabled(ready, egui::Button::new("Connect"))
+        .clicked()
+    {
+        app.connect_server();
     }
 }
 

@@ -1,0 +1,79 @@
+//! Starts `qwenvl serve` on the tiny-a fixture on a free loopback port (shared by the server and
+//! remote-backend tests).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use qwenvl_e2e::tiny_a;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_qwenvl");
+
+/// A running `qwenvl serve`; killed when dropped. Its stderr (the request log) is collected.
+pub struct Server {
+    child: Child,
+    pub url: String,
+    log: Arc<Mutex<String>>,
+}
+
+impl Server {
+    pub fn start(extra: &[&str]) -> Server {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--port", "0", "--model"])
+            .arg(tiny_a())
+            .args(extra)
+            .env_remove("QWENVL_API_KEY")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start qwenvl serve");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let l = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut g = l.lock().unwrap();
+                g.push_str(&line);
+                g.push('\n');
+            }
+        });
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| {
+                panic!(
+                    "qwenvl serve did not start: {line:?}; log: {}",
+                    log.lock().unwrap()
+                )
+            })
+            .to_string();
+        Server { child, url, log }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the request log has a line containing `needle`.
+    pub fn wait_log(&self, needle: &str) -> String {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(60) {
+            if let Some(l) = self.log().lines().find(|l| l.contains(needle)) {
+                return l.to_string();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("no log line with {needle:?}; log:\n{}", self.log());
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
