@@ -3,6 +3,8 @@
 //! drive the app through it without a window.
 
 pub mod bench;
+pub mod download;
 pub mod engine;
 pub mod gui;
+pub mod ocr;
 pub mod random_checkpoint;
