@@ -3,10 +3,12 @@
 //! drive the app through it without a window.
 
 pub mod bench;
+pub mod download;
 pub mod engine;
 pub mod gui;
 pub mod model_dir;
 pub mod openai;
+pub mod ocr;
 pub mod random_checkpoint;
 pub mod remote;
 pub mod serve;

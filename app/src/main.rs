@@ -34,6 +34,11 @@ enum Command {
     /// Developer tools.
     #[command(subcommand)]
     Dev(DevCommand),
+    /// Download a model from the Hugging Face hub into its cache (resumable) and print the folder.
+    Download(qwenvl::download::DownloadArgs),
+    /// Read the text of many images (or ask them all one question): one JSON line per image,
+    /// resumable.
+    Ocr(qwenvl::ocr::OcrArgs),
     /// The quantized-model cache: `path` prints its folder, `clear` deletes it.
     Cache {
         #[arg(value_parser = ["path", "clear"])]
@@ -161,6 +166,8 @@ fn main() {
         Some(Command::Bench(args)) => run_bench(args),
         Some(Command::Cache { action }) => cache_command(&action),
         Some(Command::Serve(args)) => qwenvl::serve::run(args),
+        Some(Command::Download(a)) => qwenvl::download::run(a),
+        Some(Command::Ocr(a)) => qwenvl::ocr::run(a),
         Some(Command::Dev(DevCommand::RandomCheckpoint {
             preset,
             format,

@@ -1,0 +1,982 @@
+//! `qwenvl download`: fetches a model from the Hugging Face hub into the standard hub cache
+//! (`models--org--name/{blobs,snapshots,refs}`, the layout `huggingface-cli` and the desktop app's
+//! model discovery use), resumably.
+//!
+//! The hub client `hf-hub` answers the repository listing, the file URLs, each file's metadata
+//! (size, etag, commit; redirects to the CDN) and the cache layout, and honours `HF_ENDPOINT`,
+//! `HF_HOME` and the token file. The file bodies are transferred here rather than by `hf-hub`,
+//! which cannot be cancelled, appends a whole body when a server ignores `Range`, and never checks
+//! what it wrote: bodies go to `blobs/<etag>.incomplete` (the name `huggingface_hub` uses, so either
+//! tool resumes the other's partial files), resume with `Range: bytes=N-`, are checked against the
+//! announced size and, for LFS files (whose etag is their SHA-256), against their hash, and only
+//! then become the blob the snapshot links to.
+
+use std::fs::{File, OpenOptions};
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use hf_hub::api::sync::{Api, ApiBuilder, ApiError};
+use hf_hub::api::RepoInfo;
+use hf_hub::{Cache, Repo, RepoType};
+use sha2::Digest;
+
+/// The model the app runs.
+pub const DEFAULT_REPO: &str = "Qwen/Qwen-VL-Chat";
+/// Retries of a failed request before giving up (a retry resumes where the last attempt stopped).
+pub const DEFAULT_RETRIES: usize = 5;
+const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
+
+/// `qwenvl download [REPO]`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DownloadArgs {
+    /// Model repository on the hub (`org/name`).
+    #[arg(default_value = DEFAULT_REPO)]
+    pub repo: String,
+    /// Branch, tag or commit to download.
+    #[arg(long, default_value = "main")]
+    pub revision: String,
+    /// Every file of the repository, not only what the model needs (JSON configs, the tokenizer,
+    /// the weights).
+    #[arg(long)]
+    pub all: bool,
+    /// Retries of a failed request; each resumes where the previous attempt stopped.
+    #[arg(long, default_value_t = DEFAULT_RETRIES)]
+    pub retries: usize,
+}
+
+/// What to download.
+#[derive(Debug, Clone)]
+pub struct DownloadOptions {
+    /// `org/name` on the hub.
+    pub repo: String,
+    /// Branch, tag or commit.
+    pub revision: String,
+    /// Every file of the repository instead of [`select_files`]'s choice.
+    pub all_files: bool,
+    /// Retries of a failed request.
+    pub retries: usize,
+    /// Hub URL; `None`: `$HF_ENDPOINT`, else `https://huggingface.co`.
+    pub endpoint: Option<String>,
+    /// Hub cache folder (the one holding `models--org--name`); `None`: [`hub_cache`].
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for DownloadOptions {
+    fn default() -> Self {
+        Self {
+            repo: DEFAULT_REPO.to_string(),
+            revision: "main".to_string(),
+            all_files: false,
+            retries: DEFAULT_RETRIES,
+            endpoint: None,
+            cache_dir: None,
+        }
+    }
+}
+
+/// Which phase a [`DownloadProgress`] report belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DownloadStage {
+    /// Asking the hub for each file's size (`bytes_total` grows while this lasts).
+    Checking,
+    /// Transferring file bodies (`bytes_total` is final).
+    Downloading,
+    /// Every file is in the cache.
+    Done,
+}
+
+/// One progress report. Byte counts cover all the selected files; bytes already in the cache (whole
+/// files and resumed partial ones) count as done from the start.
+#[derive(Debug, Clone)]
+pub struct DownloadProgress {
+    pub stage: DownloadStage,
+    /// The current file, relative to the repository.
+    pub file: String,
+    /// 0-based index of `file` among the selected files.
+    pub file_index: usize,
+    pub file_count: usize,
+    pub file_bytes_done: u64,
+    pub file_bytes_total: u64,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
+/// The error a cancelled download ends with (`err.is::<Cancelled>()`); partial files stay for the
+/// next attempt to resume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cancelled;
+
+impl std::fmt::Display for Cancelled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("download cancelled (run it again to resume)")
+    }
+}
+
+impl std::error::Error for Cancelled {}
+
+/// The files of a repository listing the model needs: top-level `*.json` (configs, tokenizer
+/// config, weight index), `*.tiktoken` and the weights. When the repository has safetensors
+/// weights, the pickled `*.bin` ones (and their index) are left out. `all` keeps every file.
+pub fn select_files(names: &[String], all: bool) -> Vec<String> {
+    if all {
+        return names.to_vec();
+    }
+    let has_safetensors = names
+        .iter()
+        .any(|n| !n.contains('/') && n.ends_with(".safetensors"));
+    names
+        .iter()
+        .filter(|n| !n.contains('/'))
+        .filter(|n| {
+            if n.ends_with(".bin") || n.as_str() == "pytorch_model.bin.index.json" {
+                !has_safetensors
+            } else {
+                n.ends_with(".json") || n.ends_with(".tiktoken") || n.ends_with(".safetensors")
+            }
+        })
+        .cloned()
+        .collect()
+}
+
+/// The hub cache folder: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`
+/// (the same folder the desktop app looks for models in).
+pub fn hub_cache() -> Result<PathBuf> {
+    crate::gui::settings::hf_hub_cache()
+        .context("no home folder to put the Hugging Face cache in (set HF_HOME)")
+}
+
+/// The snapshot folder a previous download of `repo` at `revision` left in the cache (the
+/// revision's commit from `refs/`, or `revision` itself when it is a commit), without asking the
+/// hub. It may lack files that a download of another selection would add.
+pub fn cached_snapshot(repo: &str, revision: &str) -> Option<PathBuf> {
+    cached_snapshot_in(&hub_cache().ok()?, repo, revision)
+}
+
+/// [`cached_snapshot`] in the hub cache folder `cache_dir`.
+pub fn cached_snapshot_in(cache_dir: &Path, repo: &str, revision: &str) -> Option<PathBuf> {
+    check_repo_id(repo).ok()?;
+    check_component(revision).ok()?;
+    let dir = cache_dir.join(Repo::new(repo.to_string(), RepoType::Model).folder_name());
+    let commit = std::fs::read_to_string(dir.join("refs").join(revision))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| revision.to_string());
+    check_component(&commit).ok()?;
+    let snap = dir.join("snapshots").join(commit);
+    snap.join("config.json").is_file().then_some(snap)
+}
+
+/// Downloads `repo` at `revision` (the model's files, or every file with `all_files`) into the hub
+/// cache and returns the snapshot folder, a model folder `Engine::load` accepts. Files already in
+/// the cache are not transferred again; partial ones are resumed. `progress` is called from this
+/// thread (at most every 50 ms while bytes flow); setting `cancel` stops the download soon after
+/// with a [`Cancelled`] error.
+pub fn download_model(
+    repo: &str,
+    revision: &str,
+    all_files: bool,
+    progress: &mut dyn FnMut(&DownloadProgress),
+    cancel: &AtomicBool,
+) -> Result<PathBuf> {
+    let opts = DownloadOptions {
+        repo: repo.to_string(),
+        revision: revision.to_string(),
+        all_files,
+        ..DownloadOptions::default()
+    };
+    download(&opts, progress, cancel)
+}
+
+/// [`download_model`] with every option.
+pub fn download(
+    opts: &DownloadOptions,
+    progress: &mut dyn FnMut(&DownloadProgress),
+    cancel: &AtomicBool,
+) -> Result<PathBuf> {
+    check_repo_id(&opts.repo)?;
+    if opts.revision.is_empty() {
+        bail!("the revision must not be empty");
+    }
+    let hub = Hub::new(opts, cancel)?;
+
+    let info = hub.info(&opts.repo, &opts.revision)?;
+    check_component(&info.sha)
+        .with_context(|| format!("{}: the hub answered an unusable commit id", opts.repo))?;
+    let names: Vec<String> = info.siblings.iter().map(|s| s.rfilename.clone()).collect();
+    for n in &names {
+        check_file_name(n)
+            .with_context(|| format!("{}: refusing a file of its listing", opts.repo))?;
+    }
+    let files = select_files(&names, opts.all_files);
+    if files.is_empty() {
+        bail!(
+            "{}@{}: the repository has none of the model's files (*.json, *.tiktoken, *.safetensors, \
+             *.bin); --all takes every file",
+            opts.repo,
+            opts.revision
+        );
+    }
+
+    // Files are fetched at the listing's commit, so a push during the download cannot mix versions.
+    let pinned = hub.api.repo(Repo::with_revision(
+        opts.repo.clone(),
+        RepoType::Model,
+        info.sha.clone(),
+    ));
+    let repo_dir = hub
+        .cache
+        .path()
+        .join(Repo::new(opts.repo.clone(), RepoType::Model).folder_name());
+    let snapshot = repo_dir.join("snapshots").join(&info.sha);
+    let blobs = repo_dir.join("blobs");
+
+    // Sizes first, so the overall total is known before any body moves.
+    let count = files.len();
+    let mut plan: Vec<Planned> = Vec::with_capacity(count);
+    let mut bytes_total = 0u64;
+    let mut bytes_done = 0u64;
+    for (i, name) in files.iter().enumerate() {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(Cancelled.into());
+        }
+        let pointer = snapshot.join(name);
+        let item = match std::fs::metadata(&pointer) {
+            // A snapshot entry is only made once its blob is complete.
+            Ok(m) if m.is_file() => Planned {
+                name: name.clone(),
+                url: pinned.url(name),
+                pointer,
+                blob: None,
+                size: m.len(),
+                have: m.len(),
+            },
+            _ => {
+                let url = pinned.url(name);
+                let meta = hub.metadata(&url, name)?;
+                // A weak etag (`W/"…"`) names the same blob as its strong form.
+                let etag = meta.etag().trim_start_matches("W/").to_string();
+                check_component(&etag).with_context(|| {
+                    format!("{name}: the server at {url} answered an unusable etag")
+                })?;
+                let blob = blobs.join(&etag);
+                let size = meta.size() as u64;
+                let have = match std::fs::metadata(&blob) {
+                    Ok(m) if m.len() == size => size,
+                    _ => std::fs::metadata(incomplete_path(&blob))
+                        .map(|m| m.len())
+                        .ok()
+                        .filter(|&n| n <= size)
+                        .unwrap_or(0),
+                };
+                Planned {
+                    name: name.clone(),
+                    url,
+                    pointer,
+                    blob: Some((blob, etag)),
+                    size,
+                    have,
+                }
+            }
+        };
+        bytes_total += item.size;
+        bytes_done += item.have;
+        progress(&DownloadProgress {
+            stage: DownloadStage::Checking,
+            file: name.clone(),
+            file_index: i,
+            file_count: count,
+            file_bytes_done: item.have,
+            file_bytes_total: item.size,
+            bytes_done,
+            bytes_total,
+        });
+        plan.push(item);
+    }
+
+    std::fs::create_dir_all(&blobs)
+        .with_context(|| format!("cannot create the cache folder {}", blobs.display()))?;
+    for (i, item) in plan.iter().enumerate() {
+        let Some((blob, etag)) = &item.blob else {
+            continue;
+        };
+        let mut report = |file_done: u64, done: u64| {
+            progress(&DownloadProgress {
+                stage: DownloadStage::Downloading,
+                file: item.name.clone(),
+                file_index: i,
+                file_count: count,
+                file_bytes_done: file_done,
+                file_bytes_total: item.size,
+                bytes_done: done,
+                bytes_total,
+            })
+        };
+        let complete_before = std::fs::metadata(blob).is_ok_and(|m| m.len() == item.size);
+        if !complete_before {
+            let base = bytes_done - item.have;
+            report(item.have, bytes_done);
+            let mut last = Instant::now();
+            let mut on_bytes = |file_done: u64| -> Result<()> {
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(Cancelled.into());
+                }
+                if last.elapsed() >= Duration::from_millis(50) || file_done == item.size {
+                    last = Instant::now();
+                    report(file_done, base + file_done);
+                }
+                Ok(())
+            };
+            hub.fetch_blob(&item.url, &item.name, blob, etag, item.size, &mut on_bytes)?;
+            bytes_done = base + item.size;
+        }
+        link(blob, &item.pointer).with_context(|| {
+            format!("{}: cannot link it into {}", item.name, snapshot.display())
+        })?;
+    }
+
+    // A branch or tag name points at the commit, as `huggingface_hub` records it.
+    if opts.revision != info.sha {
+        let r = Repo::with_revision(opts.repo.clone(), RepoType::Model, opts.revision.clone());
+        hub.cache.repo(r).create_ref(&info.sha).with_context(|| {
+            format!(
+                "cannot write the ref {} in {}",
+                opts.revision,
+                repo_dir.display()
+            )
+        })?;
+    }
+    if let Some(last) = plan.last() {
+        progress(&DownloadProgress {
+            stage: DownloadStage::Done,
+            file: last.name.clone(),
+            file_index: count - 1,
+            file_count: count,
+            file_bytes_done: last.size,
+            file_bytes_total: last.size,
+            bytes_done: bytes_total,
+            bytes_total,
+        });
+    }
+    Ok(snapshot)
+}
+
+/// A selected file and what the cache already has of it.
+struct Planned {
+    name: String,
+    url: String,
+    pointer: PathBuf,
+    /// Blob path and etag; `None` when the snapshot already holds the file.
+    blob: Option<(PathBuf, String)>,
+    size: u64,
+    /// Bytes already in the cache (the whole file, or a partial `.incomplete`).
+    have: u64,
+}
+
+fn incomplete_path(blob: &Path) -> PathBuf {
+    let mut s = blob.as_os_str().to_owned();
+    s.push(".incomplete");
+    PathBuf::from(s)
+}
+
+/// `org/name` or `name`, of the characters the hub allows.
+fn check_repo_id(repo: &str) -> Result<()> {
+    let ok_part = |p: &str| {
+        !p.is_empty()
+            && !p.starts_with('.')
+            && !p.contains("..")
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    let parts: Vec<&str> = repo.split('/').collect();
+    if parts.len() > 2 || !parts.iter().all(|p| ok_part(p)) {
+        bail!("{repo:?} is not a Hugging Face repository id (expected org/name)");
+    }
+    Ok(())
+}
+
+/// A single path component (commit ids and etags become file names).
+fn check_component(s: &str) -> Result<()> {
+    if s.is_empty()
+        || s == "."
+        || s == ".."
+        || s.contains(['/', '\\', '\0'])
+        || s.ends_with(".incomplete")
+        || s.ends_with(".lock")
+    {
+        bail!("{s:?} cannot be a file name");
+    }
+    Ok(())
+}
+
+/// A relative path inside the snapshot: no `..`, no root, no empty parts.
+fn check_file_name(name: &str) -> Result<()> {
+    let p = Path::new(name);
+    let ok = !name.is_empty()
+        && !name.contains(['\\', '\0'])
+        && p.components().all(|c| matches!(c, Component::Normal(_)))
+        && !name.split('/').any(str::is_empty);
+    if !ok {
+        bail!("{name:?} is not a safe file name");
+    }
+    Ok(())
+}
+
+/// The snapshot entry: a relative symlink to the blob (a copy where links are not allowed).
+fn link(blob: &Path, pointer: &Path) -> std::io::Result<()> {
+    if std::fs::metadata(pointer).is_ok() {
+        return Ok(());
+    }
+    let parent = pointer.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)?;
+    // A dangling link from an interrupted run would make `symlink` fail.
+    let _ = std::fs::remove_file(pointer);
+    #[cfg(unix)]
+    {
+        // snapshots/<commit>/<a/b/file> → ../../(..)blobs/<etag>
+        let depth = pointer
+            .strip_prefix(
+                parent
+                    .ancestors()
+                    .find(|a| a.ends_with("snapshots"))
+                    .unwrap_or(parent),
+            )
+            .map(|r| r.components().count())
+            .unwrap_or(2);
+        let mut rel = PathBuf::new();
+        for _ in 0..depth {
+            rel.push("..");
+        }
+        rel.push("blobs");
+        rel.push(blob.file_name().unwrap_or_default());
+        std::os::unix::fs::symlink(rel, pointer)
+    }
+    #[cfg(not(unix))]
+    {
+        std::fs::hard_link(blob, pointer).or_else(|_| std::fs::copy(blob, pointer).map(|_| ()))
+    }
+}
+
+/// The hub client and what the body transfers need beside it.
+struct Hub<'a> {
+    api: Api,
+    cache: Cache,
+    endpoint: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+    retries: usize,
+    /// Also ends the waits between retries.
+    cancel: &'a AtomicBool,
+}
+
+/// Why a request failed, and whether trying again may help.
+struct Failure {
+    error: anyhow::Error,
+    retry: bool,
+}
+
+impl Failure {
+    fn fatal(error: anyhow::Error) -> Self {
+        Self {
+            error,
+            retry: false,
+        }
+    }
+    fn transient(error: anyhow::Error) -> Self {
+        Self { error, retry: true }
+    }
+}
+
+/// Whether a transport error may pass: a refused connection or an unknown host will not.
+fn transport_retryable(e: &ureq::Error) -> bool {
+    match e {
+        ureq::Error::HostNotFound | ureq::Error::BadUri(_) => false,
+        ureq::Error::Io(io) => io.kind() != std::io::ErrorKind::ConnectionRefused,
+        ureq::Error::StatusCode(c) => *c >= 500 || *c == 429 || *c == 408,
+        _ => true,
+    }
+}
+
+fn status_retryable(code: u16) -> bool {
+    code >= 500 || code == 429 || code == 408
+}
+
+impl<'a> Hub<'a> {
+    fn new(opts: &DownloadOptions, cancel: &'a AtomicBool) -> Result<Self> {
+        let cache = Cache::new(match &opts.cache_dir {
+            Some(d) => d.clone(),
+            None => hub_cache()?,
+        });
+        let endpoint = opts
+            .endpoint
+            .clone()
+            .or_else(|| std::env::var("HF_ENDPOINT").ok())
+            .filter(|s| !s.trim().is_empty())
+            .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string())
+            .trim()
+            .trim_end_matches('/')
+            .to_string();
+        // `HF_TOKEN` first, as `huggingface_hub` does, then the token file of `huggingface-cli login`.
+        let token = ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"]
+            .iter()
+            .filter_map(|v| std::env::var(v).ok())
+            .map(|t| t.trim().to_string())
+            .find(|t| !t.is_empty())
+            .or_else(|| Cache::from_env().token());
+        let api = ApiBuilder::from_env()
+            .with_endpoint(endpoint.clone())
+            .with_cache_dir(cache.path().clone())
+            .with_token(token.clone())
+            .with_progress(false)
+            .with_user_agent("qwenvl", env!("CARGO_PKG_VERSION"))
+            .build()
+            .map_err(|e| anyhow!("cannot set up the hub client: {e}"))?;
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .redirect_auth_headers(ureq::config::RedirectAuthHeaders::SameHost)
+            .user_agent(format!("qwenvl/{}", env!("CARGO_PKG_VERSION")))
+            // Bodies are stored as sent: no transparent decompression.
+            .accept_encoding("identity")
+            .timeout_connect(Some(Duration::from_secs(30)))
+            .timeout_recv_response(Some(Duration::from_secs(60)))
+            .timeout_per_read(Some(Duration::from_secs(60)))
+            .build()
+            .into();
+        Ok(Self {
+            api,
+            cache,
+            endpoint,
+            token,
+            agent,
+            retries: opts.retries,
+            cancel,
+        })
+    }
+
+    /// Runs `attempt` until it succeeds, fails for good, or fails `retries + 1` times in a row
+    /// without progress. An attempt that moved bytes resets the count and is retried at once;
+    /// others wait 0.5 s, 1 s, 2 s … (at most 10 s).
+    fn with_retries<T>(
+        &self,
+        mut attempt: impl FnMut() -> (std::result::Result<T, Failure>, bool),
+    ) -> Result<T> {
+        let mut failures = 0usize;
+        loop {
+            let (result, progressed) = attempt();
+            match result {
+                Ok(v) => return Ok(v),
+                Err(f) => {
+                    if !f.retry || f.error.is::<Cancelled>() {
+                        return Err(f.error);
+                    }
+                    failures = if progressed { 1 } else { failures + 1 };
+                    if failures > self.retries {
+                        if self.retries == 0 {
+                            return Err(f.error);
+                        }
+                        return Err(f
+                            .error
+                            .context(format!("gave up after {failures} failed attempts")));
+                    }
+                    if !progressed {
+                        let wait =
+                            Duration::from_millis((500u64 << (failures - 1).min(5)).min(10_000));
+                        let until = Instant::now() + wait;
+                        while Instant::now() < until {
+                            if self.cancel.load(Ordering::Relaxed) {
+                                return Err(Cancelled.into());
+                            }
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The repository listing at `revision` (its commit and files).
+    fn info(&self, repo: &str, revision: &str) -> Result<RepoInfo> {
+        let api_repo = self.api.repo(Repo::with_revision(
+            repo.to_string(),
+            RepoType::Model,
+            revision.to_string(),
+        ));
+        let url = format!(
+            "{}/api/{}",
+            self.endpoint,
+            Repo::with_revision(repo.to_string(), RepoType::Model, revision.to_string()).api_url()
+        );
+        self.with_retries(|| {
+            let response = api_repo
+                .info_request()
+                .config()
+                .http_status_as_error(false)
+                .build()
+                .call();
+            let mut response = match response {
+                Ok(r) => r,
+                Err(e) => {
+                    let retry = transport_retryable(&e);
+                    let error = anyhow!("cannot reach {}: {e} (while listing {repo})", url);
+                    return (Err(Failure { error, retry }), false);
+                }
+            };
+            let code = response.status().as_u16();
+            if code == 200 {
+                let parsed = response.body_mut().read_json::<RepoInfo>().map_err(|e| {
+                    Failure::fatal(anyhow!(
+                        "{url}: not a Hugging Face hub answer ({e}); is HF_ENDPOINT={} a hub?",
+                        self.endpoint
+                    ))
+                });
+                return (parsed, false);
+            }
+            let error_code = response
+                .headers()
+                .get("x-error-code")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            let error = match code {
+                _ if error_code == "RevisionNotFound" => {
+                    anyhow!("{repo} has no revision {revision:?} (HTTP {code} for {url})")
+                }
+                401 | 403 | 404 => anyhow!(
+                    "{code} for {repo}: no such model at {} (or it is private or gated: set \
+                     HF_TOKEN to a token that may read it) [{url}]",
+                    self.endpoint
+                ),
+                _ => anyhow!("HTTP {code} for {url} (while listing {repo})"),
+            };
+            (
+                Err(Failure {
+                    error,
+                    retry: status_retryable(code),
+                }),
+                false,
+            )
+        })
+    }
+
+    /// Size, etag and commit of one file (following the hub's redirect to its CDN).
+    fn metadata(&self, url: &str, name: &str) -> Result<hf_hub::api::sync::Metadata> {
+        self.with_retries(|| {
+            let r = self.api.metadata(url).map_err(|e| match e {
+                ApiError::RequestError(e) => {
+                    let retry = transport_retryable(&e);
+                    let error = match *e {
+                        ureq::Error::StatusCode(404) => {
+                            anyhow!("{name}: 404 not found at {url}")
+                        }
+                        ureq::Error::StatusCode(c @ (401 | 403)) => anyhow!(
+                            "{name}: HTTP {c} for {url} (a private or gated model: set HF_TOKEN)"
+                        ),
+                        ureq::Error::StatusCode(c) => anyhow!("{name}: HTTP {c} for {url}"),
+                        e => anyhow!("{name}: cannot reach {url}: {e}"),
+                    };
+                    Failure { error, retry }
+                }
+                ApiError::MissingHeader(h) | ApiError::InvalidHeader(h) => Failure::fatal(anyhow!(
+                    "{name}: the answer of {url} lacks a valid {h} header (is HF_ENDPOINT={} a \
+                         Hugging Face hub?)",
+                    self.endpoint
+                )),
+                e => Failure::fatal(anyhow!("{name}: {url}: {e}")),
+            });
+            (r, false)
+        })
+    }
+
+    /// Transfers one file body into `blob` through `<blob>.incomplete`, resuming what is there.
+    /// `on_bytes` gets the file's byte count after every chunk and may stop the transfer.
+    fn fetch_blob(
+        &self,
+        url: &str,
+        name: &str,
+        blob: &Path,
+        etag: &str,
+        size: u64,
+        on_bytes: &mut dyn FnMut(u64) -> Result<()>,
+    ) -> Result<()> {
+        let part = incomplete_path(blob);
+        let mut lock_path = blob.as_os_str().to_owned();
+        lock_path.push(".lock");
+        let lock_path = PathBuf::from(lock_path);
+        let lock = File::create(&lock_path)
+            .with_context(|| format!("{name}: cannot create {}", lock_path.display()))?;
+        if lock.try_lock().is_err() {
+            bail!(
+                "{name}: another download of this file is running (it holds {})",
+                lock_path.display()
+            );
+        }
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .open(&part)
+            .with_context(|| format!("{name}: cannot write {}", part.display()))?;
+        let mut have = file.metadata()?.len();
+        if have > size {
+            // Longer than the file: not a prefix of it.
+            file.set_len(0)?;
+            have = 0;
+        }
+        // An LFS file's etag is its SHA-256: hash what is there, then every new byte.
+        let expect_sha = (etag.len() == 64 && etag.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| etag.to_ascii_lowercase());
+        let mut hasher = sha2::Sha256::new();
+        if expect_sha.is_some() && have > 0 {
+            let mut prefix = File::open(&part)?.take(have);
+            std::io::copy(&mut prefix, &mut hasher)
+                .with_context(|| format!("{name}: cannot read {}", part.display()))?;
+        }
+
+        self.with_retries(|| {
+            let start = have;
+            if start == size {
+                return (Ok(()), false);
+            }
+            let r = self.fetch_range(
+                url,
+                name,
+                &part,
+                &mut file,
+                &mut hasher,
+                &mut have,
+                size,
+                on_bytes,
+            );
+            (r, have > start)
+        })
+        .map_err(|e| {
+            if e.is::<Cancelled>() {
+                e
+            } else {
+                e.context(format!(
+                    "{name}: download failed after {have} of {size} bytes; the partial file {} is \
+                     kept and the next run resumes it",
+                    part.display()
+                ))
+            }
+        })?;
+        drop(file);
+
+        if let Some(expected) = expect_sha {
+            let got: String = hasher
+                .finalize()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            if got != expected {
+                let _ = std::fs::remove_file(&part);
+                bail!(
+                    "{name}: the downloaded bytes have SHA-256 {got}, not {expected} as {url} \
+                     announced; the partial file was deleted, run again"
+                );
+            }
+        }
+        std::fs::rename(&part, blob).with_context(|| {
+            format!(
+                "{name}: cannot move {} to {}",
+                part.display(),
+                blob.display()
+            )
+        })?;
+        drop(lock);
+        Ok(())
+    }
+
+    /// One request for the bytes from `*have` on, appended to `file`.
+    #[allow(clippy::too_many_arguments)]
+    fn fetch_range(
+        &self,
+        url: &str,
+        name: &str,
+        part: &Path,
+        file: &mut File,
+        hasher: &mut sha2::Sha256,
+        have: &mut u64,
+        size: u64,
+        on_bytes: &mut dyn FnMut(u64) -> Result<()>,
+    ) -> std::result::Result<(), Failure> {
+        let start = *have;
+        let mut request = self.agent.get(url);
+        if start > 0 {
+            request = request.header("Range", format!("bytes={start}-"));
+        }
+        if let Some(t) = &self.token {
+            request = request.header("Authorization", format!("Bearer {t}"));
+        }
+        let response = request.call().map_err(|e| Failure {
+            retry: transport_retryable(&e),
+            error: anyhow!("{name}: cannot reach {url}: {e}"),
+        })?;
+        let code = response.status().as_u16();
+        match code {
+            206 => {
+                let range = response
+                    .headers()
+                    .get("content-range")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default();
+                if !range.starts_with(&format!("bytes {start}-")) {
+                    return Err(Failure::fatal(anyhow!(
+                        "{name}: asked {url} for bytes {start}- and got the range {range:?}"
+                    )));
+                }
+            }
+            200 if start > 0 => {
+                // The server ignored the range: start over rather than append a second copy.
+                file.set_len(0).map_err(|e| io_failure(name, part, e))?;
+                *hasher = sha2::Sha256::new();
+                *have = 0;
+            }
+            200 => {}
+            _ => {
+                let hint = match code {
+                    404 => " (not found)",
+                    401 | 403 => " (a private or gated model: set HF_TOKEN)",
+                    _ => "",
+                };
+                return Err(Failure {
+                    error: anyhow!("{name}: HTTP {code} for {url}{hint}"),
+                    retry: status_retryable(code),
+                });
+            }
+        }
+        let mut body = response.into_body().into_reader();
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            let n = match body.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Err(Failure::transient(anyhow!(
+                        "{name}: the connection to {url} broke after {} of {size} bytes: {e}",
+                        *have
+                    )))
+                }
+            };
+            if *have + n as u64 > size {
+                let _ = file.set_len(0);
+                return Err(Failure::fatal(anyhow!(
+                    "{name}: {url} sent more than the {size} bytes it announced"
+                )));
+            }
+            file.write_all(&buf[..n])
+                .map_err(|e| io_failure(name, part, e))?;
+            hasher.update(&buf[..n]);
+            *have += n as u64;
+            on_bytes(*have).map_err(Failure::fatal)?;
+        }
+        file.flush().map_err(|e| io_failure(name, part, e))?;
+        if *have < size {
+            return Err(Failure::transient(anyhow!(
+                "{name}: the connection to {url} closed after {} of {size} bytes",
+                *have
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn io_failure(name: &str, part: &Path, e: std::io::Error) -> Failure {
+    Failure::fatal(anyhow!("{name}: cannot write {}: {e}", part.display()))
+}
+
+/// `qwenvl download`: a progress bar on stderr (plain lines when stderr is not a terminal), the
+/// snapshot folder on stdout.
+pub fn run(args: DownloadArgs) -> Result<()> {
+    use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
+
+    let opts = DownloadOptions {
+        repo: args.repo,
+        revision: args.revision,
+        all_files: args.all,
+        retries: args.retries,
+        ..DownloadOptions::default()
+    };
+    let tty = std::io::stderr().is_terminal();
+    let bar = if tty {
+        ProgressBar::new_spinner()
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_message(format!("listing {}@{}", opts.repo, opts.revision));
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let style = ProgressStyle::with_template(
+        "{msg}\n[{elapsed_precise}] [{wide_bar}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+    )
+    .expect("valid template")
+    .progress_chars("=> ");
+    let mut started = false;
+    let mut current = usize::MAX;
+    let cancel = AtomicBool::new(false);
+    let t0 = Instant::now();
+    let mut summary = (0usize, 0u64, 0u64);
+    let result = download(
+        &opts,
+        &mut |p| {
+            summary = (p.file_count, p.bytes_total, p.bytes_done);
+            match p.stage {
+                DownloadStage::Checking => bar.set_message(format!(
+                    "checking {} ({}/{})",
+                    p.file,
+                    p.file_index + 1,
+                    p.file_count
+                )),
+                DownloadStage::Downloading | DownloadStage::Done => {
+                    if !started {
+                        started = true;
+                        bar.set_style(style.clone());
+                        bar.set_length(p.bytes_total);
+                        bar.set_position(p.bytes_done);
+                        // Bytes already there are not part of the rate.
+                        bar.reset_eta();
+                    }
+                    if current != p.file_index && p.stage == DownloadStage::Downloading {
+                        current = p.file_index;
+                        bar.set_message(format!(
+                            "{} ({}/{}, {})",
+                            p.file,
+                            p.file_index + 1,
+                            p.file_count,
+                            HumanBytes(p.file_bytes_total)
+                        ));
+                        if !tty {
+                            eprintln!(
+                                "downloading {} ({}/{}, {}{})",
+                                p.file,
+                                p.file_index + 1,
+                                p.file_count,
+                                HumanBytes(p.file_bytes_total),
+                                if p.file_bytes_done > 0 {
+                                    format!(", resuming at {}", HumanBytes(p.file_bytes_done))
+                                } else {
+                                    String::new()
+                                }
+                            );
+                        }
+                    }
+                    bar.set_position(p.bytes_done);
+                }
+            }
+        },
+        &cancel,
+    );
+    bar.finish_and_clear();
+    let snapshot = result?;
+    let (files, total, _) = summary;
+    eprintln!(
+        "{}@{}: {files} files, {} in {:.1} s",
+        opts.repo,
+        opts.revision,
+        HumanBytes(total),
+        t0.elapsed().as_secs_f64()
+    );
+    println!("{}", snapshot.display());
+    Ok(())
+}

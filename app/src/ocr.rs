@@ -1,0 +1,304 @@
+//! `qwenvl ocr`: one question (by default "read the text") over many images, one JSON line per
+//! image, resumable. The model is loaded once; every image is answered greedily in a fresh
+//! single-turn conversation.
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, IsTerminal, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use lm::generate::{Decoding, GenerateOptions};
+use lm::prompt::{Conversation, Item, DEFAULT_SYSTEM};
+use lm::quant::WeightType;
+use serde_json::{json, Value};
+
+use crate::engine::Engine;
+
+/// The question asked when `--prompt` is not given.
+pub const DEFAULT_PROMPT: &str = "What is the text in the image? Write it out exactly.";
+
+/// File extensions taken from a folder given among the inputs.
+const IMAGE_EXTENSIONS: [&str; 8] = ["png", "jpg", "jpeg", "gif", "webp", "bmp", "tif", "tiff"];
+
+/// `qwenvl ocr FILES… --model DIR`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct OcrArgs {
+    /// Images; a folder stands for its image files (sorted by name, not recursive).
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Model folder (config.json, generation_config.json, qwen.tiktoken, weights).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The question asked about every image.
+    #[arg(long, default_value = DEFAULT_PROMPT)]
+    pub prompt: String,
+    /// JSON-lines file to append the results to (default: stdout). Images whose successful result
+    /// for the same prompt is already in it are skipped; failed ones are tried again.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Quantize the linear weights while loading (q4k, q4_0, q8_0; also bf16, f16, f32).
+    #[arg(long, value_parser = parse_weight_type)]
+    pub quant: Option<WeightType>,
+    /// Most new tokens per image (default: the checkpoint's max_new_tokens).
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+}
+
+fn parse_weight_type(s: &str) -> std::result::Result<WeightType, String> {
+    WeightType::parse(s).ok_or_else(|| {
+        let all: Vec<&str> = WeightType::ALL.iter().map(|w| w.name()).collect();
+        format!("unknown weight type {s:?} (one of {})", all.join(", "))
+    })
+}
+
+/// The inputs in order, folders replaced by their image files sorted by name. Paths that do not
+/// exist stay, so they get an error line.
+pub fn expand_inputs(files: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for f in files {
+        if !f.is_dir() {
+            out.push(f.clone());
+            continue;
+        }
+        let mut found: Vec<PathBuf> = std::fs::read_dir(f)
+            .with_context(|| format!("cannot list the folder {}", f.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.is_file()
+                    && p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                        IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str())
+                    })
+            })
+            .collect();
+        found.sort();
+        out.extend(found);
+    }
+    Ok(out)
+}
+
+/// `(path, prompt)` of every successful line of an earlier results file. Lines that do not parse
+/// (a line cut by a crash) and error lines are ignored.
+pub fn completed(results: &Path) -> Result<HashSet<(String, String)>> {
+    let mut done = HashSet::new();
+    let file = match File::open(results) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(done),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", results.display())),
+    };
+    for line in BufReader::new(file).split(b'\n') {
+        let line = line.with_context(|| format!("cannot read {}", results.display()))?;
+        let Ok(v) = serde_json::from_slice::<Value>(&line) else {
+            continue;
+        };
+        if v.get("error").is_some() || v.get("text").is_none() {
+            continue;
+        }
+        if let (Some(p), Some(q)) = (v["path"].as_str(), v["prompt"].as_str()) {
+            done.insert((p.to_string(), q.to_string()));
+        }
+    }
+    Ok(done)
+}
+
+/// Opens the results file for appending; a last line without its newline (cut by a crash) gets
+/// one, so the next line starts clean.
+fn open_results(path: &Path) -> Result<File> {
+    if path.is_dir() {
+        bail!("--out {}: is a folder, not a file", path.display());
+    }
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .read(true)
+        .open(path)
+        .with_context(|| format!("--out {}: cannot open it for writing", path.display()))?;
+    let len = f.metadata()?.len();
+    if len > 0 {
+        let mut last = [0u8; 1];
+        f.seek(SeekFrom::Start(len - 1))?;
+        f.read_exact(&mut last)?;
+        if last[0] != b'\n' {
+            f.write_all(b"\n")
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+    }
+    Ok(f)
+}
+
+/// One image's result line.
+fn answer(
+    engine: &Engine,
+    opts: &GenerateOptions,
+    prompt: &str,
+    given: &Path,
+    abs: &Path,
+) -> Value {
+    let t0 = Instant::now();
+    let mut record = json!({
+        "file": given.to_string_lossy(),
+        "path": abs.to_string_lossy(),
+        "prompt": prompt,
+    });
+    let result = (|| -> Result<Value> {
+        let Some(image) = abs.to_str() else {
+            bail!("{}: the path is not valid UTF-8", abs.display());
+        };
+        let conv = Conversation {
+            system: DEFAULT_SYSTEM.to_string(),
+            history: Vec::new(),
+            query: vec![
+                Item::Image {
+                    image: image.to_string(),
+                },
+                Item::Text {
+                    text: prompt.to_string(),
+                },
+            ],
+        };
+        let cancel = AtomicBool::new(false);
+        let reply = engine.reply(&conv, Path::new("/"), opts, &cancel, |_| {})?;
+        let picture = reply.pictures.last();
+        let boxes: Vec<Value> = lm::grounding::boxes(&reply.text)
+            .into_iter()
+            .map(|b| {
+                let px = picture.map(|p| lm::grounding::grid_to_pixels(b.grid, p.width, p.height));
+                json!({"ref": b.label, "box": b.grid, "box_px": px})
+            })
+            .collect();
+        Ok(json!({
+            "text": reply.text,
+            "boxes": boxes,
+            "width": picture.map(|p| p.width),
+            "height": picture.map(|p| p.height),
+            "tokens": reply.generation.ids.len(),
+            "finish": format!("{:?}", reply.generation.finish),
+        }))
+    })();
+    let obj = record.as_object_mut().expect("an object");
+    match result {
+        Ok(Value::Object(fields)) => obj.extend(fields),
+        Ok(_) => unreachable!("answer fields are an object"),
+        Err(e) => {
+            let msg = format!("{e:#}");
+            let path = abs.to_string_lossy();
+            let msg = if msg.contains(path.as_ref()) {
+                msg
+            } else {
+                format!("{path}: {msg}")
+            };
+            obj.insert("error".into(), Value::String(msg));
+        }
+    }
+    obj.insert("ms".into(), json!(t0.elapsed().as_secs_f64() * 1e3));
+    record
+}
+
+/// `qwenvl ocr`.
+pub fn run(args: OcrArgs) -> Result<()> {
+    use indicatif::{ProgressBar, ProgressStyle};
+
+    // Everything that can be refused is refused before the model loads.
+    let inputs = expand_inputs(&args.files)?;
+    let (mut out, done): (Box<dyn Write>, HashSet<(String, String)>) = match &args.out {
+        Some(p) => {
+            let f = open_results(p)?;
+            (Box::new(f), completed(p)?)
+        }
+        None => (Box::new(std::io::stdout()), HashSet::new()),
+    };
+    let mut todo = Vec::new();
+    let mut skipped = 0usize;
+    let mut seen = HashSet::new();
+    for given in inputs {
+        let abs = std::path::absolute(&given)
+            .with_context(|| format!("cannot resolve the path {}", given.display()))?;
+        // An image named twice (also through its folder) is answered once.
+        if !seen.insert(abs.clone()) {
+            continue;
+        }
+        if done.contains(&(abs.to_string_lossy().into_owned(), args.prompt.clone())) {
+            skipped += 1;
+        } else {
+            todo.push((given, abs));
+        }
+    }
+    let out_name = args
+        .out
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "stdout".into());
+    if todo.is_empty() {
+        eprintln!("ocr: nothing to do, all {skipped} image(s) already answered in {out_name}");
+        return Ok(());
+    }
+
+    let bar = if std::io::stderr().is_terminal() {
+        ProgressBar::new(todo.len() as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg}\n[{elapsed_precise}] [{wide_bar}] {pos}/{len} images, ETA {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(format!("loading {}", args.model.display()));
+    let engine = match args.quant {
+        Some(wt) => Engine::load_with(&args.model, wt, &Device::Cpu, None)?,
+        None => Engine::load(&args.model, DType::F32, &Device::Cpu)?,
+    };
+    let mut opts = GenerateOptions::from_generation_config(&engine.checkpoint.generation);
+    opts.decoding = Decoding::Greedy;
+    if let Some(n) = args.max_new_tokens {
+        opts.max_new_tokens = n;
+    }
+    bar.reset_eta();
+
+    let mut failed = Vec::new();
+    for (given, abs) in &todo {
+        bar.set_message(given.display().to_string());
+        let record = answer(&engine, &opts, &args.prompt, given, abs);
+        if let Some(e) = record.get("error").and_then(Value::as_str) {
+            failed.push(e.to_string());
+        }
+        let line = serde_json::to_string(&record)? + "\n";
+        // Written and flushed at once: a crash loses at most the image being answered.
+        bar.suspend(|| -> Result<()> {
+            out.write_all(line.as_bytes())
+                .and_then(|()| out.flush())
+                .with_context(|| format!("cannot write the result to {out_name}"))
+        })?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+
+    let ok = todo.len() - failed.len();
+    let skipped_note = if args.out.is_some() {
+        format!(", {skipped} skipped (already in {out_name})")
+    } else {
+        String::new()
+    };
+    eprintln!("ocr: {ok} answered, {} failed{skipped_note}", failed.len());
+    for e in &failed {
+        eprintln!("  failed: {e}");
+    }
+    if !failed.is_empty() {
+        let retry = if args.out.is_some() {
+            "; a run with the same --out tries them again"
+        } else {
+            ""
+        };
+        bail!(
+            "{} of {} image(s) failed (their lines in {out_name} carry the error{retry})",
+            failed.len(),
+            todo.len()
+        );
+    }
+    Ok(())
+}
