@@ -494,9 +494,10 @@ fn broken_model_folder_and_first_run_screen() {
     h.run_steps(2);
     // In the banner and on the first-run screen.
     assert_eq!(h.get_all_by_label_contains("has no config.json").count(), 2);
-    // The first-run screen says what to get and offers the folder picker.
-    h.get_by_label("huggingface-cli download Qwen/Qwen-VL-Chat");
+    // The first-run screen offers the download, the folder picker and a server.
+    h.get_by_label("Download Qwen/Qwen-VL-Chat");
     h.get_by_label("Open model folder…");
+    h.get_by_label("Connect");
 }
 
 /// A chat with a picture, Chinese text and boxes, rendered with wgpu.

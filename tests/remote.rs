@@ -113,8 +113,9 @@ fn the_backend_streams_the_cli_answer_from_the_server() {
         assert!(stats.time_to_first_token_ms > 0.0);
     }
 
-    // Cancel from the callback: the call returns and the server stops generating.
-    let conv = case("one_image");
+    // Cancel from the callback: the call returns and the server stops generating. (The greedy
+    // reply to `two_images` never stops by itself.)
+    let conv = case("two_images");
     let cancel = AtomicBool::new(false);
     let mut n = 0;
     let t0 = Instant::now();
@@ -254,21 +255,28 @@ fn the_app_chats_through_a_server_and_stop_cancels_there() {
         want["generated_ids"].as_array().unwrap().len()
     );
 
-    // A long reply, stopped from the app: the server's log shows the generation cancelled.
+    // A long reply in a new chat, stopped from the app: the server's log shows the generation
+    // cancelled. (The reference's greedy reply to this conversation never stops by itself.)
+    h.state_mut().new_chat();
     h.state_mut().params = greedy(8000);
+    h.state_mut().attach_files(&[
+        tiny_a().join("images/screenshot_1200x300.png"),
+        tiny_a().join("images/portrait_300x900.jpg"),
+    ]);
+    h.run_steps(2);
     let input = h.get_by_role(Role::MultilineTextInput);
     input.focus();
-    input.type_text("Tell me more.");
+    input.type_text("What are the differences between these two pictures?");
     h.step();
     h.get_by_label("Send").click();
     h.run_steps(2);
     step_until(&mut h, 60, "streamed text", |app| {
-        app.chat().turns[1].reply.split(' ').count() > 3
+        app.chat().turns[0].reply.chars().count() > 12
     });
     h.get_by_label("Stop").click();
     h.run_steps(2);
     assert!(!h.state().is_generating());
-    assert_eq!(h.state().chat().turns[1].status, TurnStatus::Stopped);
+    assert_eq!(h.state().chat().turns[0].status, TurnStatus::Stopped);
     let line = server.wait_log("chatcmpl-1 from");
     assert!(line.contains("finish=cancelled"), "{line}");
 

@@ -459,9 +459,11 @@ fn stream_then_hang_up(base: &str, body: &[u8], events: usize) -> Vec<String> {
 #[test]
 fn a_client_that_hangs_up_cancels_its_generation() {
     let server = Server::start(&[]);
-    let conv = json!({"query": [{"text": "Tell me a long story."}]});
-    // As many tokens as the context allows: minutes on a real model, so only a cancel ends it
-    // early.
+    // The reference's greedy reply to this case never stops by itself (cases.json: "stopped":
+    // false), and as many tokens as the context allows take minutes on a real model: only a cancel
+    // ends it early.
+    let conv = case("two_images")["conversation"].clone();
+    assert_eq!(case("two_images")["greedy"]["stopped"], false);
     let body = chat_body(&conv, json!({"stream": true, "max_tokens": 8000}));
     let got = stream_then_hang_up(&server.url, &body, 4);
     assert_eq!(got.len(), 4, "{got:?}");

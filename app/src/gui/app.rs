@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -16,6 +17,7 @@ use super::backend::{Backend, ModelInfo, ModelSource, Params, ReplyStats};
 use super::settings::{self, Dirs, Found, Settings};
 use super::state::{Chat, ChatStore, Stored, Turn, TurnStatus};
 use super::worker::{Command, Event, Worker};
+use crate::download::{DownloadOptions, DownloadProgress, DownloadStage};
 
 /// The text-reading prompt of the "Read text" button.
 pub const OCR_PROMPT: &str = "Read all the text in this picture, line by line.";
@@ -50,6 +52,8 @@ pub struct AppOptions {
     pub model: Option<PathBuf>,
     /// Connect to this server at start (wins over `model` and discovery).
     pub server: Option<ModelSource>,
+    /// What the first-run screen's Download button fetches (Qwen/Qwen-VL-Chat from the hub).
+    pub download: DownloadOptions,
     /// Import this saved chat file and show it (`QWENVL_OPEN_CHAT`).
     pub open_chat: Option<PathBuf>,
     pub clipboard: ClipboardImage,
@@ -64,6 +68,7 @@ impl AppOptions {
             discover_model: false,
             model: None,
             server: None,
+            download: DownloadOptions::default(),
             open_chat: None,
             clipboard: Box::new(|| Ok(None)),
         }
@@ -106,6 +111,34 @@ pub enum ModelState {
         source: ModelSource,
         error: String,
     },
+}
+
+/// A model download in progress (first-run screen).
+pub struct Download {
+    /// The latest report; `None` until the hub answered.
+    pub progress: Option<DownloadProgress>,
+    pub cancel: Arc<AtomicBool>,
+    pub since: Instant,
+    /// Bytes already in the cache when the transfer started (not counted in the speed).
+    pub start_bytes: Option<u64>,
+    events: Receiver<DownloadEvent>,
+}
+
+enum DownloadEvent {
+    Progress(DownloadProgress),
+    Done(PathBuf),
+    Failed(String),
+    Cancelled,
+}
+
+impl Download {
+    /// Bytes per second of this transfer, once measurable.
+    pub fn speed(&self) -> Option<f64> {
+        let p = self.progress.as_ref()?;
+        let moved = p.bytes_done.saturating_sub(self.start_bytes?);
+        let secs = self.since.elapsed().as_secs_f64();
+        (moved > 0 && secs > 0.5).then(|| moved as f64 / secs)
+    }
 }
 
 /// The reply being written.
@@ -242,6 +275,8 @@ pub struct QwenApp {
     pub found: Option<Found>,
     pub(crate) textures: HashMap<String, Option<Tex>>,
     pub(crate) clipboard: ClipboardImage,
+    pub download: Option<Download>,
+    download_opts: DownloadOptions,
     /// The "Connect to a server" form.
     pub server_url: String,
     pub server_key: String,
@@ -321,6 +356,8 @@ impl QwenApp {
             server_key: String::new(),
             show_connect: false,
             previous: None,
+            download: None,
+            download_opts: opts.download,
             worker,
             waker_ctx,
             next_id: 0,
@@ -412,10 +449,110 @@ impl QwenApp {
         self.pending = None;
     }
 
-    /// Handles everything the worker sent since the last frame.
+    /// Handles everything the worker (and a download) sent since the last frame.
     pub fn poll_worker(&mut self) {
         while let Ok(ev) = self.worker.events.try_recv() {
             self.on_event(ev);
+        }
+        self.poll_download();
+    }
+
+    /// Downloads the model into the Hugging Face cache on a thread of its own, then loads it.
+    /// Partial files are kept: a failed or cancelled download resumes where it stopped.
+    pub fn start_download(&mut self) {
+        if self.download.is_some() {
+            return;
+        }
+        let (tx, events) = std::sync::mpsc::channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let opts = self.download_opts.clone();
+        let waker = self.waker_ctx.clone();
+        let flag = cancel.clone();
+        let wake = move || {
+            if let Some(ctx) = waker.get() {
+                ctx.request_repaint();
+            }
+        };
+        let spawned = std::thread::Builder::new()
+            .name("qwenvl-download".into())
+            .spawn(move || {
+                let r = crate::download::download(
+                    &opts,
+                    &mut |p| {
+                        let _ = tx.send(DownloadEvent::Progress(p.clone()));
+                        wake();
+                    },
+                    &flag,
+                );
+                let _ = tx.send(match r {
+                    Ok(dir) => DownloadEvent::Done(dir),
+                    Err(e) if e.is::<crate::download::Cancelled>() => DownloadEvent::Cancelled,
+                    Err(e) => DownloadEvent::Failed(format!("{e:#}")),
+                });
+                wake();
+            });
+        if let Err(e) = spawned {
+            self.errors
+                .push(format!("Could not start the download: {e}"));
+            return;
+        }
+        self.download = Some(Download {
+            progress: None,
+            cancel,
+            since: Instant::now(),
+            start_bytes: None,
+            events,
+        });
+    }
+
+    pub fn cancel_download(&mut self) {
+        if let Some(d) = &self.download {
+            d.cancel.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// The repository the Download button fetches.
+    pub fn download_repo(&self) -> &str {
+        &self.download_opts.repo
+    }
+
+    fn poll_download(&mut self) {
+        let Some(d) = self.download.as_mut() else {
+            return;
+        };
+        let mut end = None;
+        while let Ok(ev) = d.events.try_recv() {
+            match ev {
+                DownloadEvent::Progress(p) => {
+                    if p.stage == DownloadStage::Downloading && d.start_bytes.is_none() {
+                        d.start_bytes = Some(p.bytes_done);
+                        d.since = Instant::now();
+                    }
+                    d.progress = Some(p);
+                }
+                other => end = Some(other),
+            }
+        }
+        match end {
+            None => {}
+            Some(DownloadEvent::Done(dir)) => {
+                self.download = None;
+                self.load_model(dir);
+            }
+            Some(DownloadEvent::Cancelled) => {
+                self.download = None;
+                self.notice = Some(
+                    "Download cancelled. The files fetched so far are kept: Download resumes."
+                        .into(),
+                );
+            }
+            Some(DownloadEvent::Failed(e)) => {
+                self.download = None;
+                self.errors.push(format!(
+                    "The download failed: {e}. Press Download again to resume where it stopped."
+                ));
+            }
+            Some(DownloadEvent::Progress(_)) => unreachable!("progress is handled above"),
         }
     }
 
@@ -795,7 +932,10 @@ impl QwenApp {
         self.hovered = self.hover_next.take();
         self.drawn.clear();
         super::view::frame(self, ctx);
-        if self.pending.is_some() || matches!(self.model, ModelState::Loading { .. }) {
+        if self.pending.is_some()
+            || self.download.is_some()
+            || matches!(self.model, ModelState::Loading { .. })
+        {
             // Live numbers and the loading bar move even without new events.
             ctx.request_repaint_after(std::time::Duration::from_millis(100));
         }

@@ -73,6 +73,7 @@ pub fn run() -> Result<()> {
                     .ok()
                     .filter(|k| !k.is_empty()),
             }),
+        download: crate::download::DownloadOptions::default(),
         open_chat: std::env::var_os("QWENVL_OPEN_CHAT").map(PathBuf::from),
         clipboard: app::system_clipboard_image(),
     };

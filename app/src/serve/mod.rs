@@ -446,7 +446,7 @@ async fn prepare(
 
     // Images are decoded from base64 and written out off the async threads.
     let st2 = st.clone();
-    let (conversation, images, prompt_len) = tokio::task::spawn_blocking(move || {
+    let (conversation, images) = tokio::task::spawn_blocking(move || {
         let images = tempfile::Builder::new()
             .prefix("qwenvl-serve-")
             .tempdir()
@@ -477,11 +477,10 @@ async fn prepare(
         })?;
         // The prompt is built now so that a conversation too long for the context is refused
         // with 400 instead of failing in the queue.
-        let prompt = st2
-            .engine
+        st2.engine
             .prompt(&conversation)
             .map_err(|e| ApiError::invalid(format!("{e:#}")).param("messages"))?;
-        Ok::<_, ApiError>((conversation, images, prompt.ids.len()))
+        Ok::<_, ApiError>((conversation, images))
     })
     .await
     .map_err(|e| {
@@ -492,7 +491,6 @@ async fn prepare(
             format!("internal error: {e}"),
         )
     })??;
-    let _ = prompt_len;
     let (tx, rx) = unbounded_channel();
     let job = Job {
         label: String::new(),
@@ -680,10 +678,12 @@ fn answer(engine: &Engine, job: &Job) -> Result<Outcome, ApiError> {
             },
         )
         .map_err(|e| {
-            // The request was checked before queueing: what fails here is an image the engine
-            // cannot decode after all, or the server itself.
+            // The request was checked before queueing: what fails here is an image that cannot
+            // be decoded after all (a truncated file with a good header), or the server itself.
             let msg = format!("{e:#}");
-            if msg.contains("image") {
+            if e.chain()
+                .any(|c| c.downcast_ref::<vision::Error>().is_some())
+            {
                 ApiError::invalid(msg).param("messages")
             } else {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, msg)

@@ -57,15 +57,16 @@ pub fn show(app: &mut QwenApp, ui: &mut egui::Ui) {
                  weights)."
             ));
             ui.add_space(6.0);
-            ui.label("Download them with the Hugging Face tools:");
-            ui.code(format!("huggingface-cli download {MODEL_REPO}"));
+            download_section(app, ui);
+            ui.add_space(6.0);
             let hub = settings::hf_hub_cache()
                 .map(|p| p.display().to_string())
                 .unwrap_or_else(|| "~/.cache/huggingface/hub".into());
             ui.label(format!(
-                "The app finds the download in {hub} by itself (HF_HOME and HF_HUB_CACHE are \
-                 honoured), or in the folder named by QWENVL_MODEL. Files put anywhere else: \
-                 choose their folder."
+                "Downloads go to the Hugging Face cache, {hub} (HF_HOME, HF_HUB_CACHE and \
+                 HF_ENDPOINT are honoured), where the app finds them by itself; so do \
+                 `qwenvl download` and `huggingface-cli download {MODEL_REPO}`. A model folder \
+                 elsewhere: open it, or name it in QWENVL_MODEL."
             ));
             ui.add_space(10.0);
             if ui
@@ -89,6 +90,65 @@ pub fn show(app: &mut QwenApp, ui: &mut egui::Ui) {
             );
             server_form(app, ui);
         }
+    }
+}
+
+/// The Download button, or the running download's progress and Cancel.
+fn download_section(app: &mut QwenApp, ui: &mut egui::Ui) {
+    let Some(d) = &app.download else {
+        let label = format!("Download {}", app.download_repo());
+        if ui
+            .add(egui::Button::new(RichText::new(label).size(18.0)))
+            .on_hover_text(
+                "Fetch the model from the Hugging Face hub; an interrupted download resumes",
+            )
+            .clicked()
+        {
+            app.start_download();
+        }
+        return;
+    };
+    let gb = |b: u64| b as f64 / 1e9;
+    match &d.progress {
+        None => {
+            ui.horizontal(|ui| {
+                ui.spinner();
+                ui.label(format!("Asking the hub for {}…", app.download_repo()));
+            });
+        }
+        Some(p) => {
+            let frac = if p.bytes_total > 0 {
+                (p.bytes_done as f64 / p.bytes_total as f64) as f32
+            } else {
+                0.0
+            };
+            ui.add(
+                egui::ProgressBar::new(frac)
+                    .desired_width(420.0)
+                    .text(format!(
+                        "{:.2} of {:.2} GB",
+                        gb(p.bytes_done),
+                        gb(p.bytes_total)
+                    )),
+            );
+            let mut line = format!("File {} of {}: {}", p.file_index + 1, p.file_count, p.file);
+            if let Some(speed) = d.speed() {
+                let left = p.bytes_total.saturating_sub(p.bytes_done) as f64 / speed;
+                line.push_str(&format!(
+                    " — {:.1} MB/s, {} left",
+                    speed / 1e6,
+                    if left >= 90.0 {
+                        format!("{:.0} min", left / 60.0)
+                    } else {
+                        format!("{left:.0} s")
+                    }
+                ));
+            }
+            ui.label(line);
+        }
+    }
+    if ui.button("Cancel download").clicked() {
+        app.cancel_download();
     }
 }
 
