@@ -480,12 +480,29 @@ fn a_client_that_hangs_up_cancels_its_generation() {
         "generation went on after the hang-up: {line}"
     );
 
+    // The same without streaming: the client gives up waiting for the whole answer.
+    let plain = chat_body(&conv, json!({"max_tokens": 8000}));
+    let addr = server.url.strip_prefix("http://").unwrap().to_string();
+    let mut s = TcpStream::connect(&addr).unwrap();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        plain.len()
+    )
+    .unwrap();
+    s.write_all(&plain).unwrap();
+    // Long enough to be decoding (two tiny-model image encodes and a prefill take ~0.2 s), far
+    // from done.
+    std::thread::sleep(Duration::from_millis(600));
+    drop(s);
+    let line = server.wait_log("chatcmpl-1 from");
+    assert!(line.contains("finish=cancelled"), "{line}");
+
     // A request that waits in the queue behind a long one and whose client leaves is dropped
     // without running: start a long non-streamed request, queue a streamed one, hang up on it.
     let long = chat_body(&conv, json!({"max_tokens": 3000}));
     let chat = format!("{}/v1/chat/completions", server.url);
     let t = std::thread::spawn(move || curl(&chat, None, Some(&long)));
-    server.wait_log("chatcmpl-0 from"); // (already there; keeps the order readable)
     std::thread::sleep(Duration::from_millis(200));
     let got = stream_then_hang_up(&server.url, &body, 1);
     assert_eq!(
@@ -495,7 +512,7 @@ fn a_client_that_hangs_up_cancels_its_generation() {
     );
     let (code, _) = t.join().unwrap();
     assert_eq!(code, 200);
-    let line = server.wait_log("chatcmpl-2 from");
+    let line = server.wait_log("chatcmpl-3 from");
     assert!(line.contains("cancelled while queued"), "{line}");
 }
 
