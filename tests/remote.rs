@@ -5,8 +5,6 @@
 #[path = "server_support.rs"]
 mod server_support;
 
-use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,7 +20,7 @@ use qwenvl::gui::state::TurnStatus;
 use qwenvl::gui::{install_fonts, AppOptions, QwenApp};
 use qwenvl_e2e::{expected_json, tiny_a};
 use serde_json::Value;
-use server_support::{Server, BIN};
+use server_support::{cli, Server};
 
 fn case(id: &str) -> Conversation {
     let cases = expected_json("cases.json");
@@ -33,40 +31,6 @@ fn case(id: &str) -> Conversation {
         .find(|c| c["id"] == id)
         .unwrap();
     serde_json::from_value(c["conversation"].clone()).unwrap()
-}
-
-/// `qwenvl run --greedy --json` on `conv` (image paths relative to `base`).
-fn cli(conv: &Conversation, base: &Path, max_tokens: usize) -> Value {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("c.json");
-    // Absolute image paths, so the file can live anywhere.
-    let mut conv = conv.clone();
-    let abs = |items: &mut Vec<Item>| {
-        for i in items {
-            if let Item::Image { image } = i {
-                *image = base.join(&*image).to_string_lossy().into_owned();
-            }
-        }
-    };
-    abs(&mut conv.query);
-    for (u, _) in &mut conv.history {
-        abs(u);
-    }
-    std::fs::write(&path, serde_json::to_vec(&conv).unwrap()).unwrap();
-    let out = Command::new(BIN)
-        .args(["run", "--json", "--greedy", "--model"])
-        .arg(tiny_a())
-        .arg("--conversation")
-        .arg(&path)
-        .args(["--max-new-tokens", &max_tokens.to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn greedy(max_new_tokens: usize) -> Params {

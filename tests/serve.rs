@@ -33,28 +33,10 @@ fn images_base() -> PathBuf {
     tiny_a()
 }
 
-/// `qwenvl run --greedy --json` on the case's conversation.
+/// `qwenvl run --greedy --json` on a fixture conversation.
 fn cli(conv: &Value, max_tokens: u64) -> Value {
-    let dir = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(tiny_a().join("images"), dir.path().join("images")).unwrap();
-    let path = dir.path().join("conversation.json");
-    std::fs::write(&path, serde_json::to_vec(conv).unwrap()).unwrap();
-    let out = Command::new(BIN)
-        .arg("run")
-        .arg("--model")
-        .arg(tiny_a())
-        .arg("--conversation")
-        .arg(&path)
-        .args(["--json", "--greedy", "--max-new-tokens"])
-        .arg(max_tokens.to_string())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let conv: lm::prompt::Conversation = serde_json::from_value(conv.clone()).unwrap();
+    server_support::cli(&conv, &tiny_a(), max_tokens as usize)
 }
 
 /// The OpenAI messages of a conversation, images inline as data URLs.

@@ -2,11 +2,14 @@
 //! remote-backend tests).
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use lm::prompt::{Conversation, Item};
 use qwenvl_e2e::tiny_a;
+use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_qwenvl");
 
@@ -76,4 +79,38 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `qwenvl run --greedy --json` on `conv` (image paths relative to `base`).
+pub fn cli(conv: &Conversation, base: &Path, max_tokens: usize) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.json");
+    // Absolute image paths, so the file can live anywhere.
+    let mut conv = conv.clone();
+    let abs = |items: &mut Vec<Item>| {
+        for i in items {
+            if let Item::Image { image } = i {
+                *image = base.join(&*image).to_string_lossy().into_owned();
+            }
+        }
+    };
+    abs(&mut conv.query);
+    for (u, _) in &mut conv.history {
+        abs(u);
+    }
+    std::fs::write(&path, serde_json::to_vec(&conv).unwrap()).unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "--json", "--greedy", "--model"])
+        .arg(tiny_a())
+        .arg("--conversation")
+        .arg(&path)
+        .args(["--max-new-tokens", &max_tokens.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }

@@ -41,18 +41,11 @@ pub struct OcrArgs {
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Quantize the linear weights while loading (q4k, q4_0, q8_0; also bf16, f16, f32).
-    #[arg(long, value_parser = parse_weight_type)]
+    #[arg(long, value_parser = crate::parse_weight_type)]
     pub quant: Option<WeightType>,
     /// Most new tokens per image (default: the checkpoint's max_new_tokens).
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
-}
-
-fn parse_weight_type(s: &str) -> std::result::Result<WeightType, String> {
-    WeightType::parse(s).ok_or_else(|| {
-        let all: Vec<&str> = WeightType::ALL.iter().map(|w| w.name()).collect();
-        format!("unknown weight type {s:?} (one of {})", all.join(", "))
-    })
 }
 
 /// The inputs in order, folders replaced by their image files sorted by name. Paths that do not
