@@ -121,6 +121,8 @@ pub struct BenchReport {
     /// The quantized weights were read from the on-disk cache.
     pub load_from_cache: bool,
     pub peak_rss_gb: f64,
+    /// Peak RSS when each phase ended (load, cache write, vision, prefill): where the peak is set.
+    pub peak_rss_by_phase_gb: Vec<(String, f64)>,
     pub lm_weight_bytes_per_token: u64,
     pub vision_encode_s: f64,
     pub vision_gflop: f64,
@@ -142,11 +144,16 @@ pub struct BenchReport {
 
 /// Peak resident set size of this process so far, in bytes (`VmHWM`).
 pub fn peak_rss_bytes() -> u64 {
+    status_kb("VmHWM:")
+}
+
+/// A `/proc/self/status` size field, in bytes.
+fn status_kb(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<u64>().ok())
         })
@@ -288,10 +295,12 @@ pub fn run(source: Source, wt: WeightType, decode_tokens: usize) -> Result<Bench
     let vision_vb = vb.pp("transformer").pp("visual");
     let visual = crate::engine::build_visual(&vcfg, vision_vb, &q)?;
     let load_s = t0.elapsed().as_secs_f64();
+    let mut phases = vec![("load".to_string(), peak_rss_bytes() as f64 / 1e9)];
     let from_cache = q.cache.as_ref().is_some_and(|c| c.is_hit());
     // Written after the clock stops: the next start is the one that profits.
     if let Some(c) = &q.cache {
         c.save()?;
+        phases.push(("cache write".into(), peak_rss_bytes() as f64 / 1e9));
     }
 
     // One 448×448 picture of noise, through the real preprocessing.
@@ -307,6 +316,7 @@ pub fn run(source: Source, wt: WeightType, decode_tokens: usize) -> Result<Bench
         .to_dtype(lm.dtype())?;
     let feats = visual.forward(&pixels)?;
     let vision_encode_s = t1.elapsed().as_secs_f64();
+    phases.push(("vision".into(), peak_rss_bytes() as f64 / 1e9));
 
     // The reference's measurement: one image + a 40-word question in the chat template.
     let mut ids: Vec<u32> = vec![151644, 8948, 198];
@@ -328,6 +338,7 @@ pub fn run(source: Source, wt: WeightType, decode_tokens: usize) -> Result<Bench
     let logits = lm.forward(&ids, &images, &mut cache)?;
     let mut next = lm::generate::argmax(&logits.to_vec1::<f32>()?);
     let prefill_s = t2.elapsed().as_secs_f64();
+    phases.push(("prefill".into(), peak_rss_bytes() as f64 / 1e9));
     let time_to_first_token_s = vision_encode_s + prefill_s;
 
     eprintln!("decode {decode_tokens} tokens ...");
@@ -354,6 +365,7 @@ pub fn run(source: Source, wt: WeightType, decode_tokens: usize) -> Result<Bench
         load_s,
         load_from_cache: from_cache,
         peak_rss_gb: peak_rss as f64 / 1e9,
+        peak_rss_by_phase_gb: phases,
         lm_weight_bytes_per_token: bytes,
         vision_encode_s,
         vision_gflop,
@@ -391,7 +403,18 @@ pub fn table(r: &BenchReport) -> String {
                 }
             ),
         ),
-        ("peak RSS", format!("{:.2} GB", r.peak_rss_gb)),
+        (
+            "peak RSS",
+            format!(
+                "{:.2} GB  (after {})",
+                r.peak_rss_gb,
+                r.peak_rss_by_phase_gb
+                    .iter()
+                    .map(|(p, gb)| format!("{p} {gb:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ),
         (
             "vision encode (1 image)",
             format!(
