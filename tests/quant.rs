@@ -29,7 +29,7 @@ fn load(wt: WeightType) -> Model {
     let vvb = vb.pp("transformer").pp("visual");
     let visual = if wt.is_quantized() {
         let linear: vision::LinearBuilder =
-            &move |i, o, vb| Ok(vision::Layer(Arc::new(QLinear::load(i, o, true, vb, wt)?)));
+            &move |i, o, bias, vb| Ok(vision::Layer(Arc::new(QLinear::load(i, o, bias, vb, wt)?)));
         vision::VisualEncoder::new_with_linear(&vcfg, vvb, linear).unwrap()
     } else {
         vision::VisualEncoder::new(&vcfg, vvb).unwrap()

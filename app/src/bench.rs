@@ -292,8 +292,10 @@ pub fn run(source: Source, wt: WeightType, decode_tokens: usize) -> Result<Bench
     eprintln!("loading ({wt}) ...");
     let t0 = Instant::now();
     let lm = QwenLm::load(&cfg, vb.clone(), q.clone())?;
+    crate::engine::release_free_heap();
     let vision_vb = vb.pp("transformer").pp("visual");
     let visual = crate::engine::build_visual(&vcfg, vision_vb, &q)?;
+    crate::engine::release_free_heap();
     let load_s = t0.elapsed().as_secs_f64();
     let mut phases = vec![("load".to_string(), peak_rss_bytes() as f64 / 1e9)];
     let from_cache = q.cache.as_ref().is_some_and(|c| c.is_hit());

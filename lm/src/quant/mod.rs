@@ -349,7 +349,8 @@ impl From<WeightType> for Quantizer {
 /// Names of the files of a quantized-model cache: one per checkpoint identity and weight type.
 /// `v2`: block-32 types stopped padding rows to 256, so older files would never match.
 pub fn cache_file_name(checkpoint_identity: &str, wt: WeightType) -> String {
-    format!("{checkpoint_identity}-{wt}-v2.gguf")
+    // v3: the vision resampler's projections are quantized (and cached) too.
+    format!("{checkpoint_identity}-{wt}-v3.gguf")
 }
 
 /// GGML blocks of `vb`'s `weight` (`[out, in]`, rows padded by `pad` zero columns) as type `g`:

@@ -166,7 +166,7 @@ impl VisualEncoder {
                 ResidualAttentionBlock::new(w, cfg.heads, cfg.mlp_width(), vb_blocks.pp(i), linear)
             })
             .collect::<Result<Vec<_>>>()?;
-        let attn_pool = Resampler::new(N_QUERIES, e, w, vb.pp("attn_pool"))?;
+        let attn_pool = Resampler::new(N_QUERIES, e, w, vb.pp("attn_pool"), linear)?;
         let key_pos = resize_square_table(attn_pool.pos_embed(), grid)?;
         let ln_post = LayerNorm::new(e, LN_EPS, vb.pp("ln_post"))?;
         let proj = vb.get((e, e), "proj")?;

@@ -4,10 +4,53 @@
 //! Queries get the stored 16x16 sin-cos table, keys get that table bicubically resized to the
 //! patch grid, values get no position term.
 
-use candle_core::{Module, Result, Tensor};
-use candle_nn::{linear_no_bias, Linear, VarBuilder};
+use candle_core::{DType, Device, Module, Result, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
 
-use super::vit::{softmax_f32, LayerNorm, LN_EPS};
+use super::vit::{softmax_f32, Layer, LayerNorm, LinearBuilder, LN_EPS};
+
+/// One of the `[q; k; v]` thirds of a packed `in_proj_weight`/`in_proj_bias`, served as an
+/// ordinary `weight`/`bias` pair so the layer can be built (and quantized) like any other. The
+/// packed tensors are read only when asked for: a quantized-cache hit never reads them.
+struct PackedThird<'a> {
+    vb: VarBuilder<'a>,
+    part: usize,
+    dim: usize,
+}
+
+impl SimpleBackend for PackedThird<'_> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        _: &Device,
+    ) -> Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, self.vb.device())?;
+        if t.shape() != &s {
+            candle_core::bail!("{name}: shape {:?}, expected {s:?}", t.shape());
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, _: &Device) -> Result<Tensor> {
+        let e = self.dim;
+        let t = if name.ends_with(".weight") {
+            self.vb.get((3 * e, e), "in_proj_weight")?
+        } else if name.ends_with(".bias") {
+            self.vb.get(3 * e, "in_proj_bias")?
+        } else {
+            candle_core::bail!("{name}: not part of a packed projection")
+        };
+        t.narrow(0, self.part * e, e)?.contiguous()?.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        name.ends_with(".weight") || name.ends_with(".bias")
+    }
+}
 
 /// Width of one resampler head (`num_heads = embed_dim / 128` upstream).
 pub const RESAMPLER_HEAD_DIM: usize = 128;
@@ -15,25 +58,33 @@ pub const RESAMPLER_HEAD_DIM: usize = 128;
 /// `torch.nn.MultiheadAttention` with packed `in_proj_weight` rows `[q; k; v]`, no mask.
 #[derive(Debug, Clone)]
 pub struct MultiheadAttention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
+    q_proj: Layer,
+    k_proj: Layer,
+    v_proj: Layer,
+    out_proj: Layer,
     num_heads: usize,
     head_dim: usize,
 }
 
 impl MultiheadAttention {
-    pub fn new(embed_dim: usize, num_heads: usize, vb: VarBuilder) -> Result<Self> {
-        let w = vb.get((3 * embed_dim, embed_dim), "in_proj_weight")?;
-        let b = vb.get(3 * embed_dim, "in_proj_bias")?;
-        let part = |i: usize| -> Result<Linear> {
-            Ok(Linear::new(
-                w.narrow(0, i * embed_dim, embed_dim)?.contiguous()?,
-                Some(b.narrow(0, i * embed_dim, embed_dim)?.contiguous()?),
-            ))
+    pub fn new(
+        embed_dim: usize,
+        num_heads: usize,
+        vb: VarBuilder,
+        linear: LinearBuilder,
+    ) -> Result<Self> {
+        let part = |i: usize| -> Result<Layer> {
+            // Named `<prefix>.in_proj_q` etc., which is also the quantized cache's key.
+            let name = format!("{}.in_proj_{}", vb.prefix(), ["q", "k", "v"][i]);
+            let third = PackedThird {
+                vb: vb.clone(),
+                part: i,
+                dim: embed_dim,
+            };
+            let tvb = VarBuilder::from_backend(Box::new(third), vb.dtype(), vb.device().clone());
+            linear(embed_dim, embed_dim, true, tvb.pp(name))
         };
-        let out_proj = candle_nn::linear(embed_dim, embed_dim, vb.pp("out_proj"))?;
+        let out_proj = linear(embed_dim, embed_dim, true, vb.pp("out_proj"))?;
         Ok(Self {
             q_proj: part(0)?,
             k_proj: part(1)?,
@@ -72,7 +123,7 @@ impl MultiheadAttention {
 #[derive(Debug, Clone)]
 pub struct Resampler {
     /// `None` when the ViT width already equals the embed dim (upstream uses `nn.Identity`).
-    kv_proj: Option<Linear>,
+    kv_proj: Option<Layer>,
     ln_kv: LayerNorm,
     ln_q: LayerNorm,
     query: Tensor,
@@ -81,9 +132,15 @@ pub struct Resampler {
 }
 
 impl Resampler {
-    pub fn new(n_queries: usize, embed_dim: usize, kv_dim: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        n_queries: usize,
+        embed_dim: usize,
+        kv_dim: usize,
+        vb: VarBuilder,
+        linear: LinearBuilder,
+    ) -> Result<Self> {
         let kv_proj = if kv_dim != embed_dim {
-            Some(linear_no_bias(kv_dim, embed_dim, vb.pp("kv_proj"))?)
+            Some(linear(kv_dim, embed_dim, false, vb.pp("kv_proj"))?)
         } else {
             None
         };
@@ -94,7 +151,7 @@ impl Resampler {
             ln_q: LayerNorm::new(embed_dim, LN_EPS, vb.pp("ln_q"))?,
             query: vb.get((n_queries, embed_dim), "query")?,
             pos_embed: vb.get((n_queries, embed_dim), "pos_embed")?,
-            attn: MultiheadAttention::new(embed_dim, num_heads, vb.pp("attn"))?,
+            attn: MultiheadAttention::new(embed_dim, num_heads, vb.pp("attn"), linear)?,
         })
     }
 

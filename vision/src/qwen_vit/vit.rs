@@ -6,10 +6,10 @@ use std::sync::Arc;
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
-/// Builds one of the tower's big linear layers (`[out, in]` weight plus bias under `vb`): dense by
-/// default ([`dense_linear`]); the app can hand in a quantizing builder so the 1.9 B-parameter
-/// tower fits a laptop. Arguments: `(in_dim, out_dim, vb)`.
-pub type LinearBuilder<'a> = &'a dyn Fn(usize, usize, VarBuilder) -> Result<Layer>;
+/// Builds one of the tower's linear layers (`[out, in]` weight, and a bias if asked, under `vb`):
+/// dense by default ([`dense_linear`]); the app can hand in a quantizing builder so the
+/// 1.9 B-parameter tower fits a laptop. Arguments: `(in_dim, out_dim, has_bias, vb)`.
+pub type LinearBuilder<'a> = &'a dyn Fn(usize, usize, bool, VarBuilder) -> Result<Layer>;
 
 /// A linear layer of any representation (dense or quantized).
 #[derive(Clone)]
@@ -28,8 +28,12 @@ impl Module for Layer {
 }
 
 /// The default builder: a dense `candle_nn::Linear` in the VarBuilder's dtype.
-pub fn dense_linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Layer> {
-    Ok(Layer(Arc::new(candle_nn::linear(in_dim, out_dim, vb)?)))
+pub fn dense_linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Layer> {
+    Ok(Layer(Arc::new(if bias {
+        candle_nn::linear(in_dim, out_dim, vb)?
+    } else {
+        candle_nn::linear_no_bias(in_dim, out_dim, vb)?
+    })))
 }
 
 /// LayerNorm eps of the whole vision tower (hard-coded upstream, independent of the LM's eps).
@@ -90,8 +94,8 @@ impl VisualAttention {
         linear: LinearBuilder,
     ) -> Result<Self> {
         Ok(Self {
-            in_proj: linear(width, 3 * width, vb.pp("in_proj"))?,
-            out_proj: linear(width, width, vb.pp("out_proj"))?,
+            in_proj: linear(width, 3 * width, true, vb.pp("in_proj"))?,
+            out_proj: linear(width, width, true, vb.pp("out_proj"))?,
             num_heads,
             head_dim: width / num_heads,
         })
@@ -125,8 +129,8 @@ pub struct Mlp {
 impl Mlp {
     pub fn new(width: usize, hidden: usize, vb: VarBuilder, linear: LinearBuilder) -> Result<Self> {
         Ok(Self {
-            c_fc: linear(width, hidden, vb.pp("c_fc"))?,
-            c_proj: linear(hidden, width, vb.pp("c_proj"))?,
+            c_fc: linear(width, hidden, true, vb.pp("c_fc"))?,
+            c_proj: linear(hidden, width, true, vb.pp("c_proj"))?,
         })
     }
 }
