@@ -10,6 +10,20 @@
 pub mod queue;
 pub mod text;
 
+#[cfg(test)]
+mod tests {
+    use super::default_model_id;
+    use std::path::Path;
+
+    #[test]
+    fn model_ids_of_cache_snapshots_and_plain_folders() {
+        let snap = Path::new("/nonexistent/hub/models--Qwen--Qwen-VL-Chat/snapshots/0123abc");
+        assert_eq!(default_model_id(snap), "Qwen/Qwen-VL-Chat");
+        assert_eq!(default_model_id(Path::new("/nonexistent/tiny-a")), "tiny-a");
+        assert_eq!(default_model_id(Path::new("/nonexistent/snapshots/x")), "x");
+    }
+}
+
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -193,19 +207,36 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
     eprintln!("loading {} as {wt}…", args.model.display());
     let engine = Engine::load_with(&args.model, wt, &Device::Cpu, None)?;
     eprintln!("loaded in {:.1} s", engine.load_ms / 1e3);
-    let model_id = args.served_model_name.clone().unwrap_or_else(|| {
-        args.model
-            .canonicalize()
-            .ok()
-            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))
-            .unwrap_or_else(|| "qwen-vl-chat".into())
-    });
+    let model_id = args
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| default_model_id(&args.model));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the server's runtime")?;
     runtime.block_on(serve(Arc::new(engine), model_id, args))
+}
+
+/// The id a model folder is served under: `Org/Name` for a Hugging Face cache snapshot
+/// (`…/models--Org--Name/snapshots/<sha>`, the id vLLM would use), else the folder's name.
+pub fn default_model_id(dir: &Path) -> String {
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let name = |p: Option<&Path>| {
+        p.and_then(Path::file_name)
+            .map(|n| n.to_string_lossy().into_owned())
+    };
+    let parent = dir.parent();
+    if name(parent).as_deref() == Some("snapshots") {
+        if let Some(repo) = name(parent.and_then(Path::parent))
+            .as_deref()
+            .and_then(|r| r.strip_prefix("models--"))
+        {
+            return repo.replacen("--", "/", 1);
+        }
+    }
+    name(Some(&dir)).unwrap_or_else(|| "qwen-vl-chat".into())
 }
 
 async fn serve(engine: Arc<Engine>, model_id: String, args: ServeArgs) -> Result<()> {
