@@ -265,6 +265,7 @@ pub fn run(source: Source, wt: WeightType, decode_tokens: usize) -> Result<Bench
     let device = Device::Cpu;
     let threads = candle_core::utils::get_num_threads();
     let mut q: lm::quant::Quantizer = wt.into();
+    let mut table = None;
     let (cfg, vb, model_name): (QwenConfig, VarBuilder, String) = match &source {
         Source::Random => {
             let cfg: QwenConfig = serde_json::from_str(QWEN_VL_CHAT_CONFIG)?;
@@ -280,6 +281,8 @@ pub fn run(source: Source, wt: WeightType, decode_tokens: usize) -> Result<Bench
                 .with_context(|| format!("cannot open the model folder {}", dir.display()))?;
             let vb = ck.var_builder(wt.compute_dtype(), &device);
             q = crate::engine::quantizer_for(dir, wt)?;
+            // As the engine loads it: token embeddings read from the mapped checkpoint.
+            table = ck.mapped_rows("transformer.wte.weight");
             (ck.config.clone(), vb, dir.display().to_string())
         }
     };
@@ -291,7 +294,7 @@ pub fn run(source: Source, wt: WeightType, decode_tokens: usize) -> Result<Bench
 
     eprintln!("loading ({wt}) ...");
     let t0 = Instant::now();
-    let lm = QwenLm::load(&cfg, vb.clone(), q.clone())?;
+    let lm = QwenLm::load_with_table(&cfg, vb.clone(), q.clone(), table)?;
     crate::engine::release_free_heap();
     let vision_vb = vb.pp("transformer").pp("visual");
     let visual = crate::engine::build_visual(&vcfg, vision_vb, &q)?;

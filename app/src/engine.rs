@@ -243,7 +243,10 @@ impl Engine {
         };
         let q = quantizer_for(dir, wt)?;
         let cache = q.cache.clone();
-        let lm = QwenLm::load(&checkpoint.config, vb.clone(), q.clone())
+        // Token embeddings are looked up, not multiplied: a quantized model reads their rows
+        // from the mapped checkpoint instead of holding a copy.
+        let table = checkpoint.mapped_rows("transformer.wte.weight");
+        let lm = QwenLm::load_with_table(&checkpoint.config, vb.clone(), q.clone(), table)
             .with_context(|| format!("cannot build the language model from {}", dir.display()))?;
         release_free_heap();
         let vision_vb = vb.pp("transformer").pp("visual");

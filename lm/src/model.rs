@@ -403,6 +403,8 @@ pub struct ForwardTrace {
 enum TokenEmbedding {
     Dense(Embedding),
     Quantized(Arc<crate::quant::cpu::CpuQWeight>),
+    /// Rows read from the memory-mapped checkpoint as they are looked up.
+    Mapped(crate::checkpoint::MappedRows),
 }
 
 impl TokenEmbedding {
@@ -414,6 +416,15 @@ impl TokenEmbedding {
                 let mut out = vec![0f32; ids.len() * hidden];
                 for (row, &id) in out.chunks_exact_mut(hidden).zip(ids) {
                     w.dequantize_row(id as usize, row);
+                }
+                Tensor::from_vec(out, (ids.len(), hidden), device)
+            }
+            TokenEmbedding::Mapped(t) => {
+                let hidden = t.dims().1;
+                let mut out = vec![0f32; ids.len() * hidden];
+                for (row, &id) in out.chunks_exact_mut(hidden).zip(ids) {
+                    t.row_f32(id as usize, row)
+                        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
                 }
                 Tensor::from_vec(out, (ids.len(), hidden), device)
             }
@@ -450,25 +461,42 @@ impl QwenLm {
     /// is switched to. With quantized weights the embedding table is quantized too (f16 off the CPU):
     /// its rows are only looked up, never multiplied.
     pub fn load(cfg: &QwenConfig, vb: VarBuilder, q: impl Into<Quantizer>) -> Result<Self> {
+        Self::load_with_table(cfg, vb, q, None)
+    }
+
+    /// Like [`load`](Self::load); a quantized model on the CPU looks its token embeddings up in
+    /// `table` (the checkpoint's own `transformer.wte.weight`, mapped) instead of holding a
+    /// quantized copy.
+    pub fn load_with_table(
+        cfg: &QwenConfig,
+        vb: VarBuilder,
+        q: impl Into<Quantizer>,
+        table: Option<crate::checkpoint::MappedRows>,
+    ) -> Result<Self> {
         let q: Quantizer = q.into();
         let wt = q.weight_type;
         let dtype = wt.compute_dtype();
         let vb = vb.set_dtype(dtype);
         let t = vb.pp("transformer");
         let tied = cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight");
-        let table = (cfg.vocab_size, cfg.hidden_size);
-        let q8 = match wt.is_quantized() && !tied {
-            true => crate::quant::load_quantized_table(&t.pp("wte"), &q, table)?,
+        let dims = (cfg.vocab_size, cfg.hidden_size);
+        let mapped = table
+            .filter(|m| wt.is_quantized() && !tied && vb.device().is_cpu() && m.dims() == dims);
+        let q8 = match wt.is_quantized() && !tied && mapped.is_none() {
+            true => crate::quant::load_quantized_table(&t.pp("wte"), &q, dims)?,
             false => None,
         };
-        let wte = match q8 {
-            Some(w) => TokenEmbedding::Quantized(w),
-            None if wt.is_quantized() => TokenEmbedding::Dense(candle_nn::embedding(
-                table.0,
-                table.1,
+        let wte = match (mapped, q8) {
+            (Some(m), _) => TokenEmbedding::Mapped(m),
+            (None, Some(w)) => TokenEmbedding::Quantized(w),
+            (None, None) if wt.is_quantized() => TokenEmbedding::Dense(candle_nn::embedding(
+                dims.0,
+                dims.1,
                 t.pp("wte").set_dtype(DType::F16),
             )?),
-            None => TokenEmbedding::Dense(candle_nn::embedding(table.0, table.1, t.pp("wte"))?),
+            (None, None) => {
+                TokenEmbedding::Dense(candle_nn::embedding(dims.0, dims.1, t.pp("wte"))?)
+            }
         };
         let lm_head = if let (true, TokenEmbedding::Dense(e)) = (tied, &wte) {
             QLinear::from_weight(e.embeddings().to_dtype(dtype)?)

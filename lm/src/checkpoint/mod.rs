@@ -528,6 +528,82 @@ impl SimpleBackend for Backend {
     }
 }
 
+/// A 2-D tensor read row by row straight from the mapped checkpoint: the token-embedding table of a
+/// quantized model. Only the rows looked up are ever paged in, so the 151,936 × 4096 table costs
+/// no resident memory up front (instead of 0.66 GB as an 8-bit copy) and its rows stay exact.
+#[derive(Clone)]
+pub struct MappedRows {
+    weights: Arc<Weights>,
+    name: String,
+    shard: usize,
+    start: usize,
+    rows: usize,
+    cols: usize,
+    dtype: DType,
+}
+
+impl std::fmt::Debug for MappedRows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MappedRows")
+            .field("name", &self.name)
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .field("dtype", &self.dtype)
+            .finish()
+    }
+}
+
+impl MappedRows {
+    /// `(rows, cols)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// Row `i` converted to f32 into `out` (`cols` long). A row out of range, or one holding a
+    /// NaN or infinity (a corrupt checkpoint), is an error naming the tensor.
+    pub fn row_f32(&self, i: usize, out: &mut [f32]) -> Result<()> {
+        let err = |msg: String| Error::Tensor {
+            name: self.name.clone(),
+            path: self.weights.shards[self.shard].path.clone(),
+            msg,
+        };
+        if i >= self.rows || out.len() != self.cols {
+            return Err(err(format!(
+                "row {i} of a {}×{} table (into {} values)",
+                self.rows,
+                self.cols,
+                out.len()
+            )));
+        }
+        let size = self.dtype.size_in_bytes();
+        let at = self.start + i * self.cols * size;
+        let bytes = &self.weights.shards[self.shard].mmap[at..at + self.cols * size];
+        if let Some(j) = first_non_finite(bytes, self.dtype) {
+            return Err(err(format!(
+                "row {i} holds a NaN or infinite value (element {j}): the checkpoint is corrupt"
+            )));
+        }
+        match self.dtype {
+            DType::BF16 => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
+            }
+            DType::F16 => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
+            }
+            _ => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// An opened model folder: parsed configs plus the indexed, memory-mapped weights.
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
@@ -616,6 +692,32 @@ impl Checkpoint {
     /// Loads one tensor and converts it to `dtype` on `device`.
     pub fn load_tensor(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
         self.weights.load(name, dtype, device)
+    }
+
+    /// `name` (a `[rows, cols]` bf16, f16 or f32 tensor stored row-major) as a table read row by
+    /// row from the map; `None` for any other dtype, shape or layout.
+    pub fn mapped_rows(&self, name: &str) -> Option<MappedRows> {
+        let e = self.weights.tensors.get(name)?;
+        let (&[rows, cols], Span::Contiguous { start }) = (e.shape.as_slice(), &e.span) else {
+            return None;
+        };
+        if !matches!(e.dtype, DType::BF16 | DType::F16 | DType::F32) {
+            return None;
+        }
+        let len = byte_len(&e.shape, e.dtype)?;
+        let shard = self.weights.shards.get(e.shard)?;
+        if start.checked_add(len)? > shard.mmap.len() {
+            return None;
+        }
+        Some(MappedRows {
+            weights: self.weights.clone(),
+            name: name.to_string(),
+            shard: e.shard,
+            start: *start,
+            rows,
+            cols,
+            dtype: e.dtype,
+        })
     }
 
     /// Bytes of all tensors as stored (for progress reporting).
