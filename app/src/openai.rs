@@ -47,6 +47,9 @@ pub struct ChatRequest {
     pub top_k: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repetition_penalty: Option<f64>,
+    /// Keep generating past the end-of-turn token, up to `max_tokens` (for benchmarks and tests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ignore_eos: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

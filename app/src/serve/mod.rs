@@ -569,6 +569,9 @@ fn generate_options(engine: &Engine, req: &ChatRequest) -> Result<GenerateOption
             .param("repetition_penalty"));
         }
     }
+    if req.ignore_eos == Some(true) {
+        opts.stop_ids.clear();
+    }
     let greedy = req.temperature == Some(0.0);
     let sampling_given = req.temperature.is_some()
         || req.top_p.is_some()
