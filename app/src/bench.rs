@@ -15,7 +15,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
-use lm::model::{ImageFeatures, QwenLm};
+use lm::model::ImageFeatures;
 use lm::quant::cpu::{CpuQWeight, Format};
 use lm::quant::WeightType;
 use lm::QwenConfig;
@@ -294,11 +294,7 @@ pub fn run(source: Source, wt: WeightType, decode_tokens: usize) -> Result<Bench
 
     eprintln!("loading ({wt}) ...");
     let t0 = Instant::now();
-    let lm = QwenLm::load_with_table(&cfg, vb.clone(), q.clone(), table)?;
-    crate::engine::release_free_heap();
-    let vision_vb = vb.pp("transformer").pp("visual");
-    let visual = crate::engine::build_visual(&vcfg, vision_vb, &q)?;
-    crate::engine::release_free_heap();
+    let (lm, visual) = crate::engine::build_models(&cfg, &vcfg, &vb, &q, table)?;
     let load_s = t0.elapsed().as_secs_f64();
     let mut phases = vec![("load".to_string(), peak_rss_bytes() as f64 / 1e9)];
     let from_cache = q.cache.as_ref().is_some_and(|c| c.is_hit());

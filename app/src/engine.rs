@@ -200,6 +200,25 @@ pub fn build_visual(
     vision::VisualEncoder::new_with_linear(cfg, vb, linear)
 }
 
+/// The language model and the vision tower of a checkpoint (`vb` rooted at its top level), built
+/// as the engine runs them; the benchmark builds them the same way. A quantized model looks its
+/// token embeddings up in `table` (the mapped checkpoint's own) instead of holding a copy.
+pub fn build_models(
+    cfg: &lm::QwenConfig,
+    visual_config: &vision::Config,
+    vb: &candle_nn::VarBuilder,
+    q: &Quantizer,
+    table: Option<lm::checkpoint::MappedRows>,
+) -> Result<(QwenLm, vision::VisualEncoder)> {
+    let lm = QwenLm::load_with_table(cfg, vb.clone(), q.clone(), table)
+        .context("cannot build the language model")?;
+    release_free_heap();
+    let visual = build_visual(visual_config, vb.pp("transformer").pp("visual"), q)
+        .context("cannot build the vision tower")?;
+    release_free_heap();
+    Ok((lm, visual))
+}
+
 impl Engine {
     /// Dense model in `dtype` (f32 is the exact reference path).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
@@ -243,16 +262,9 @@ impl Engine {
         };
         let q = quantizer_for(dir, wt)?;
         let cache = q.cache.clone();
-        // Token embeddings are looked up, not multiplied: a quantized model reads their rows
-        // from the mapped checkpoint instead of holding a copy.
         let table = checkpoint.mapped_rows("transformer.wte.weight");
-        let lm = QwenLm::load_with_table(&checkpoint.config, vb.clone(), q.clone(), table)
-            .with_context(|| format!("cannot build the language model from {}", dir.display()))?;
-        release_free_heap();
-        let vision_vb = vb.pp("transformer").pp("visual");
-        let visual = build_visual(&visual_config, vision_vb, &q)
-            .with_context(|| format!("cannot build the vision tower from {}", dir.display()))?;
-        release_free_heap();
+        let (lm, visual) = build_models(&checkpoint.config, &visual_config, &vb, &q, table)
+            .with_context(|| format!("cannot build the model from {}", dir.display()))?;
         if let Some(c) = &cache {
             // A cache that cannot be written only costs the next start its speed.
             if let Err(e) = c.save() {
