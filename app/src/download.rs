@@ -148,14 +148,9 @@ pub fn hub_cache() -> Result<PathBuf> {
         .context("no home folder to put the Hugging Face cache in (set HF_HOME)")
 }
 
-/// The snapshot folder a previous download of `repo` at `revision` left in the cache (the
-/// revision's commit from `refs/`, or `revision` itself when it is a commit), without asking the
-/// hub. It may lack files that a download of another selection would add.
-pub fn cached_snapshot(repo: &str, revision: &str) -> Option<PathBuf> {
-    cached_snapshot_in(&hub_cache().ok()?, repo, revision)
-}
-
-/// [`cached_snapshot`] in the hub cache folder `cache_dir`.
+/// The snapshot folder a previous download of `repo` at `revision` left in the hub cache folder
+/// `cache_dir` (the revision's commit from `refs/`, or `revision` itself when it is a commit),
+/// without asking the hub. It may lack files that a download of another selection would add.
 pub fn cached_snapshot_in(cache_dir: &Path, repo: &str, revision: &str) -> Option<PathBuf> {
     check_repo_id(repo).ok()?;
     check_component(revision).ok()?;
@@ -168,28 +163,11 @@ pub fn cached_snapshot_in(cache_dir: &Path, repo: &str, revision: &str) -> Optio
     snap.join("config.json").is_file().then_some(snap)
 }
 
-/// Downloads `repo` at `revision` (the model's files, or every file with `all_files`) into the hub
-/// cache and returns the snapshot folder, a model folder `Engine::load` accepts. Files already in
-/// the cache are not transferred again; partial ones are resumed. `progress` is called from this
+/// Downloads `opts.repo` at `opts.revision` (the model's files, or every file with `all_files`)
+/// into the hub cache and returns the snapshot folder, a model folder `Engine::load` accepts.
+/// Files already in the cache are not transferred again; partial ones are resumed. `progress` is called from this
 /// thread (at most every 50 ms while bytes flow); setting `cancel` stops the download soon after
 /// with a [`Cancelled`] error.
-pub fn download_model(
-    repo: &str,
-    revision: &str,
-    all_files: bool,
-    progress: &mut dyn FnMut(&DownloadProgress),
-    cancel: &AtomicBool,
-) -> Result<PathBuf> {
-    let opts = DownloadOptions {
-        repo: repo.to_string(),
-        revision: revision.to_string(),
-        all_files,
-        ..DownloadOptions::default()
-    };
-    download(&opts, progress, cancel)
-}
-
-/// [`download_model`] with every option.
 pub fn download(
     opts: &DownloadOptions,
     progress: &mut dyn FnMut(&DownloadProgress),
@@ -493,7 +471,7 @@ fn transport_retryable(e: &ureq::Error) -> bool {
     match e {
         ureq::Error::HostNotFound | ureq::Error::BadUri(_) => false,
         ureq::Error::Io(io) => io.kind() != std::io::ErrorKind::ConnectionRefused,
-        ureq::Error::StatusCode(c) => *c >= 500 || *c == 429 || *c == 408,
+        ureq::Error::StatusCode(c) => status_retryable(*c),
         _ => true,
     }
 }
