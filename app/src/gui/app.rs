@@ -126,6 +126,11 @@ pub struct Download {
 
 enum DownloadEvent {
     Progress(DownloadProgress),
+    End(DownloadEnd),
+}
+
+/// How a download ended.
+enum DownloadEnd {
     Done(PathBuf),
     Failed(String),
     Cancelled,
@@ -484,11 +489,11 @@ impl QwenApp {
                     },
                     &flag,
                 );
-                let _ = tx.send(match r {
-                    Ok(dir) => DownloadEvent::Done(dir),
-                    Err(e) if e.is::<crate::download::Cancelled>() => DownloadEvent::Cancelled,
-                    Err(e) => DownloadEvent::Failed(format!("{e:#}")),
-                });
+                let _ = tx.send(DownloadEvent::End(match r {
+                    Ok(dir) => DownloadEnd::Done(dir),
+                    Err(e) if e.is::<crate::download::Cancelled>() => DownloadEnd::Cancelled,
+                    Err(e) => DownloadEnd::Failed(format!("{e:#}")),
+                }));
                 wake();
             });
         if let Err(e) = spawned {
@@ -530,29 +535,28 @@ impl QwenApp {
                     }
                     d.progress = Some(p);
                 }
-                other => end = Some(other),
+                DownloadEvent::End(e) => end = Some(e),
             }
         }
         match end {
             None => {}
-            Some(DownloadEvent::Done(dir)) => {
+            Some(DownloadEnd::Done(dir)) => {
                 self.download = None;
                 self.load_model(dir);
             }
-            Some(DownloadEvent::Cancelled) => {
+            Some(DownloadEnd::Cancelled) => {
                 self.download = None;
                 self.notice = Some(
                     "Download cancelled. The files fetched so far are kept: Download resumes."
                         .into(),
                 );
             }
-            Some(DownloadEvent::Failed(e)) => {
+            Some(DownloadEnd::Failed(e)) => {
                 self.download = None;
                 self.errors.push(format!(
                     "The download failed: {e}. Press Download again to resume where it stopped."
                 ));
             }
-            Some(DownloadEvent::Progress(_)) => unreachable!("progress is handled above"),
         }
     }
 
