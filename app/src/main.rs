@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicBool;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Parser, Subcommand, ValueEnum};
-use lm::generate::{Decoding, GenerateOptions, SamplingParams};
+use lm::generate::{Decoding, GenerateOptions, SamplingOverrides, SamplingParams};
 use lm::prompt::Conversation;
 
 use lm::quant::WeightType;
@@ -189,40 +189,30 @@ fn generate_options(args: &RunArgs, engine: &Engine) -> Result<GenerateOptions> 
     if let Some(n) = args.max_new_tokens {
         opts.max_new_tokens = n;
     }
-    let sampling_flags = args.temperature.is_some()
-        || args.top_p.is_some()
-        || args.top_k.is_some()
-        || args.seed.is_some()
-        || args.repetition_penalty.is_some();
+    let o = SamplingOverrides {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed,
+    };
+    if let Some(t) = o.temperature.filter(|t| !(*t >= 0.0 && t.is_finite())) {
+        bail!("--temperature must be a finite number >= 0, got {t}");
+    }
+    if let Some(p) = o.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
+        bail!("--top-p must be in (0, 1], got {p}");
+    }
+    if let Some(r) = o
+        .repetition_penalty
+        .filter(|r| !(*r > 0.0 && r.is_finite()))
+    {
+        bail!("--repetition-penalty must be a finite number > 0, got {r}");
+    }
     if args.greedy {
         opts.decoding = Decoding::Greedy;
-    } else if sampling_flags {
-        let mut p = SamplingParams::from_generation_config(gen_cfg);
-        if let Some(t) = args.temperature {
-            if !(t >= 0.0 && t.is_finite()) {
-                bail!("--temperature must be a finite number >= 0, got {t}");
-            }
-            p.temperature = t;
-        }
-        if let Some(top_p) = args.top_p {
-            if !(top_p > 0.0 && top_p <= 1.0) {
-                bail!("--top-p must be in (0, 1], got {top_p}");
-            }
-            p.top_p = Some(top_p).filter(|x| *x < 1.0);
-        }
-        if let Some(k) = args.top_k {
-            p.top_k = Some(k).filter(|k| *k > 0);
-        }
-        if let Some(r) = args.repetition_penalty {
-            if !(r > 0.0 && r.is_finite()) {
-                bail!("--repetition-penalty must be a finite number > 0, got {r}");
-            }
-            p.repetition_penalty = Some(r).filter(|r| *r != 1.0);
-        }
-        if let Some(s) = args.seed {
-            p.seed = s;
-        }
-        opts.decoding = Decoding::Sample(p);
+    } else if o.any() {
+        opts.decoding =
+            Decoding::Sample(SamplingParams::from_generation_config(gen_cfg).with_overrides(&o));
     }
     Ok(opts)
 }

@@ -38,6 +38,44 @@ impl SamplingParams {
             seed: 0,
         }
     }
+
+    /// These settings with a caller's overrides (CLI flags, API fields), `None` keeping the
+    /// default: a `top_p` of 1, a `top_k` of 0 and a repetition penalty of 1 switch those off.
+    pub fn with_overrides(mut self, o: &SamplingOverrides) -> Self {
+        if let Some(t) = o.temperature {
+            self.temperature = t;
+        }
+        if let Some(p) = o.top_p {
+            self.top_p = Some(p).filter(|p| *p < 1.0);
+        }
+        if let Some(k) = o.top_k {
+            self.top_k = Some(k).filter(|k| *k > 0);
+        }
+        if let Some(r) = o.repetition_penalty {
+            self.repetition_penalty = Some(r).filter(|r| *r != 1.0);
+        }
+        if let Some(s) = o.seed {
+            self.seed = s;
+        }
+        self
+    }
+}
+
+/// Sampling settings a caller asked for; `None` leaves the checkpoint's default.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SamplingOverrides {
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<usize>,
+    pub repetition_penalty: Option<f64>,
+    pub seed: Option<u64>,
+}
+
+impl SamplingOverrides {
+    /// Whether any setting was given.
+    pub fn any(&self) -> bool {
+        *self != Self::default()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -43,7 +43,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
 use candle_core::Device;
-use lm::generate::{Decoding, Finish, GenerateOptions, SamplingParams};
+use lm::generate::{Decoding, Finish, GenerateOptions, SamplingOverrides, SamplingParams};
 use lm::prompt::Conversation;
 use lm::quant::WeightType;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
@@ -572,36 +572,29 @@ fn generate_options(engine: &Engine, req: &ChatRequest) -> Result<GenerateOption
     if req.ignore_eos == Some(true) {
         opts.stop_ids.clear();
     }
-    let greedy = req.temperature == Some(0.0);
-    let sampling_given = req.temperature.is_some()
-        || req.top_p.is_some()
-        || req.top_k.is_some()
-        || req.seed.is_some()
-        || req.repetition_penalty.is_some();
-    if greedy {
+    let o = SamplingOverrides {
+        temperature: req.temperature,
+        top_p: req.top_p,
+        // A negative top_k means "off", as in vLLM.
+        top_k: req.top_k.map(|k| usize::try_from(k).unwrap_or(0)),
+        repetition_penalty: req.repetition_penalty,
+        seed: req.seed.map(|s| s as u64),
+    };
+    if req.temperature == Some(0.0) {
         opts.decoding = Decoding::Greedy;
-    } else if sampling_given || gen_cfg.do_sample {
-        let mut p = SamplingParams::from_generation_config(gen_cfg);
-        if let Some(t) = req.temperature {
-            p.temperature = t;
-        }
-        if let Some(top_p) = req.top_p {
-            p.top_p = Some(top_p).filter(|x| *x < 1.0);
-        }
-        if let Some(k) = req.top_k {
-            p.top_k = usize::try_from(k).ok().filter(|k| *k > 0);
-        }
-        if let Some(r) = req.repetition_penalty {
-            p.repetition_penalty = Some(r).filter(|r| *r != 1.0);
-        }
-        p.seed = match req.seed {
-            Some(s) => s as u64,
-            None => SystemTime::now()
+    } else if o.any() || gen_cfg.do_sample {
+        let seed = o.seed.unwrap_or_else(|| {
+            SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0),
+                .unwrap_or(0)
+        });
+        let o = SamplingOverrides {
+            seed: Some(seed),
+            ..o
         };
-        opts.decoding = Decoding::Sample(p);
+        opts.decoding =
+            Decoding::Sample(SamplingParams::from_generation_config(gen_cfg).with_overrides(&o));
     }
     Ok(opts)
 }
