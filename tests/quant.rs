@@ -30,7 +30,9 @@ fn load(wt: WeightType) -> Model {
     let visual = if wt.is_quantized() {
         let linear: vision::LinearBuilder =
             &move |i, o, bias, vb| Ok(vision::Layer(Arc::new(QLinear::load(i, o, bias, vb, wt)?)));
-        vision::VisualEncoder::new_with_linear(&vcfg, vvb, linear).unwrap()
+        vision::VisualEncoder::new_with_linear(&vcfg, vvb, linear)
+            .unwrap()
+            .with_bf16_attention(true)
     } else {
         vision::VisualEncoder::new(&vcfg, vvb).unwrap()
     };

@@ -197,7 +197,9 @@ pub fn build_visual(
             q.clone(),
         )?)))
     };
-    vision::VisualEncoder::new_with_linear(cfg, vb, linear)
+    // Quantized towers already round activations to int8; bf16 attention is finer than that and
+    // halves the encode time (see vision::qwen_vit::bf16_attention).
+    Ok(vision::VisualEncoder::new_with_linear(cfg, vb, linear)?.with_bf16_attention(true))
 }
 
 /// The language model and the vision tower of a checkpoint (`vb` rooted at its top level), built

@@ -69,7 +69,7 @@ enum DevCommand {
 #[derive(clap::Args)]
 struct BenchArgs {
     /// Model folder to measure.
-    #[arg(long, conflicts_with = "random", required_unless_present = "random")]
+    #[arg(long, conflicts_with = "random", required_unless_present_any = ["random", "kernels"])]
     model: Option<PathBuf>,
     /// Full-size random weights synthesised locally instead of a model folder.
     #[arg(long, value_parser = ["qwen-vl-chat"])]
@@ -83,6 +83,10 @@ struct BenchArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Measure each hot CPU kernel alone (quantized matmuls and matvecs, ViT attention) instead
+    /// of a model.
+    #[arg(long, conflicts_with_all = ["model", "random"])]
+    kernels: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -321,6 +325,15 @@ fn json_output(engine: &Engine, reply: &Reply) -> serde_json::Value {
 }
 
 fn run_bench(args: BenchArgs) -> Result<()> {
+    if args.kernels {
+        let rows = bench::kernels::run(|k| eprintln!("{k} ..."))?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&rows)?);
+        } else {
+            print!("{}", bench::kernels::table(&rows));
+        }
+        return Ok(());
+    }
     let source = match (&args.model, &args.random) {
         (Some(dir), _) => bench::Source::Checkpoint(dir.clone()),
         _ => bench::Source::Random,

@@ -38,6 +38,8 @@ const Q8_0_TILE_BYTES: usize = 32 + 512;
 /// Activation rows a weight tile is reused for before the next tile: keeps the chunk's quantized
 /// activations in L2 (64 rows × 11008 bytes for the LM's down projection).
 const M_CHUNK: usize = 64;
+/// Activation rows one weight tile is multiplied with at a time (independent accumulators).
+const MAX_ROWS: usize = 8;
 
 /// The block formats this module runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -297,14 +299,30 @@ impl CpuQWeight {
 
     /// `out[i·n + j] = x[i] · w[j]` for the `m` rows of `x` (`[m, k]`, row-major).
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        self.matmul_with(x, m, out, Kernel::best())
+        self.matmul_with(x, m, out, None, Kernel::best())
     }
 
-    /// [`Self::matmul`] with a chosen kernel (tests compare them).
-    pub fn matmul_with(&self, x: &[f32], m: usize, out: &mut [f32], kernel: Kernel) {
+    /// [`Self::matmul`] plus `bias[j]` on every row, added as the results are stored (a separate
+    /// broadcast add is another pass over the output, on one thread).
+    pub fn matmul_bias(&self, x: &[f32], m: usize, out: &mut [f32], bias: Option<&[f32]>) {
+        self.matmul_with(x, m, out, bias, Kernel::best())
+    }
+
+    /// [`Self::matmul_bias`] with a chosen kernel (tests compare them).
+    pub fn matmul_with(
+        &self,
+        x: &[f32],
+        m: usize,
+        out: &mut [f32],
+        bias: Option<&[f32]>,
+        kernel: Kernel,
+    ) {
         let (n, k) = (self.n, self.k);
         assert_eq!(x.len(), m * k, "activation shape");
         assert_eq!(out.len(), m * n, "output shape");
+        if let Some(b) = bias {
+            assert_eq!(b.len(), n, "bias shape");
+        }
         if m == 0 || n == 0 {
             return;
         }
@@ -319,39 +337,36 @@ impl CpuQWeight {
         // Bands of tiles, several per thread so uneven bands even out.
         let threads = rayon::current_num_threads().max(1);
         let band = n_tiles.div_ceil(threads * 4).clamp(1, 16);
-        let bands: Vec<(usize, Vec<f32>)> = (0..n_tiles)
-            .into_par_iter()
-            .step_by(band)
-            .map(|t0| {
-                let t1 = (t0 + band).min(n_tiles);
-                let bw = (t1 - t0) * TILE;
-                let mut res = vec![0f32; m * bw];
-                let mut dots = [[0f32; TILE]; 4];
-                for i0 in (0..m).step_by(M_CHUNK) {
-                    let i1 = (i0 + M_CHUNK).min(m);
-                    for t in t0..t1 {
-                        let mut i = i0;
-                        while i < i1 {
-                            let r = (i1 - i).min(4);
-                            self.tile_dots(t, &acts[i..i + r], &mut dots[..r], kernel);
-                            for (u, d) in dots[..r].iter().enumerate() {
-                                let at = (i + u) * bw + (t - t0) * TILE;
-                                res[at..at + TILE].copy_from_slice(d);
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        (0..n_tiles).into_par_iter().step_by(band).for_each(|t0| {
+            let t1 = (t0 + band).min(n_tiles);
+            let mut dots = [[0f32; TILE]; MAX_ROWS];
+            for i0 in (0..m).step_by(M_CHUNK) {
+                let i1 = (i0 + M_CHUNK).min(m);
+                for t in t0..t1 {
+                    let (j0, cols) = (t * TILE, TILE.min(n - t * TILE));
+                    let mut i = i0;
+                    while i < i1 {
+                        let r = (i1 - i).min(MAX_ROWS);
+                        self.tile_dots(t, &acts[i..i + r], &mut dots[..r], kernel);
+                        for (u, d) in dots[..r].iter_mut().enumerate() {
+                            if let Some(b) = bias {
+                                for (v, b) in d.iter_mut().zip(&b[j0..j0 + cols]) {
+                                    *v += b;
+                                }
                             }
-                            i += r;
+                            // SAFETY: `out` holds `m·n` values; this band alone writes columns
+                            // `j0..j0 + cols` (its own tiles), so no two threads touch one value.
+                            unsafe {
+                                let dst = out_ptr.get().add((i + u) * n + j0);
+                                std::ptr::copy_nonoverlapping(d.as_ptr(), dst, cols);
+                            }
                         }
+                        i += r;
                     }
                 }
-                (t0 * TILE, res)
-            })
-            .collect();
-        for (j0, res) in bands {
-            let bw = res.len() / m;
-            let cols = bw.min(n - j0);
-            for i in 0..m {
-                out[i * n + j0..i * n + j0 + cols].copy_from_slice(&res[i * bw..i * bw + cols]);
             }
-        }
+        });
     }
 
     /// `out[u][r] = w[16t + r] · acts[u]` for up to 4 activation rows.
@@ -369,7 +384,11 @@ impl CpuQWeight {
                     1 => self.tile_dots_avx512::<1>(t, acts, out),
                     2 => self.tile_dots_avx512::<2>(t, acts, out),
                     3 => self.tile_dots_avx512::<3>(t, acts, out),
-                    _ => self.tile_dots_avx512::<4>(t, acts, out),
+                    4 => self.tile_dots_avx512::<4>(t, acts, out),
+                    5 => self.tile_dots_avx512::<5>(t, acts, out),
+                    6 => self.tile_dots_avx512::<6>(t, acts, out),
+                    7 => self.tile_dots_avx512::<7>(t, acts, out),
+                    _ => self.tile_dots_avx512::<8>(t, acts, out),
                 }
             },
         }
@@ -439,8 +458,16 @@ impl CpuQWeight {
                     let mut bacc = [_mm512_setzero_ps(); N];
                     for s in 0..8 {
                         let mut iacc = [_mm512_setzero_si512(); N];
+                        // With few rows (decode), high nibbles get a chain of their own so the
+                        // `vpdpbusd` latency overlaps; with many rows registers are the limit.
+                        let mut iacc_hi = [_mm512_setzero_si512(); N];
                         for p in 0..4 {
-                            let w = _mm512_loadu_si512(tb.add(320 + (s * 4 + p) * 64) as *const _);
+                            let line = 320 + (s * 4 + p) * 64;
+                            if N <= 2 {
+                                // Decode streams the weights once: ask for lines two blocks ahead.
+                                _mm_prefetch::<_MM_HINT_T0>(tb.add(line + 2 * tbytes) as *const i8);
+                            }
+                            let w = _mm512_loadu_si512(tb.add(line) as *const _);
                             let lo = _mm512_and_si512(w, mask);
                             let hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), mask);
                             for u in 0..N {
@@ -449,7 +476,16 @@ impl CpuQWeight {
                                 let a1 =
                                     _mm512_set1_epi32((ap.add(4) as *const i32).read_unaligned());
                                 iacc[u] = _mm512_dpbusd_epi32(iacc[u], lo, a0);
-                                iacc[u] = _mm512_dpbusd_epi32(iacc[u], hi, a1);
+                                if N <= 2 {
+                                    iacc_hi[u] = _mm512_dpbusd_epi32(iacc_hi[u], hi, a1);
+                                } else {
+                                    iacc[u] = _mm512_dpbusd_epi32(iacc[u], hi, a1);
+                                }
+                            }
+                        }
+                        if N <= 2 {
+                            for u in 0..N {
+                                iacc[u] = _mm512_add_epi32(iacc[u], iacc_hi[u]);
                             }
                         }
                         let sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
@@ -496,6 +532,20 @@ impl CpuQWeight {
         for u in 0..N {
             _mm512_storeu_ps(out[u].as_mut_ptr(), facc[u]);
         }
+    }
+}
+
+/// A pointer the matmul's bands share; each writes only its own columns.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: used only for the disjoint writes documented in `matmul_with`.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    // A method (not the field) so closures capture the whole `Send` wrapper.
+    fn get(self) -> *mut f32 {
+        self.0
     }
 }
 
@@ -567,30 +617,80 @@ impl Act {
         let mut d = Vec::with_capacity(k / bv);
         let mut aux = Vec::new();
         let mut sums = Vec::new();
-        let mut tmp = [0i8; QK_K];
+        let simd = Kernel::best() != Kernel::Portable;
+        let mut sub = [0i32; QK_K / 32];
         for (xb, qb) in x.chunks_exact(bv).zip(q.chunks_exact_mut(bv)) {
-            let tmp = &mut tmp[..bv];
-            let db = quantize_block(xb, tmp);
+            let sub = &mut sub[..bv / 32];
+            let db = if simd {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `Kernel::Avx512Vnni` is only chosen after AVX-512 was detected.
+                unsafe {
+                    quantize_block_avx512(xb, qb, sub)
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                unreachable!()
+            } else {
+                quantize_block_sums(xb, qb, sub)
+            };
             d.push(db);
             match format {
-                Format::Q4K => {
-                    for s in tmp.chunks_exact(32) {
-                        aux.push(db * s.iter().map(|&v| v as i32).sum::<i32>() as f32);
-                    }
-                    for (o, &v) in qb.iter_mut().zip(tmp.iter()) {
-                        *o = v as u8;
-                    }
-                }
-                Format::Q8_0 => {
-                    sums.push(tmp.iter().map(|&v| v as i32).sum());
-                    for (o, &v) in qb.iter_mut().zip(tmp.iter()) {
-                        *o = v as u8;
-                    }
-                }
+                Format::Q4K => aux.extend(sub.iter().map(|&s| db * s as f32)),
+                Format::Q8_0 => sums.push(sub.iter().sum()),
             }
         }
         Self { q, d, aux, sums }
     }
+}
+
+/// [`quantize_block`] into bytes, with the sum of each 32 quantized values.
+fn quantize_block_sums(x: &[f32], q: &mut [u8], sums: &mut [i32]) -> f32 {
+    let mut tmp = [0i8; QK_K];
+    let tmp = &mut tmp[..x.len()];
+    let d = quantize_block(x, tmp);
+    for ((qs, ts), s) in q.chunks_exact_mut(32).zip(tmp.chunks_exact(32)).zip(sums) {
+        for (o, &v) in qs.iter_mut().zip(ts) {
+            *o = v as u8;
+        }
+        *s = ts.iter().map(|&v| v as i32).sum();
+    }
+    d
+}
+
+/// [`quantize_block_sums`] 16 lanes at a time, with the same results: `vcvtps2dq` rounds to
+/// nearest even like the scalar trick. Blocks holding NaN or ±∞ take the scalar path.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize_block_avx512(x: &[f32], q: &mut [u8], sums: &mut [i32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = x.len();
+    debug_assert!(n.is_multiple_of(32) && q.len() == n && sums.len() == n / 32);
+    let p = x.as_ptr();
+    let mut amax = _mm512_setzero_ps();
+    let mut unordered = 0u16;
+    for i in (0..n).step_by(16) {
+        let v = _mm512_loadu_ps(p.add(i));
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+        unordered |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+    }
+    let amax = _mm512_reduce_max_ps(amax);
+    if unordered != 0 || !amax.is_finite() || amax == 0.0 {
+        return quantize_block_sums(x, q, sums);
+    }
+    let id = _mm512_set1_ps(127.0 / amax);
+    for (c, s) in sums.iter_mut().enumerate() {
+        let lo = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(p.add(32 * c)), id));
+        let hi = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(p.add(32 * c + 16)), id));
+        *s = _mm512_reduce_add_epi32(_mm512_add_epi32(lo, hi));
+        _mm_storeu_si128(
+            q.as_mut_ptr().add(32 * c) as *mut __m128i,
+            _mm512_cvtepi32_epi8(lo),
+        );
+        _mm_storeu_si128(
+            q.as_mut_ptr().add(32 * c + 16) as *mut __m128i,
+            _mm512_cvtepi32_epi8(hi),
+        );
+    }
+    amax / 127.0
 }
 
 #[cfg(test)]
@@ -667,7 +767,7 @@ mod tests {
                 }
                 let scale = reference.iter().fold(0f32, |a, v| a.max(v.abs()));
                 let mut portable = vec![0f32; m * n];
-                qw.matmul_with(&x, m, &mut portable, Kernel::Portable);
+                qw.matmul_with(&x, m, &mut portable, None, Kernel::Portable);
                 let err = portable
                     .iter()
                     .zip(&reference)
@@ -678,6 +778,13 @@ mod tests {
                 );
                 let mut best = vec![0f32; m * n];
                 qw.matmul(&x, m, &mut best);
+                // The fused bias is the plain sum.
+                let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.25 - 3.0).collect();
+                let mut biased = vec![0f32; m * n];
+                qw.matmul_bias(&x, m, &mut biased, Some(&bias));
+                for (i, (b, p)) in biased.iter().zip(&best).enumerate() {
+                    assert_eq!(*b, p + bias[i % n], "{format:?} {m}x{k}x{n} bias at {i}");
+                }
                 // Same integer sums; only the float summation order differs.
                 for (b, p) in best.iter().zip(&portable) {
                     assert!(
@@ -704,6 +811,42 @@ mod tests {
                 out.iter().all(|v| v.is_nan()),
                 "{format:?}: a NaN must not vanish: {out:?}"
             );
+        }
+    }
+
+    /// The AVX-512 activation quantizer gives the scalar one's bytes, scales and sums, ties and
+    /// non-finite blocks included.
+    #[test]
+    fn vector_activation_quantization_is_the_scalar_one() {
+        if Kernel::best() == Kernel::Portable {
+            eprintln!("skipped: no AVX-512 VNNI");
+            return;
+        }
+        let dev = Device::Cpu;
+        for (bv, seed) in [(32usize, 0u64), (256, 1), (32, 2), (256, 3)] {
+            let mut x: Vec<f32> = Tensor::randn(0f32, 1.0 + seed as f32, (64 * bv,), &dev)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            // Exact ties of the rounding: with a block maximum of 127, v·id is v itself.
+            x[0] = 127.0;
+            for (i, v) in x[1..bv].iter_mut().enumerate() {
+                *v = (i as f32 - 15.0) + 0.5;
+            }
+            x[5 * bv + 3] = f32::NAN;
+            x[7 * bv] = f32::INFINITY;
+            x[9 * bv..10 * bv].fill(0.0);
+            for xb in x.chunks_exact(bv) {
+                let (mut qa, mut qb) = (vec![0u8; bv], vec![0u8; bv]);
+                let (mut sa, mut sb) = (vec![0i32; bv / 32], vec![0i32; bv / 32]);
+                let da = quantize_block_sums(xb, &mut qa, &mut sa);
+                #[cfg(target_arch = "x86_64")]
+                let db = unsafe { quantize_block_avx512(xb, &mut qb, &mut sb) };
+                #[cfg(not(target_arch = "x86_64"))]
+                let db = quantize_block_sums(xb, &mut qb, &mut sb);
+                assert_eq!(da.to_bits(), db.to_bits());
+                assert_eq!((qa, sa), (qb, sb));
+            }
         }
     }
 

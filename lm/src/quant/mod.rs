@@ -499,26 +499,50 @@ impl Module for QLinear {
         } else {
             x.clone()
         };
-        let y = match &self.weight {
-            LinearWeight::Candle(w) => w.forward(&x)?,
-            LinearWeight::Cpu(w) => {
-                let (n, k) = w.dims();
-                let mut dims = x.dims().to_vec();
-                let m = x.elem_count() / k;
-                let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                let mut out = vec![0f32; m * n];
-                w.matmul(&xs, m, &mut out);
-                if let Some(last) = dims.last_mut() {
-                    *last = n;
-                }
-                Tensor::from_vec(out, dims, x.device())?.to_dtype(x.dtype())?
+        let w = match &self.weight {
+            LinearWeight::Candle(w) => {
+                let y = w.forward(&x)?;
+                return match &self.bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                };
             }
+            LinearWeight::Cpu(w) => w,
         };
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
+        let (n, k) = w.dims();
+        let m = x.elem_count() / k;
+        let mut dims = x.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = n;
         }
+        let xf = x.to_dtype(DType::F32)?.contiguous()?;
+        let mut out = vec![0f32; m * n];
+        // The activations and the bias are read in place: copying them out cost as much as a
+        // tenth of the vision tower's matmul time.
+        with_cpu_f32(&xf, |xs| match &self.bias {
+            Some(b) => with_cpu_f32(&b.to_dtype(DType::F32)?.contiguous()?, |b| {
+                w.matmul_bias(xs, m, &mut out, Some(b));
+                Ok(())
+            }),
+            None => {
+                w.matmul_bias(xs, m, &mut out, None);
+                Ok(())
+            }
+        })?;
+        Tensor::from_vec(out, dims, x.device())?.to_dtype(x.dtype())
     }
+}
+
+/// Runs `f` on the values of a contiguous f32 CPU tensor, without copying them.
+fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("expected a CPU tensor")
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("expected a contiguous tensor")
+    };
+    f(&cpu.as_slice::<f32>()?[start..end])
 }
 
 #[cfg(test)]

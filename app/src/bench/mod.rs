@@ -6,6 +6,8 @@
 //! a slice of one shared pool of random values, so producing 9.6 B parameters costs memcpy time, not
 //! RNG time, and the model is built through the very same loading code as a real checkpoint.
 
+pub mod kernels;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;

@@ -1,0 +1,203 @@
+//! `qwenvl bench --kernels`: each hot CPU kernel alone, at the shapes the model runs it, against
+//! the machine's measured limits (memory read bandwidth for the decode matvecs, the f32 matmul for
+//! the rest). Synthetic data; best of several runs.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+use lm::quant::cpu::{CpuQWeight, Format};
+
+/// One measured kernel.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KernelResult {
+    pub kernel: String,
+    /// Where the model runs it, and the shape.
+    pub shape: String,
+    pub ms: f64,
+    /// `rate` in `unit` (GFLOP/s, or GB/s for the bandwidth-bound matvecs).
+    pub rate: f64,
+    pub unit: &'static str,
+}
+
+/// Best wall time of `runs` calls, in seconds.
+fn best_of(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let mut best = f64::MAX;
+    for _ in 0..runs {
+        let t0 = Instant::now();
+        f()?;
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+fn randn(shape: (usize, usize), std: f64) -> Result<Vec<f32>> {
+    Ok(Tensor::randn(0f32, std as f32, shape, &Device::Cpu)?
+        .flatten_all()?
+        .to_vec1()?)
+}
+
+fn qweight(format: Format, n: usize, k: usize) -> Result<CpuQWeight> {
+    let w = Tensor::randn(0f32, 0.02, (n, k), &Device::Cpu)?;
+    let ggml = QTensor::quantize(&w, format.ggml())?.data()?.into_owned();
+    CpuQWeight::from_ggml(format, n, k, &ggml).map_err(anyhow::Error::msg)
+}
+
+fn name(format: Format) -> &'static str {
+    match format {
+        Format::Q4K => "q4k",
+        Format::Q8_0 => "q8_0",
+    }
+}
+
+fn gflops(flop: f64, s: f64) -> f64 {
+    flop / s / 1e9
+}
+
+/// Runs every kernel; `progress` is told each one's name before it starts.
+pub fn run(mut progress: impl FnMut(&str)) -> Result<Vec<KernelResult>> {
+    let mut out = Vec::new();
+    let dev = Device::Cpu;
+
+    // Compute-bound matmuls: the vision tower (1024 patches) and a prefill (324 tokens).
+    for (format, m, k, n, what) in [
+        (Format::Q8_0, 1024, 1664, 4992, "ViT in_proj"),
+        (Format::Q8_0, 1024, 1664, 8192, "ViT c_fc"),
+        (Format::Q8_0, 1024, 8192, 1664, "ViT c_proj"),
+        (Format::Q4K, 1024, 8192, 1664, "ViT c_proj"),
+        (Format::Q8_0, 324, 4096, 11008, "LM w1 (prefill)"),
+        (Format::Q4K, 324, 4096, 11008, "LM w1 (prefill)"),
+    ] {
+        progress(&format!("{format:?} matmul {m}×{k}×{n}"));
+        let w = qweight(format, n, k)?;
+        let x = randn((m, k), 1.0)?;
+        let bias = randn((1, n), 0.02)?;
+        let mut y = vec![0f32; m * n];
+        let s = best_of(5, || {
+            w.matmul_bias(&x, m, &mut y, Some(&bias));
+            Ok(())
+        })?;
+        out.push(KernelResult {
+            kernel: format!("{} matmul", name(format)),
+            shape: format!("{what}: {m}×{k}×{n}"),
+            ms: s * 1e3,
+            rate: gflops(2.0 * (m * k * n) as f64, s),
+            unit: "GFLOP/s",
+        });
+    }
+
+    // Bandwidth-bound decode matvecs, over 1.3 GB of distinct weights (no cache reuse).
+    for format in [Format::Q4K, Format::Q8_0] {
+        let (k, n) = (4096, 11008);
+        progress(&format!("{format:?} matvec 1×{k}×{n}"));
+        let one = qweight(format, n, k)?;
+        let copies = (1_300_000_000 / one.size_in_bytes()).max(1);
+        let ws: Vec<CpuQWeight> = (0..copies).map(|_| one.clone()).collect();
+        let bytes = (copies * one.size_in_bytes()) as f64;
+        let x = randn((1, k), 1.0)?;
+        let mut y = vec![0f32; n];
+        let s = best_of(3, || {
+            for w in &ws {
+                w.matmul(&x, 1, &mut y);
+            }
+            Ok(())
+        })?;
+        out.push(KernelResult {
+            kernel: format!("{} matvec", name(format)),
+            shape: format!("decode: 1×{k}×{n}, {copies} weights"),
+            ms: s * 1e3 / copies as f64,
+            rate: bytes / s / 1e9,
+            unit: "GB/s",
+        });
+    }
+    progress("memory read bandwidth");
+    out.push(KernelResult {
+        kernel: "read bandwidth".into(),
+        shape: "sum of 1 GiB, every core".into(),
+        ms: f64::NAN,
+        rate: super::measure_bandwidth(),
+        unit: "GB/s",
+    });
+
+    // ViT self-attention: 1024 patches, 16 heads of 104.
+    let (t, h, hd) = (1024, 16, 104);
+    let attn_flop = 4.0 * (t * t * h * hd) as f64;
+    if vision::qwen_vit::bf16_attention::available() {
+        progress("bf16 ViT attention");
+        let qkv = randn((t, h * 3 * hd), 1.0)?;
+        let mut ctx = vec![0f32; t * h * hd];
+        let s = best_of(5, || {
+            vision::qwen_vit::bf16_attention::attention(&qkv, t, h, hd, &mut ctx);
+            Ok(())
+        })?;
+        out.push(KernelResult {
+            kernel: "bf16 attention (fused)".into(),
+            shape: format!("ViT: {t} tokens, {h}×{hd}"),
+            ms: s * 1e3,
+            rate: gflops(attn_flop, s),
+            unit: "GFLOP/s",
+        });
+    }
+    progress("f32 ViT attention");
+    let q = Tensor::randn(0f32, 1.0, (1, h, t, hd), &dev)?;
+    let k = Tensor::randn(0f32, 1.0, (1, h, t, hd), &dev)?;
+    let v = Tensor::randn(0f32, 1.0, (1, h, t, hd), &dev)?;
+    let s = best_of(3, || {
+        let p = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+        std::hint::black_box(p.matmul(&v)?);
+        Ok(())
+    })?;
+    out.push(KernelResult {
+        kernel: "f32 attention (candle)".into(),
+        shape: format!("ViT: {t} tokens, {h}×{hd}"),
+        ms: s * 1e3,
+        rate: gflops(attn_flop, s),
+        unit: "GFLOP/s",
+    });
+
+    // The f32 reference: candle's dense matmul.
+    progress("f32 matmul");
+    let (m, k, n) = (512, 4096, 11008);
+    let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+    let w = QMatMul::Tensor(Tensor::randn(0f32, 0.02, (n, k), &dev)?);
+    let s = best_of(3, || {
+        std::hint::black_box(w.forward(&x)?);
+        Ok(())
+    })?;
+    out.push(KernelResult {
+        kernel: "f32 matmul (candle)".into(),
+        shape: format!("{m}×{k}×{n}"),
+        ms: s * 1e3,
+        rate: gflops(2.0 * (m * k * n) as f64, s),
+        unit: "GFLOP/s",
+    });
+    Ok(out)
+}
+
+/// The results as an aligned table.
+pub fn table(rows: &[KernelResult]) -> String {
+    let kw = rows
+        .iter()
+        .map(|r| r.kernel.chars().count())
+        .max()
+        .unwrap_or(0);
+    let sw = rows
+        .iter()
+        .map(|r| r.shape.chars().count())
+        .max()
+        .unwrap_or(0);
+    rows.iter()
+        .map(|r| {
+            let ms = if r.ms.is_nan() {
+                String::new()
+            } else {
+                format!("{:.2} ms", r.ms)
+            };
+            format!(
+                "{:<kw$}  {:<sw$}  {:>10}  {:>7.1} {}\n",
+                r.kernel, r.shape, ms, r.rate, r.unit
+            )
+        })
+        .collect()
+}
