@@ -80,6 +80,9 @@ struct BenchArgs {
     /// Tokens to decode.
     #[arg(long, default_value_t = 128)]
     decode_tokens: usize,
+    /// Where to run: cpu, cuda, cuda:N, metal or auto.
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -338,7 +341,8 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         (Some(dir), _) => bench::Source::Checkpoint(dir.clone()),
         _ => bench::Source::Random,
     };
-    let report = bench::run(source, args.quant, args.decode_tokens)?;
+    let device = parse_device(&args.device)?;
+    let report = bench::run(source, args.quant, args.decode_tokens, &device)?;
     if args.json {
         println!("{}", bench::to_json(&report)?);
     } else {

@@ -215,6 +215,13 @@ impl RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // candle's fused kernel: one pass instead of eight ops (on a GPU, eight launches). In f32
+        // it is the reference's arithmetic; in half precision it rounds once, after the weight,
+        // where the reference rounds before it too (≤ 1 ulp apart): taken on GPUs, where launches
+        // dominate decoding.
+        if x.dtype() == self.weight.dtype() && (x.dtype() == DType::F32 || !x.device().is_cpu()) {
+            return candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32);
+        }
         // The reference normalises in f32 and casts back before scaling by the weight.
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?;

@@ -117,6 +117,8 @@ pub enum Source {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchReport {
     pub model: String,
+    /// `cpu`, or the GPU (`cuda:0`, …).
+    pub device: String,
     pub quant: String,
     pub threads: usize,
     pub load_s: f64,
@@ -187,6 +189,49 @@ pub fn measure_bandwidth() -> f64 {
         best = best.max((words * 8) as f64 / secs / 1e9);
     }
     best
+}
+
+/// Bytes a device-to-device copy of 1 GiB moves per second, reads and writes counted (how GPU
+/// bandwidth is usually quoted), in GB/s; best of 10. On CUDA it is the driver's own copy
+/// (`cuMemcpyDtoD`): candle's tensor copy is a kernel that reaches a third of that.
+#[cfg(feature = "cuda")]
+pub fn measure_device_copy(device: &Device) -> Result<f64> {
+    let Ok(cuda) = device.as_cuda_device() else {
+        return measure_tensor_copy(device);
+    };
+    let stream = cuda.cuda_stream();
+    let n = 1usize << 30;
+    let src = stream.alloc_zeros::<u8>(n)?;
+    let mut dst = stream.alloc_zeros::<u8>(n)?;
+    let mut best = f64::MAX;
+    for _ in 0..10 {
+        stream.synchronize()?;
+        let t0 = Instant::now();
+        stream.memcpy_dtod(&src, &mut dst)?;
+        stream.synchronize()?;
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * n as f64 / best / 1e9)
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn measure_device_copy(device: &Device) -> Result<f64> {
+    measure_tensor_copy(device)
+}
+
+/// [`measure_device_copy`] through a tensor copy (any device).
+fn measure_tensor_copy(device: &Device) -> Result<f64> {
+    let src = Tensor::zeros(1usize << 28, DType::F32, device)?;
+    let mut best = f64::MAX;
+    for _ in 0..10 {
+        device.synchronize()?;
+        let t0 = Instant::now();
+        let copy = src.copy()?;
+        device.synchronize()?;
+        best = best.min(t0.elapsed().as_secs_f64());
+        drop(copy);
+    }
+    Ok(2.0 * (1u64 << 30) as f64 / best / 1e9)
 }
 
 /// GFLOP/s of a `[m, k] × [k, n]` product, f32 dense and q4k-quantized (best of 3).
@@ -263,8 +308,13 @@ fn prefill_flop(cfg: &QwenConfig, t: usize) -> f64 {
 }
 
 /// Runs the whole benchmark.
-pub fn run(source: Source, wt: WeightType, decode_tokens: usize) -> Result<BenchReport> {
-    let device = Device::Cpu;
+pub fn run(
+    source: Source,
+    wt: WeightType,
+    decode_tokens: usize,
+    device: &Device,
+) -> Result<BenchReport> {
+    let device = device.clone();
     let threads = candle_core::utils::get_num_threads();
     let mut q: lm::quant::Quantizer = wt.into();
     let mut table = None;
@@ -316,8 +366,11 @@ pub fn run(source: Source, wt: WeightType, decode_tokens: usize) -> Result<Bench
     let t1 = Instant::now();
     let pixels = vision::preprocess(&img, vcfg.image_size)?
         .unsqueeze(0)?
+        .to_device(&device)?
         .to_dtype(lm.dtype())?;
     let feats = visual.forward(&pixels)?;
+    // GPU work is queued: wait for it before reading the clock.
+    device.synchronize()?;
     let vision_encode_s = t1.elapsed().as_secs_f64();
     phases.push(("vision".into(), peak_rss_bytes() as f64 / 1e9));
 
@@ -355,14 +408,24 @@ pub fn run(source: Source, wt: WeightType, decode_tokens: usize) -> Result<Bench
     drop((lm, visual, cache));
 
     eprintln!("measuring bandwidth and matmul throughput ...");
-    let bandwidth_gb_s = measure_bandwidth();
-    let (matmul_f32_gflops, matmul_q4k_gflops) = measure_matmul(512, 4096, 11008)?;
+    let (bandwidth_gb_s, matmul_f32_gflops, matmul_q4k_gflops) = if device.is_cpu() {
+        let (f, q) = measure_matmul(512, 4096, 11008)?;
+        (measure_bandwidth(), f, q)
+    } else {
+        // On a GPU the limit is its device-to-device copy rate; the CPU kernels are not measured.
+        (measure_device_copy(&device)?, f64::NAN, f64::NAN)
+    };
     let bytes = lm_bytes_per_token(&cfg, wt);
     let decode_tokens_per_s = decode_tokens as f64 / decode_s;
     let limit = bandwidth_gb_s * 1e9 / bytes as f64;
     let vision_gflop = vision_flop(&vcfg, cfg.hidden_size) / 1e9;
     Ok(BenchReport {
         model: model_name,
+        device: match device.location() {
+            candle_core::DeviceLocation::Cpu => "cpu".into(),
+            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+        },
         quant: wt.to_string(),
         threads,
         load_s,
@@ -390,8 +453,9 @@ pub fn run(source: Source, wt: WeightType, decode_tokens: usize) -> Result<Bench
 
 /// The report as an aligned two-column table.
 pub fn table(r: &BenchReport) -> String {
-    let rows: Vec<(&str, String)> = vec![
+    let mut rows: Vec<(&str, String)> = vec![
         ("model", r.model.clone()),
+        ("device", r.device.clone()),
         ("weights", r.quant.clone()),
         ("threads", r.threads.to_string()),
         (
@@ -447,7 +511,14 @@ pub fn table(r: &BenchReport) -> String {
             "weights read per token",
             format!("{:.2} GB", r.lm_weight_bytes_per_token as f64 / 1e9),
         ),
-        ("read bandwidth", format!("{:.1} GB/s", r.bandwidth_gb_s)),
+        (
+            if r.device == "cpu" {
+                "read bandwidth"
+            } else {
+                "copy bandwidth (read + write)"
+            },
+            format!("{:.1} GB/s", r.bandwidth_gb_s),
+        ),
         (
             "decode vs bandwidth limit",
             format!(
@@ -456,14 +527,16 @@ pub fn table(r: &BenchReport) -> String {
                 r.decode_limit_tokens_per_s
             ),
         ),
-        (
+    ];
+    if !r.matmul_f32_gflops.is_nan() {
+        rows.push((
             "matmul 512×4096×11008",
             format!(
                 "f32 {:.0} GFLOP/s, q4k {:.0} GFLOP/s",
                 r.matmul_f32_gflops, r.matmul_q4k_gflops
             ),
-        ),
-    ];
+        ));
+    }
     let width = rows
         .iter()
         .map(|(k, _)| k.chars().count())
