@@ -303,7 +303,14 @@ impl Attention {
         while q0 < t {
             let c = ATTN_CHUNK.min(t - q0);
             let qc = q.narrow(2, q0, c)?;
-            let scores = (qc.matmul(&kt)? / scale)?.to_dtype(DType::F32)?;
+            let scores = (qc.matmul(&kt)? / scale)?;
+            // f32 softmax as the reference; on GPUs candle's kernel sums in f32 itself, and the
+            // two conversions are two more launches per layer and token.
+            let scores = if x.device().is_cpu() {
+                scores.to_dtype(DType::F32)?
+            } else {
+                scores
+            };
             // Causal: the query at absolute position p sees keys 0..=p.
             let first_abs = pos.offset + q0;
             let scores = if kv_len > first_abs + 1 {
@@ -318,7 +325,8 @@ impl Attention {
                         })
                     })
                     .collect();
-                let mask = Tensor::from_vec(mask, (1, 1, c, kv_len), x.device())?;
+                let mask = Tensor::from_vec(mask, (1, 1, c, kv_len), x.device())?
+                    .to_dtype(scores.dtype())?;
                 scores.broadcast_add(&mask)?
             } else {
                 scores

@@ -485,21 +485,23 @@ pub fn table(r: &BenchReport) -> String {
         (
             "vision encode (1 image)",
             format!(
-                "{:.2} s  ({:.0} GFLOP, {:.0} GFLOP/s)",
-                r.vision_encode_s, r.vision_gflop, r.vision_gflops
+                "{}  ({:.0} GFLOP, {:.0} GFLOP/s)",
+                duration(r.vision_encode_s),
+                r.vision_gflop,
+                r.vision_gflops
             ),
         ),
         (
             "prefill",
             format!(
-                "{} tokens in {:.2} s  ({:.1} tok/s, {:.0} GFLOP/s)",
-                r.prefill_tokens, r.prefill_s, r.prefill_tokens_per_s, r.prefill_gflops
+                "{} tokens in {}  ({:.1} tok/s, {:.0} GFLOP/s)",
+                r.prefill_tokens,
+                duration(r.prefill_s),
+                r.prefill_tokens_per_s,
+                r.prefill_gflops
             ),
         ),
-        (
-            "time to first token",
-            format!("{:.2} s", r.time_to_first_token_s),
-        ),
+        ("time to first token", duration(r.time_to_first_token_s)),
         (
             "decode",
             format!(
@@ -545,6 +547,15 @@ pub fn table(r: &BenchReport) -> String {
     rows.iter()
         .map(|(k, v)| format!("{k:<width$}  {v}\n"))
         .collect()
+}
+
+/// Seconds, or milliseconds below one second (GPU timings).
+fn duration(s: f64) -> String {
+    if s < 1.0 {
+        format!("{:.1} ms", s * 1e3)
+    } else {
+        format!("{s:.2} s")
+    }
 }
 
 /// Keys of a report for machine consumption.
