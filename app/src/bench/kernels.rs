@@ -2,12 +2,12 @@
 //! the machine's measured limits (memory read bandwidth for the decode matvecs, the f32 matmul for
 //! the rest). Synthetic data; best of several runs.
 
-use std::time::Instant;
-
 use anyhow::Result;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use lm::quant::cpu::{CpuQWeight, Format};
+
+use super::best_of;
 
 /// One measured kernel.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -19,17 +19,6 @@ pub struct KernelResult {
     /// `rate` in `unit` (GFLOP/s, or GB/s for the bandwidth-bound matvecs).
     pub rate: f64,
     pub unit: &'static str,
-}
-
-/// Best wall time of `runs` calls, in seconds.
-fn best_of(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    let mut best = f64::MAX;
-    for _ in 0..runs {
-        let t0 = Instant::now();
-        f()?;
-        best = best.min(t0.elapsed().as_secs_f64());
-    }
-    Ok(best)
 }
 
 fn randn(shape: (usize, usize), std: f64) -> Result<Vec<f32>> {

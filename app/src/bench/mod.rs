@@ -191,6 +191,19 @@ pub fn measure_bandwidth() -> f64 {
     best
 }
 
+/// Best wall time of `runs` calls of `f`, in seconds. What `f` returns is dropped after the
+/// clock stops (so freeing it is not timed, and the work cannot be optimised away).
+pub(crate) fn best_of<T>(runs: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
+    let mut best = f64::MAX;
+    for _ in 0..runs {
+        let t0 = Instant::now();
+        let out = f()?;
+        best = best.min(t0.elapsed().as_secs_f64());
+        drop(std::hint::black_box(out));
+    }
+    Ok(best)
+}
+
 /// Bytes a device-to-device copy of 1 GiB moves per second, reads and writes counted (how GPU
 /// bandwidth is usually quoted), in GB/s; best of 10. On CUDA it is the driver's own copy
 /// (`cuMemcpyDtoD`): candle's tensor copy is a kernel that reaches a third of that.
@@ -203,14 +216,11 @@ pub fn measure_device_copy(device: &Device) -> Result<f64> {
     let n = 1usize << 30;
     let src = stream.alloc_zeros::<u8>(n)?;
     let mut dst = stream.alloc_zeros::<u8>(n)?;
-    let mut best = f64::MAX;
-    for _ in 0..10 {
-        stream.synchronize()?;
-        let t0 = Instant::now();
+    stream.synchronize()?;
+    let best = best_of(10, || {
         stream.memcpy_dtod(&src, &mut dst)?;
-        stream.synchronize()?;
-        best = best.min(t0.elapsed().as_secs_f64());
-    }
+        Ok(stream.synchronize()?)
+    })?;
     Ok(2.0 * n as f64 / best / 1e9)
 }
 
@@ -222,15 +232,12 @@ pub fn measure_device_copy(device: &Device) -> Result<f64> {
 /// [`measure_device_copy`] through a tensor copy (any device).
 fn measure_tensor_copy(device: &Device) -> Result<f64> {
     let src = Tensor::zeros(1usize << 28, DType::F32, device)?;
-    let mut best = f64::MAX;
-    for _ in 0..10 {
-        device.synchronize()?;
-        let t0 = Instant::now();
+    device.synchronize()?;
+    let best = best_of(10, || {
         let copy = src.copy()?;
         device.synchronize()?;
-        best = best.min(t0.elapsed().as_secs_f64());
-        drop(copy);
-    }
+        Ok(copy)
+    })?;
     Ok(2.0 * (1u64 << 30) as f64 / best / 1e9)
 }
 
@@ -241,13 +248,7 @@ pub fn measure_matmul(m: usize, k: usize, n: usize) -> Result<(f64, f64)> {
     let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
     let flop = 2.0 * (m * k * n) as f64;
     let time = |f: &dyn Fn() -> candle_core::Result<Tensor>| -> Result<f64> {
-        let mut best = f64::MAX;
-        for _ in 0..3 {
-            let t0 = Instant::now();
-            std::hint::black_box(f()?);
-            best = best.min(t0.elapsed().as_secs_f64());
-        }
-        Ok(flop / best / 1e9)
+        Ok(flop / best_of(3, || Ok(f()?))? / 1e9)
     };
     let dense = QMatMul::Tensor(w.clone());
     let f32_gflops = time(&|| dense.forward(&x))?;
