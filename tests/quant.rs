@@ -44,6 +44,9 @@ struct Outcome {
     cases: usize,
     max_delta: f32,
     greedy_equal: usize,
+    /// Largest reference top-2 margin at a step where our greedy sequence first left the
+    /// reference's (0 when none did; infinite when one differs without a differing step).
+    worst_divergence_margin: f32,
 }
 
 /// Evaluates every case whose prompt has at most `max_len` tokens.
@@ -62,6 +65,7 @@ fn evaluate(wt: WeightType, max_len: usize) -> Outcome {
         cases: cases.len(),
         max_delta: 0.0,
         greedy_equal: 0,
+        worst_divergence_margin: 0.0,
     };
     for c in &cases {
         let ids = ids_of(&c["prompt_ids"]);
@@ -104,6 +108,9 @@ fn evaluate(wt: WeightType, max_len: usize) -> Outcome {
                 "  {wt} {}: first differing step {step}, reference margin {margin:.4}",
                 c["id"]
             );
+            out.worst_divergence_margin = out.worst_divergence_margin.max(margin as f32);
+        } else if gen.ids != until_stop {
+            out.worst_divergence_margin = f32::INFINITY;
         }
     }
     eprintln!(
@@ -113,15 +120,25 @@ fn evaluate(wt: WeightType, max_len: usize) -> Outcome {
     out
 }
 
-/// q8_0 must stay the same model: the same first token in every case and logits within 0.5.
-/// Greedy sequences are printed, not asserted: keeping every one identical is not reachable on
-/// tiny-a, whose recorded top-2 margins go down to 0.003 while 8-bit weights alone (without quantized
-/// activations) already move these logits by ~0.1 (see the closing note of the performance issue).
+/// q8_0 must stay the same model: the same first token in every case, logits within 0.5, and
+/// greedy sequences equal to the reference's up to the first near-tie step (the fixture's rule).
+///
+/// A step is a near-tie for q8_0 when its reference top-2 margin is below twice the largest
+/// |Δlogit| q8_0 shows on the cases' logits: an error that size can swap the two tokens. Keeping
+/// every sequence identical beyond such steps is not reachable on tiny-a, whose recorded margins go
+/// down to 0.003 while 8-bit weights alone (without quantized activations) already move its logits
+/// by ~0.1 (see the closing note of the performance issue); which cases are equal is printed.
 #[test]
 fn q8_0_stays_the_same_model() {
     let o = evaluate(WeightType::Q8_0, usize::MAX);
     assert_eq!(o.top1_agree, o.cases, "q8_0 changed a first token");
     assert!(o.max_delta < 0.5, "q8_0 logits moved by {}", o.max_delta);
+    assert!(
+        o.worst_divergence_margin < 2.0 * o.max_delta,
+        "q8_0 left a greedy sequence at a step with margin {} (not a near-tie for errors of {})",
+        o.worst_divergence_margin,
+        o.max_delta
+    );
 }
 
 #[test]
@@ -146,6 +163,11 @@ fn every_weight_type_runs_and_reports_its_accuracy() {
             o.max_delta < max_delta,
             "{wt}: logits moved by {}",
             o.max_delta
+        );
+        assert!(
+            o.worst_divergence_margin < 2.0 * o.max_delta,
+            "{wt}: left a greedy sequence at a step with margin {}",
+            o.worst_divergence_margin
         );
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod decode_attention;
 pub mod error;
 pub mod generate;
 pub mod grounding;

@@ -14,7 +14,9 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
 
 use crate::config::QwenConfig;
-use crate::quant::{QLinear, Quantizer, WeightType};
+use crate::decode_attention;
+use crate::quant::{with_cpu_f32, with_cpu_slice, QLinear, Quantizer, WeightType};
+use half::f16;
 
 /// Queries per attention chunk: bounds the score matrix to `heads × CHUNK × kv_len` floats, so a
 /// 6000-token prefill of the 32-head model does not need gigabytes of scores.
@@ -100,9 +102,15 @@ struct LayerKv {
 }
 
 impl LayerKv {
-    /// Writes `k`, `v` (`[batch, heads, t, head_dim]`, contiguous) after the filled positions of
+    /// Writes `k`, `v` (`[batch, heads, t, head_dim]`) as `dtype` after the filled positions of
     /// `slot`, growing its buffers if needed, and returns views of all filled positions.
-    fn append(slot: &mut Option<LayerKv>, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn append(
+        slot: &mut Option<LayerKv>,
+        k: &Tensor,
+        v: &Tensor,
+        dtype: DType,
+    ) -> Result<(Tensor, Tensor)> {
+        let (k, v) = (&k.to_dtype(dtype)?, &v.to_dtype(dtype)?);
         let (b, h, t, d) = k.dims4()?;
         let len = slot.as_ref().map_or(0, |l| l.len);
         let cap = match slot {
@@ -235,6 +243,10 @@ impl Module for RmsNorm {
 struct Attention {
     c_attn: QLinear,
     c_proj: QLinear,
+    /// What the KV cache holds: f16 behind quantized weights on CPUs that run the fused decode
+    /// attention (the cache is read whole for every decoded token; f16 halves that traffic, and
+    /// its rounding is far below the weights'), else the compute dtype.
+    kv_dtype: DType,
     n_heads: usize,
     head_dim: usize,
     rot_dim: usize,
@@ -248,6 +260,14 @@ impl Attention {
         Ok(Self {
             c_attn: QLinear::load(h, 3 * proj, true, vb.pp("c_attn"), wt.clone())?,
             c_proj: QLinear::load(proj, h, !cfg.no_bias, vb.pp("c_proj"), wt.clone())?,
+            kv_dtype: if wt.weight_type.is_quantized()
+                && vb.device().is_cpu()
+                && decode_attention::available(cfg.head_dim())
+            {
+                DType::F16
+            } else {
+                vb.dtype()
+            },
             n_heads: cfg.num_attention_heads,
             head_dim: cfg.head_dim(),
             rot_dim: cfg.rotary_dim(),
@@ -271,6 +291,36 @@ impl Attention {
         rotated.to_dtype(dtype)
     }
 
+    /// Attention of the `t` new queries `q` (`[1, heads, t, head_dim]`) over the cache, by the
+    /// fused CPU kernel; returns `[1, t, heads·head_dim]`.
+    fn fused_attention(&self, q: &Tensor, kv: &LayerKv, scale: f32) -> Result<Tensor> {
+        let t = q.dim(2)?;
+        let (n, d) = (self.n_heads, self.head_dim);
+        let dims = decode_attention::Dims {
+            heads: n,
+            queries: t,
+            head_dim: d,
+            capacity: kv.k.dim(2)?,
+            len: kv.len,
+        };
+        let mut out = vec![0f32; t * n * d];
+        with_cpu_f32(&q.contiguous()?, |qs| match kv.k.dtype() {
+            DType::F16 => with_cpu_slice::<f16, _>(&kv.k, |ks| {
+                with_cpu_slice::<f16, _>(&kv.v, |vs| {
+                    decode_attention::attend(qs, ks, vs, dims, scale, &mut out);
+                    Ok(())
+                })
+            }),
+            _ => with_cpu_f32(&kv.k, |ks| {
+                with_cpu_f32(&kv.v, |vs| {
+                    decode_attention::attend(qs, ks, vs, dims, scale, &mut out);
+                    Ok(())
+                })
+            }),
+        })?;
+        Tensor::from_vec(out, (1, t, n * d), q.device())
+    }
+
     fn forward(&self, x: &Tensor, pos: &Positions, cache: &mut Option<LayerKv>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (n, d) = (self.n_heads, self.head_dim);
@@ -288,7 +338,7 @@ impl Attention {
             Some(f) => q.broadcast_mul(&f.to_dtype(q.dtype())?)?,
             None => q,
         };
-        let (k, v) = LayerKv::append(cache, &k, &v)?;
+        let (k, v) = LayerKv::append(cache, &k, &v, self.kv_dtype)?;
 
         let kv_len = k.dim(2)?;
         let scale = if self.scale_attn {
@@ -296,7 +346,20 @@ impl Attention {
         } else {
             1.0
         };
-        // A strided view: the matmul reads the cache buffer in place.
+        if b == 1
+            && t <= decode_attention::MAX_QUERIES
+            && x.device().is_cpu()
+            && q.dtype() == DType::F32
+            && decode_attention::available(d)
+        {
+            if let Some(kv) = cache.as_ref() {
+                let out = self.fused_attention(&q, kv, scale as f32)?;
+                return self.c_proj.forward(&out);
+            }
+        }
+        // A strided view: the matmul reads the cache buffer in place (a copy when it holds
+        // another dtype).
+        let (k, v) = (k.to_dtype(q.dtype())?, v.to_dtype(q.dtype())?);
         let kt = k.transpose(2, 3)?;
         let mut outs = Vec::with_capacity(t.div_ceil(ATTN_CHUNK));
         let mut q0 = 0;
@@ -622,12 +685,24 @@ impl QwenLm {
     /// the final hidden states after `ln_f` (`[T, hidden]`). With an empty cache this is a prefill and
     /// fixes the NTK alpha for later steps.
     pub fn forward_embeds(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        Ok(self.run(embeds, cache, false)?.ln_f_out)
+        self.in_pool(|| Ok(self.run(embeds, cache, false)?.ln_f_out))
     }
 
     /// Like [`forward_embeds`](Self::forward_embeds) but also returns every block's output.
     pub fn forward_trace(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<ForwardTrace> {
-        self.run(embeds, cache, true)
+        self.in_pool(|| self.run(embeds, cache, true))
+    }
+
+    /// Runs `f` on a thread of rayon's pool (in place when already on one) when computing on the
+    /// CPU. Every matmul splits its work over the pool; called from a thread outside it, each of
+    /// the ~200 per decoded token would hand its work to a sleeping worker and sleep until woken
+    /// back, and the small ops in between would run while the pool sits idle.
+    fn in_pool<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        if self.device.is_cpu() {
+            rayon::scope(|_| f())
+        } else {
+            f()
+        }
     }
 
     fn run(&self, embeds: &Tensor, cache: &mut KvCache, trace: bool) -> Result<ForwardTrace> {
@@ -676,8 +751,10 @@ impl QwenLm {
         if ids.is_empty() {
             candle_core::bail!("forward over an empty token sequence");
         }
-        let x = self.embed(ids, images)?;
-        let hidden = self.forward_embeds(&x, cache)?;
-        self.logits(&hidden.get(ids.len() - 1)?)
+        self.in_pool(|| {
+            let x = self.embed(ids, images)?;
+            let hidden = self.run(&x, cache, false)?.ln_f_out;
+            self.logits(&hidden.get(ids.len() - 1)?)
+        })
     }
 }

@@ -19,6 +19,9 @@ pub struct KernelResult {
     /// `rate` in `unit` (GFLOP/s, or GB/s for the bandwidth-bound matvecs).
     pub rate: f64,
     pub unit: &'static str,
+    /// For bandwidth-bound kernels: the median share of the read bandwidth measured right before
+    /// each pass.
+    pub of_bandwidth: Option<f64>,
 }
 
 fn randn(shape: (usize, usize), std: f64) -> Result<Vec<f32>> {
@@ -73,10 +76,29 @@ pub fn run(mut progress: impl FnMut(&str)) -> Result<Vec<KernelResult>> {
             ms: s * 1e3,
             rate: gflops(2.0 * (m * k * n) as f64, s),
             unit: "GFLOP/s",
+            of_bandwidth: None,
         });
     }
 
-    // Bandwidth-bound decode matvecs, over 1.3 GB of distinct weights (no cache reuse).
+    // Bandwidth-bound decode kernels, each pass over ~1.3 GB (no cache reuse). This machine's
+    // bandwidth drifts by 2× over seconds, so each pass is paired with a bandwidth pass right
+    // before it and the median of the per-pair ratios is reported next to the best pass.
+    progress("memory read bandwidth");
+    let bw = super::ReadBuffer::new();
+    let best_bw = (0..3).map(|_| bw.read_pass()).fold(0f64, f64::max);
+    let paired = |f: &mut dyn FnMut()| -> (f64, f64) {
+        let (mut best, mut ratios) = (f64::MAX, Vec::new());
+        for _ in 0..7 {
+            let limit = bw.read_pass();
+            let t0 = std::time::Instant::now();
+            f();
+            let s = t0.elapsed().as_secs_f64();
+            best = best.min(s);
+            ratios.push(1.0 / s / limit);
+        }
+        ratios.sort_by(f64::total_cmp);
+        (best, ratios[ratios.len() / 2])
+    };
     for format in [Format::Q4K, Format::Q8_0] {
         let (k, n) = (4096, 11008);
         progress(&format!("{format:?} matvec 1×{k}×{n}"));
@@ -86,27 +108,71 @@ pub fn run(mut progress: impl FnMut(&str)) -> Result<Vec<KernelResult>> {
         let bytes = (copies * one.size_in_bytes()) as f64;
         let x = randn((1, k), 1.0)?;
         let mut y = vec![0f32; n];
-        let s = best_of(3, || {
+        let (s, ratio) = paired(&mut || {
             for w in &ws {
                 w.matmul(&x, 1, &mut y);
             }
-            Ok(())
-        })?;
+        });
         out.push(KernelResult {
             kernel: format!("{} matvec", name(format)),
             shape: format!("decode: 1×{k}×{n}, {copies} weights"),
             ms: s * 1e3 / copies as f64,
             rate: bytes / s / 1e9,
             unit: "GB/s",
+            of_bandwidth: Some(ratio * bytes / 1e9),
         });
     }
-    progress("memory read bandwidth");
+    // Decode attention of one query over an f16 KV cache of 452 positions (a 324-token prompt
+    // plus 128 decoded), 32 heads of 128: the LM's, per layer.
+    let (heads, d, len) = (32, 128, 452);
+    if lm::decode_attention::available(d) {
+        progress("decode attention");
+        let per_layer = 2 * heads * len * d;
+        let layers = 1_300_000_000 / (2 * per_layer);
+        let half = |n: usize| -> Result<Vec<half::f16>> {
+            Ok(randn((1, n), 1.0)?
+                .into_iter()
+                .map(half::f16::from_f32)
+                .collect())
+        };
+        let ks: Vec<Vec<half::f16>> = (0..layers)
+            .map(|_| half(heads * len * d))
+            .collect::<Result<_>>()?;
+        let vs: Vec<Vec<half::f16>> = (0..layers)
+            .map(|_| half(heads * len * d))
+            .collect::<Result<_>>()?;
+        let q = randn((1, heads * d), 1.0)?;
+        let mut o = vec![0f32; heads * d];
+        let dims = lm::decode_attention::Dims {
+            heads,
+            queries: 1,
+            head_dim: d,
+            capacity: len,
+            len,
+        };
+        let scale = (d as f32).sqrt();
+        let (s, ratio) = paired(&mut || {
+            for (k, v) in ks.iter().zip(&vs) {
+                lm::decode_attention::attend(&q, k, v, dims, scale, &mut o);
+            }
+        });
+        let bytes = (layers * per_layer * 2) as f64;
+        out.push(KernelResult {
+            kernel: "decode attention (fused)".into(),
+            shape: format!("1 query, f16 KV of {len}, {heads}×{d}, {layers} layers"),
+            ms: s * 1e3 / layers as f64,
+            rate: bytes / s / 1e9,
+            unit: "GB/s",
+            of_bandwidth: Some(ratio * bytes / 1e9),
+        });
+    }
     out.push(KernelResult {
         kernel: "read bandwidth".into(),
         shape: "sum of 1 GiB, every core".into(),
         ms: f64::NAN,
-        rate: super::measure_bandwidth(),
+        rate: best_bw,
         unit: "GB/s",
+        of_bandwidth: None,
     });
 
     // ViT self-attention: 1024 patches, 16 heads of 104.
@@ -126,6 +192,7 @@ pub fn run(mut progress: impl FnMut(&str)) -> Result<Vec<KernelResult>> {
             ms: s * 1e3,
             rate: gflops(attn_flop, s),
             unit: "GFLOP/s",
+            of_bandwidth: None,
         });
     }
     progress("f32 ViT attention");
@@ -143,6 +210,7 @@ pub fn run(mut progress: impl FnMut(&str)) -> Result<Vec<KernelResult>> {
         ms: s * 1e3,
         rate: gflops(attn_flop, s),
         unit: "GFLOP/s",
+        of_bandwidth: None,
     });
 
     // The f32 reference: candle's dense matmul.
@@ -160,6 +228,7 @@ pub fn run(mut progress: impl FnMut(&str)) -> Result<Vec<KernelResult>> {
         ms: s * 1e3,
         rate: gflops(2.0 * (m * k * n) as f64, s),
         unit: "GFLOP/s",
+        of_bandwidth: None,
     });
     Ok(out)
 }
@@ -183,8 +252,12 @@ pub fn table(rows: &[KernelResult]) -> String {
             } else {
                 format!("{:.2} ms", r.ms)
             };
+            let share = r
+                .of_bandwidth
+                .map(|f| format!("  ({:.0} % of the bandwidth beside it)", f * 100.0))
+                .unwrap_or_default();
             format!(
-                "{:<kw$}  {:<sw$}  {:>10}  {:>7.1} {}\n",
+                "{:<kw$}  {:<sw$}  {:>10}  {:>7.1} {}{share}\n",
                 r.kernel, r.shape, ms, r.rate, r.unit
             )
         })

@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Module, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use lm::model::ImageFeatures;
-use lm::quant::cpu::{CpuQWeight, Format};
+use lm::quant::cpu::{CpuQWeight, Format, LargeBuffer};
 use lm::quant::WeightType;
 use lm::QwenConfig;
 
@@ -138,7 +138,11 @@ pub struct BenchReport {
     pub time_to_first_token_s: f64,
     pub decode_tokens: usize,
     pub decode_tokens_per_s: f64,
+    /// CPU: the mean of read-bandwidth samples taken between stretches of the decode; GPU: the
+    /// device-to-device copy rate.
     pub bandwidth_gb_s: f64,
+    /// CPU: the lowest and highest of those samples.
+    pub bandwidth_range_gb_s: Option<(f64, f64)>,
     /// tokens/s the measured bandwidth allows: bandwidth / weight bytes read per token.
     pub decode_limit_tokens_per_s: f64,
     pub decode_fraction_of_limit: f64,
@@ -165,17 +169,32 @@ fn status_kb(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Read bandwidth with every core summing its share of a 1 GiB buffer; best of 3, in GB/s.
-pub fn measure_bandwidth() -> f64 {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let words = (1usize << 30) / 8;
-    let buf: Vec<u64> = (0..words as u64).collect();
-    let chunk = words.div_ceil(threads);
-    let mut best = 0f64;
-    for _ in 0..3 {
+/// Decoded tokens between two read-bandwidth samples.
+const BANDWIDTH_SAMPLE_EVERY: usize = 16;
+
+/// The buffer read-bandwidth passes sum: 1 GiB, held like the weights (on huge pages where the
+/// OS gives them), so the limit is measured the way the weights are read.
+pub(crate) struct ReadBuffer(LargeBuffer);
+
+impl ReadBuffer {
+    pub(crate) fn new() -> Self {
+        let mut bytes = LargeBuffer::zeroed(1 << 30);
+        // Written, so every page is really backed (unwritten pages all read the one zero page).
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        Self(bytes)
+    }
+
+    /// One pass, every core summing its share; GB/s.
+    pub(crate) fn read_pass(&self) -> f64 {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // SAFETY: every bit pattern is a valid u64; the ends that are not 8-aligned are left out.
+        let (_, words, _) = unsafe { self.0.align_to::<u64>() };
+        let chunk = words.len().div_ceil(threads);
         let t0 = Instant::now();
         let total: u64 = std::thread::scope(|s| {
-            let handles: Vec<_> = buf
+            let handles: Vec<_> = words
                 .chunks(chunk)
                 .map(|c| s.spawn(move || c.iter().fold(0u64, |a, &x| a.wrapping_add(x))))
                 .collect();
@@ -186,9 +205,8 @@ pub fn measure_bandwidth() -> f64 {
         });
         let secs = t0.elapsed().as_secs_f64();
         std::hint::black_box(total);
-        best = best.max((words * 8) as f64 / secs / 1e9);
+        (words.len() * 8) as f64 / secs / 1e9
     }
-    best
 }
 
 /// Best wall time of `runs` calls of `f`, in seconds. What `f` returns is dropped after the
@@ -399,23 +417,48 @@ pub fn run(
     let time_to_first_token_s = vision_encode_s + prefill_s;
 
     eprintln!("decode {decode_tokens} tokens ...");
-    let t3 = Instant::now();
-    for _ in 0..decode_tokens {
+    // On the CPU the read bandwidth is sampled between stretches of decoding (untimed): on a
+    // shared machine it drifts by 2× within seconds, so one measurement before or after the decode
+    // would compare it with another state of the machine. The sampling buffer's pages are left
+    // out of the peak RSS.
+    let peak_before_decode = peak_rss_bytes();
+    let sampler = device.is_cpu().then(|| {
+        let before = status_kb("VmRSS:");
+        let buf = ReadBuffer::new();
+        let held = status_kb("VmRSS:").saturating_sub(before);
+        (buf, held)
+    });
+    let mut samples = Vec::new();
+    let mut decode_s = 0.0;
+    for i in 0..decode_tokens {
+        if let Some((buf, _)) = &sampler {
+            if i % BANDWIDTH_SAMPLE_EVERY == 0 {
+                samples.push(buf.read_pass());
+            }
+        }
+        let t = Instant::now();
         let logits = lm.forward(&[next], &[], &mut cache)?;
         next = lm::generate::argmax(&logits.to_vec1::<f32>()?);
+        decode_s += t.elapsed().as_secs_f64();
     }
-    let decode_s = t3.elapsed().as_secs_f64();
-    let peak_rss = peak_rss_bytes();
+    let mut peak_rss = peak_rss_bytes();
+    if let Some((buf, held)) = sampler {
+        samples.push(buf.read_pass());
+        peak_rss = peak_before_decode.max(peak_rss.saturating_sub(held));
+    }
     drop((lm, visual, cache));
 
-    eprintln!("measuring bandwidth and matmul throughput ...");
+    eprintln!("measuring matmul throughput ...");
     let (bandwidth_gb_s, matmul_f32_gflops, matmul_q4k_gflops) = if device.is_cpu() {
         let (f, q) = measure_matmul(512, 4096, 11008)?;
-        (measure_bandwidth(), f, q)
+        (samples.iter().sum::<f64>() / samples.len() as f64, f, q)
     } else {
         // On a GPU the limit is its device-to-device copy rate; the CPU kernels are not measured.
         (measure_device_copy(&device)?, f64::NAN, f64::NAN)
     };
+    let bandwidth_range_gb_s = samples.iter().fold(None, |r: Option<(f64, f64)>, &x| {
+        Some(r.map_or((x, x), |(lo, hi)| (lo.min(x), hi.max(x))))
+    });
     let bytes = lm_bytes_per_token(&cfg, wt);
     let decode_tokens_per_s = decode_tokens as f64 / decode_s;
     let limit = bandwidth_gb_s * 1e9 / bytes as f64;
@@ -445,6 +488,7 @@ pub fn run(
         decode_tokens,
         decode_tokens_per_s,
         bandwidth_gb_s,
+        bandwidth_range_gb_s,
         decode_limit_tokens_per_s: limit,
         decode_fraction_of_limit: decode_tokens_per_s / limit,
         matmul_f32_gflops,
@@ -520,7 +564,13 @@ pub fn table(r: &BenchReport) -> String {
             } else {
                 "copy bandwidth (read + write)"
             },
-            format!("{:.1} GB/s", r.bandwidth_gb_s),
+            match r.bandwidth_range_gb_s {
+                Some((lo, hi)) => format!(
+                    "{:.1} GB/s  (mean of samples between decode stretches, {lo:.1}–{hi:.1})",
+                    r.bandwidth_gb_s
+                ),
+                None => format!("{:.1} GB/s", r.bandwidth_gb_s),
+            },
         ),
         (
             "decode vs bandwidth limit",

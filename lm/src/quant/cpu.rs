@@ -80,7 +80,72 @@ pub struct CpuQWeight {
     n: usize,
     k: usize,
     /// `[n/16 tiles][k/block blocks][tile-block]`; rows past `n` in the last tile are zero.
-    tiles: Vec<u8>,
+    tiles: LargeBuffer,
+}
+
+/// Zero-initialised bytes that, on Linux, sit in their own anonymous mapping advised onto
+/// transparent huge pages (`MADV_HUGEPAGE`).
+///
+/// Decoding streams every weight once per token. On 4 KiB pages each page of that stream is a TLB
+/// miss, and in a virtual machine a miss is a two-level page walk; 2 MiB pages make them 512
+/// times rarer. (Most distributions enable THP only where asked, as here.)
+pub struct LargeBuffer {
+    #[cfg(target_os = "linux")]
+    map: Option<memmap2::MmapMut>,
+    heap: Vec<u8>,
+}
+
+impl LargeBuffer {
+    /// Below this a buffer is a plain heap allocation: no huge page would fill.
+    const MAPPED_FROM: usize = 2 << 20;
+
+    pub fn zeroed(len: usize) -> Self {
+        #[cfg(target_os = "linux")]
+        if len >= Self::MAPPED_FROM {
+            if let Ok(map) = memmap2::MmapMut::map_anon(len) {
+                // Advice only: without THP the mapping still works, on small pages.
+                let _ = map.advise(memmap2::Advice::HugePage);
+                return Self {
+                    map: Some(map),
+                    heap: Vec::new(),
+                };
+            }
+        }
+        Self {
+            #[cfg(target_os = "linux")]
+            map: None,
+            heap: vec![0; len],
+        }
+    }
+}
+
+impl std::ops::Deref for LargeBuffer {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        #[cfg(target_os = "linux")]
+        if let Some(m) = &self.map {
+            return m;
+        }
+        &self.heap
+    }
+}
+
+impl std::ops::DerefMut for LargeBuffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        #[cfg(target_os = "linux")]
+        if let Some(m) = &mut self.map {
+            return m;
+        }
+        &mut self.heap
+    }
+}
+
+impl Clone for LargeBuffer {
+    fn clone(&self) -> Self {
+        let mut b = Self::zeroed(self.len());
+        b.copy_from_slice(self);
+        b
+    }
 }
 
 impl std::fmt::Debug for CpuQWeight {
@@ -145,7 +210,7 @@ impl CpuQWeight {
             ));
         }
         let n_tiles = n.div_ceil(TILE);
-        let mut tiles = vec![0u8; n_tiles * kb * tb];
+        let mut tiles = LargeBuffer::zeroed(n_tiles * kb * tb);
         tiles
             .par_chunks_mut(kb * tb)
             .enumerate()
@@ -464,12 +529,22 @@ impl CpuQWeight {
                         for p in 0..4 {
                             let line = 320 + (s * 4 + p) * 64;
                             if N <= 2 {
-                                // Decode streams the weights once: ask for lines two blocks ahead.
-                                _mm_prefetch::<_MM_HINT_T0>(tb.add(line + 2 * tbytes) as *const i8);
+                                // Decode streams the weights once: ask for lines four blocks
+                                // ahead, non-temporally (they are read once). Past the end the
+                                // address is only a hint (prefetches never fault).
+                                _mm_prefetch::<_MM_HINT_NTA>(
+                                    tb.wrapping_add(line + 4 * tbytes) as *const i8
+                                );
                             }
                             let w = _mm512_loadu_si512(tb.add(line) as *const _);
                             let lo = _mm512_and_si512(w, mask);
-                            let hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), mask);
+                            // Decode keeps high nibbles in place (16·q, one op fewer per line)
+                            // and divides their exact sum by 16 once per sub-block.
+                            let hi = if N <= 2 {
+                                _mm512_andnot_si512(mask, w)
+                            } else {
+                                _mm512_and_si512(_mm512_srli_epi16(w, 4), mask)
+                            };
                             for u in 0..N {
                                 let ap = acts[u].q.as_ptr().add(b * QK_K + s * 32 + p * 8);
                                 let a0 = _mm512_set1_epi32((ap as *const i32).read_unaligned());
@@ -485,7 +560,9 @@ impl CpuQWeight {
                         }
                         if N <= 2 {
                             for u in 0..N {
-                                iacc[u] = _mm512_add_epi32(iacc[u], iacc_hi[u]);
+                                // ≤ 4·4·240·128: no overflow; a multiple of 16: exact.
+                                iacc[u] =
+                                    _mm512_add_epi32(iacc[u], _mm512_srai_epi32(iacc_hi[u], 4));
                             }
                         }
                         let sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
@@ -747,7 +824,13 @@ mod tests {
     fn kernels_match_the_dequantized_product() {
         let dev = Device::Cpu;
         for format in [Format::Q4K, Format::Q8_0] {
-            for (m, k, n) in [(1, 512, 37), (7, 768, 48), (70, 256, 300), (5, 1792, 16)] {
+            for (m, k, n) in [
+                (1, 512, 37),
+                (2, 512, 40),
+                (7, 768, 48),
+                (70, 256, 300),
+                (5, 1792, 16),
+            ] {
                 let (qw, _, deq) = weight(format, n, k, m as u64);
                 let x: Vec<f32> = Tensor::randn(0f32, 1.0, (m, k), &dev)
                     .unwrap()

@@ -534,7 +534,15 @@ impl Module for QLinear {
 }
 
 /// Runs `f` on the values of a contiguous f32 CPU tensor, without copying them.
-fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    with_cpu_slice(t, f)
+}
+
+/// Runs `f` on the values of a contiguous CPU tensor of element type `T`, without copying them.
+pub(crate) fn with_cpu_slice<T: candle_core::WithDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[T]) -> Result<R>,
+) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     let candle_core::Storage::Cpu(cpu) = &*storage else {
         candle_core::bail!("expected a CPU tensor")
@@ -542,7 +550,7 @@ fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R>
     let Some((start, end)) = layout.contiguous_offsets() else {
         candle_core::bail!("expected a contiguous tensor")
     };
-    f(&cpu.as_slice::<f32>()?[start..end])
+    f(&cpu.as_slice::<T>()?[start..end])
 }
 
 #[cfg(test)]
