@@ -514,6 +514,58 @@ impl CpuQWeight {
         // SAFETY (all pointer reads): a tile-block is `tbytes` long with the layout documented at
         // the constants; activation rows are `k` bytes long with `kb` (q4k: 8·kb) scales.
         match self.format {
+            Format::Q4K if N <= 2 => {
+                // Decode (1–2 rows), where the weights stream from memory and every instruction
+                // per byte counts: high nibbles stay in place (16·q, one op fewer per line) in a
+                // chain of their own, and scales and mins are applied to exact integer sums
+                // (sub-block scales ≤ 63, |Σ q·a| ≤ 32·15·127: no i32 overflow over 8 of them),
+                // converted to float once per block.
+                let mask = _mm512_set1_epi8(0x0F);
+                for b in 0..kb {
+                    let tb = base.add(b * tbytes);
+                    let mut bint = [_mm512_setzero_si512(); N];
+                    let mut mint = [_mm512_setzero_si512(); N];
+                    for s in 0..8 {
+                        let mut lo_acc = [_mm512_setzero_si512(); N];
+                        let mut hi_acc = [_mm512_setzero_si512(); N];
+                        for p in 0..4 {
+                            let w = _mm512_loadu_si512(tb.add(320 + (s * 4 + p) * 64) as *const _);
+                            let lo = _mm512_and_si512(w, mask);
+                            let hi = _mm512_andnot_si512(mask, w);
+                            for u in 0..N {
+                                let ap = acts[u].q.as_ptr().add(b * QK_K + s * 32 + p * 8);
+                                let a0 = _mm512_set1_epi32((ap as *const i32).read_unaligned());
+                                let a1 =
+                                    _mm512_set1_epi32((ap.add(4) as *const i32).read_unaligned());
+                                lo_acc[u] = _mm512_dpbusd_epi32(lo_acc[u], lo, a0);
+                                hi_acc[u] = _mm512_dpbusd_epi32(hi_acc[u], hi, a1);
+                            }
+                        }
+                        let sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                            tb.add(64 + s * 16) as *const __m128i
+                        ));
+                        let mn = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                            tb.add(192 + s * 16) as *const __m128i
+                        ));
+                        for u in 0..N {
+                            // The high chain's sum is a multiple of 16: the shift is exact.
+                            let dot = _mm512_add_epi32(lo_acc[u], _mm512_srai_epi32(hi_acc[u], 4));
+                            bint[u] = _mm512_add_epi32(bint[u], _mm512_mullo_epi32(dot, sc));
+                            let asum = _mm512_set1_epi32(*acts[u].sums.get_unchecked(b * 8 + s));
+                            mint[u] = _mm512_add_epi32(mint[u], _mm512_mullo_epi32(mn, asum));
+                        }
+                    }
+                    let dv = _mm512_cvtph_ps(_mm256_loadu_si256(tb as *const __m256i));
+                    let dmv = _mm512_cvtph_ps(_mm256_loadu_si256(tb.add(32) as *const __m256i));
+                    for u in 0..N {
+                        let da = _mm512_set1_ps(*acts[u].d.get_unchecked(b));
+                        let bf = _mm512_cvtepi32_ps(bint[u]);
+                        let mf = _mm512_cvtepi32_ps(mint[u]);
+                        facc[u] = _mm512_fmadd_ps(bf, _mm512_mul_ps(dv, da), facc[u]);
+                        facc[u] = _mm512_fnmadd_ps(mf, _mm512_mul_ps(dmv, da), facc[u]);
+                    }
+                }
+            }
             Format::Q4K => {
                 let mask = _mm512_set1_epi8(0x0F);
                 for b in 0..kb {
@@ -523,46 +575,17 @@ impl CpuQWeight {
                     let mut bacc = [_mm512_setzero_ps(); N];
                     for s in 0..8 {
                         let mut iacc = [_mm512_setzero_si512(); N];
-                        // With few rows (decode), high nibbles get a chain of their own so the
-                        // `vpdpbusd` latency overlaps; with many rows registers are the limit.
-                        let mut iacc_hi = [_mm512_setzero_si512(); N];
                         for p in 0..4 {
-                            let line = 320 + (s * 4 + p) * 64;
-                            if N <= 2 {
-                                // Decode streams the weights once: ask for lines four blocks
-                                // ahead, non-temporally (they are read once). Past the end the
-                                // address is only a hint (prefetches never fault).
-                                _mm_prefetch::<_MM_HINT_NTA>(
-                                    tb.wrapping_add(line + 4 * tbytes) as *const i8
-                                );
-                            }
-                            let w = _mm512_loadu_si512(tb.add(line) as *const _);
+                            let w = _mm512_loadu_si512(tb.add(320 + (s * 4 + p) * 64) as *const _);
                             let lo = _mm512_and_si512(w, mask);
-                            // Decode keeps high nibbles in place (16·q, one op fewer per line)
-                            // and divides their exact sum by 16 once per sub-block.
-                            let hi = if N <= 2 {
-                                _mm512_andnot_si512(mask, w)
-                            } else {
-                                _mm512_and_si512(_mm512_srli_epi16(w, 4), mask)
-                            };
+                            let hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), mask);
                             for u in 0..N {
                                 let ap = acts[u].q.as_ptr().add(b * QK_K + s * 32 + p * 8);
                                 let a0 = _mm512_set1_epi32((ap as *const i32).read_unaligned());
                                 let a1 =
                                     _mm512_set1_epi32((ap.add(4) as *const i32).read_unaligned());
                                 iacc[u] = _mm512_dpbusd_epi32(iacc[u], lo, a0);
-                                if N <= 2 {
-                                    iacc_hi[u] = _mm512_dpbusd_epi32(iacc_hi[u], hi, a1);
-                                } else {
-                                    iacc[u] = _mm512_dpbusd_epi32(iacc[u], hi, a1);
-                                }
-                            }
-                        }
-                        if N <= 2 {
-                            for u in 0..N {
-                                // ≤ 4·4·240·128: no overflow; a multiple of 16: exact.
-                                iacc[u] =
-                                    _mm512_add_epi32(iacc[u], _mm512_srai_epi32(iacc_hi[u], 4));
+                                iacc[u] = _mm512_dpbusd_epi32(iacc[u], hi, a1);
                             }
                         }
                         let sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
@@ -662,7 +685,8 @@ struct Act {
     d: Vec<f32>,
     /// q4k: `d·Σa` per 32-value sub-block. q8_0: unused.
     aux: Vec<f32>,
-    /// q8_0: `Σa` per block (the +128 offset of the weights adds `128·Σa`). q4k: unused.
+    /// q8_0: `Σa` per block (the +128 offset of the weights adds `128·Σa`). q4k: `Σa` per 32-value
+    /// sub-block (the decode kernel's integer form of `aux`).
     sums: Vec<i32>,
 }
 
@@ -711,7 +735,10 @@ impl Act {
             };
             d.push(db);
             match format {
-                Format::Q4K => aux.extend(sub.iter().map(|&s| db * s as f32)),
+                Format::Q4K => {
+                    aux.extend(sub.iter().map(|&s| db * s as f32));
+                    sums.extend_from_slice(sub);
+                }
                 Format::Q8_0 => sums.push(sub.iter().sum()),
             }
         }
