@@ -94,24 +94,22 @@ pub fn attend<T: KvElem>(q: &[f32], k: &[T], v: &[T], dims: Dims, scale: f32, ou
         available(d),
         "fused attention needs AVX-512F and head_dim % 16 == 0"
     );
-    let out_ptr = SendPtr(out.as_mut_ptr());
-    (0..heads * queries).into_par_iter().for_each_init(
+    // One task per output row: row `i·heads + h` is query `i` of head `h`.
+    out.par_chunks_mut(d).enumerate().for_each_init(
         || vec![0f32; len],
-        |scores, hi| {
-            let (h, i) = (hi / queries, hi % queries);
+        |scores, (row, o)| {
+            let (i, h) = (row / heads, row % heads);
             let seen = len - queries + i + 1;
-            let qh = &q[hi * d..(hi + 1) * d];
+            let qh = &q[(h * queries + i) * d..][..d];
             let kh = &k[h * capacity * d..][..seen * d];
             let vh = &v[h * capacity * d..][..seen * d];
-            // SAFETY: row `(i, h)` of `out` is written by this task alone; the CPU features were
-            // checked by `available` (asserted above).
+            // SAFETY: the CPU features were checked by `available` (asserted above).
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                let o = std::slice::from_raw_parts_mut(out_ptr.get().add((i * heads + h) * d), d);
                 attend_row_avx512(qh, kh, vh, scale, &mut scores[..seen], o);
             }
             #[cfg(not(target_arch = "x86_64"))]
-            let _ = (qh, kh, vh, scores, out_ptr);
+            let _ = (qh, kh, vh, scores, o);
         },
     );
 }
@@ -173,20 +171,6 @@ unsafe fn attend_row_avx512<T: KvElem>(
             let acc = _mm512_fmadd_ps(p, T::load16(vj.add(16 * c)), _mm512_loadu_ps(o));
             _mm512_storeu_ps(o, acc);
         }
-    }
-}
-
-/// The output pointer the heads share; each writes only its own rows.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: used only for the disjoint row writes in `attend`.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    // A method (not the field) so closures capture the whole `Send` wrapper.
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 

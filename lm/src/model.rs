@@ -304,19 +304,23 @@ impl Attention {
             len: kv.len,
         };
         let mut out = vec![0f32; t * n * d];
+        fn run<T: decode_attention::KvElem + candle_core::WithDType>(
+            q: &[f32],
+            kv: &LayerKv,
+            dims: decode_attention::Dims,
+            scale: f32,
+            out: &mut [f32],
+        ) -> Result<()> {
+            with_cpu_slice::<T, _>(&kv.k, |ks| {
+                with_cpu_slice::<T, _>(&kv.v, |vs| {
+                    decode_attention::attend(q, ks, vs, dims, scale, out);
+                    Ok(())
+                })
+            })
+        }
         with_cpu_f32(&q.contiguous()?, |qs| match kv.k.dtype() {
-            DType::F16 => with_cpu_slice::<f16, _>(&kv.k, |ks| {
-                with_cpu_slice::<f16, _>(&kv.v, |vs| {
-                    decode_attention::attend(qs, ks, vs, dims, scale, &mut out);
-                    Ok(())
-                })
-            }),
-            _ => with_cpu_f32(&kv.k, |ks| {
-                with_cpu_f32(&kv.v, |vs| {
-                    decode_attention::attend(qs, ks, vs, dims, scale, &mut out);
-                    Ok(())
-                })
-            }),
+            DType::F16 => run::<f16>(qs, kv, dims, scale, &mut out),
+            _ => run::<f32>(qs, kv, dims, scale, &mut out),
         })?;
         Tensor::from_vec(out, (1, t, n * d), q.device())
     }
@@ -340,7 +344,6 @@ impl Attention {
         };
         let (k, v) = LayerKv::append(cache, &k, &v, self.kv_dtype)?;
 
-        let kv_len = k.dim(2)?;
         let scale = if self.scale_attn {
             (d as f64).sqrt()
         } else {
@@ -357,6 +360,7 @@ impl Attention {
                 return self.c_proj.forward(&out);
             }
         }
+        let kv_len = k.dim(2)?;
         // A strided view: the matmul reads the cache buffer in place (a copy when it holds
         // another dtype).
         let (k, v) = (k.to_dtype(q.dtype())?, v.to_dtype(q.dtype())?);

@@ -480,7 +480,7 @@ impl CpuQWeight {
                                 .sum();
                             let (sc, m) = (tb[64 + s * 16 + r], tb[192 + s * 16 + r]);
                             *o += isum as f32 * (d * sc as f32) * da;
-                            *o -= dmin * m as f32 * a.aux[b * 8 + s];
+                            *o -= dmin * m as f32 * (da * a.sums[b * 8 + s] as f32);
                         }
                     }
                     Format::Q8_0 => {
@@ -512,7 +512,7 @@ impl CpuQWeight {
         let base = self.tiles.as_ptr().add(t * kb * tbytes);
         let mut facc = [_mm512_setzero_ps(); N];
         // SAFETY (all pointer reads): a tile-block is `tbytes` long with the layout documented at
-        // the constants; activation rows are `k` bytes long with `kb` (q4k: 8·kb) scales.
+        // the constants; activation rows are `k` bytes long with `kb` scales (q4k: and `8·kb` sums).
         match self.format {
             Format::Q4K if N <= 2 => {
                 // Decode (1–2 rows), where the weights stream from memory and every instruction
@@ -597,7 +597,10 @@ impl CpuQWeight {
                         let mn = _mm512_mul_ps(dmv, mn);
                         for u in 0..N {
                             bacc[u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[u]), sc, bacc[u]);
-                            let asum = _mm512_set1_ps(*acts[u].aux.get_unchecked(b * 8 + s));
+                            let asum = _mm512_set1_ps(
+                                *acts[u].d.get_unchecked(b)
+                                    * *acts[u].sums.get_unchecked(b * 8 + s) as f32,
+                            );
                             facc[u] = _mm512_fnmadd_ps(mn, asum, facc[u]);
                         }
                     }
@@ -683,10 +686,8 @@ struct Act {
     q: Vec<u8>,
     /// Per-block scale (q4k: per 256 values; q8_0: per 32).
     d: Vec<f32>,
-    /// q4k: `d·Σa` per 32-value sub-block. q8_0: unused.
-    aux: Vec<f32>,
     /// q8_0: `Σa` per block (the +128 offset of the weights adds `128·Σa`). q4k: `Σa` per 32-value
-    /// sub-block (the decode kernel's integer form of `aux`).
+    /// sub-block (the mins are applied to it).
     sums: Vec<i32>,
 }
 
@@ -716,7 +717,6 @@ impl Act {
         let (bv, _, _) = format.block();
         let mut q = vec![0u8; k];
         let mut d = Vec::with_capacity(k / bv);
-        let mut aux = Vec::new();
         let mut sums = Vec::new();
         let simd = Kernel::best() != Kernel::Portable;
         let mut sub = [0i32; QK_K / 32];
@@ -735,14 +735,11 @@ impl Act {
             };
             d.push(db);
             match format {
-                Format::Q4K => {
-                    aux.extend(sub.iter().map(|&s| db * s as f32));
-                    sums.extend_from_slice(sub);
-                }
+                Format::Q4K => sums.extend_from_slice(sub),
                 Format::Q8_0 => sums.push(sub.iter().sum()),
             }
         }
-        Self { q, d, aux, sums }
+        Self { q, d, sums }
     }
 }
 
