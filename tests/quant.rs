@@ -20,12 +20,15 @@ struct Model {
     visual: vision::VisualEncoder,
 }
 
-/// Builds LM and vision tower with weights of type `wt`, the way the app does.
+/// Builds LM and vision tower with weights of type `wt`, the way the app's engine does
+/// (`app::engine::build_models`).
 fn load(wt: WeightType) -> Model {
     let ckpt = Checkpoint::open(&tiny_a()).unwrap();
     let vb = ckpt.var_builder(wt.compute_dtype(), &Device::Cpu);
     let vcfg: vision::Config = serde_json::from_value(ckpt.config.visual.clone().unwrap()).unwrap();
-    let lm = QwenLm::load(&ckpt.config, vb.clone(), wt).unwrap();
+    // Quantized models look their token embeddings up in the checkpoint's own mapped table.
+    let table = ckpt.mapped_rows("transformer.wte.weight");
+    let lm = QwenLm::load_with_table(&ckpt.config, vb.clone(), wt, table).unwrap();
     let vvb = vb.pp("transformer").pp("visual");
     let visual = if wt.is_quantized() {
         let linear: vision::LinearBuilder =

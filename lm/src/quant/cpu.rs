@@ -7,10 +7,12 @@
 //! GGML blocks are dropped; the GGUF cache still stores GGML blocks ([`CpuQWeight::to_ggml`]
 //! converts back exactly).
 //!
-//! A tile holds 16 weight rows so that one AVX-512 VNNI `vpdpbusd` multiplies 4 inputs into all 16
-//! rows at once (64 multiply-adds): the activations are quantized to int8 once per matmul and
-//! broadcast 4 bytes at a time, and no horizontal sums are needed. A portable path runs the same
-//! arithmetic elsewhere.
+//! A tile gives each weight row one 32-bit lane of a 16-lane vector, so that one AVX-512 VNNI
+//! `vpdpbusd` multiplies 4 inputs into 16 rows at once (64 multiply-adds): the activations are
+//! quantized to int8 once per matmul and broadcast 4 bytes at a time, and no horizontal sums are
+//! needed. q8_0 tiles hold 16 rows; q4k tiles hold 32, rows `r` and `r + 16` sharing a lane in the
+//! low and high nibbles of its bytes, so that each nibble byte multiplies the same 4 inputs (see
+//! [`Q4K_TILE_BYTES`]). A portable path runs the same arithmetic elsewhere.
 //!
 //! Arithmetic, per weight row `w` and activation row `x` (both int8-quantized per block):
 //! - q4k: `w = d·sc_s·q − dmin·m_s` per 32-value sub-block `s`, `x = d_x·a` per 256-value block,
@@ -26,15 +28,24 @@ const QK_K: usize = 256;
 const QK8_0: usize = 32;
 const Q4K_BLOCK_BYTES: usize = 144;
 const Q8_0_BLOCK_BYTES: usize = 34;
-/// Weight rows per tile.
-const TILE: usize = 16;
-/// One q4k tile-block: d and dmin (16 f16 each), scales and mins (8 sub-blocks × 16 rows, u8),
-/// then 2048 bytes of nibbles: per sub-block 4 chunks of 64 bytes, in which bytes `4r..4r+4` hold
-/// values `8p..8p+4` of row `r` in their low nibbles and `8p+4..8p+8` in their high nibbles.
-const Q4K_TILE_BYTES: usize = 32 + 32 + 128 + 128 + 2048;
+/// Rows of a vector of 32-bit lanes.
+const LANES: usize = 16;
+/// Weight rows per tile, at most (q4k's).
+const MAX_TILE: usize = 32;
+/// One q4k tile-block (32 rows × 256 values): d and dmin (32 f16 each), scales (8 sub-blocks × 32
+/// rows, u8), mins (see [`q4k_min_at`]), then 4096 bytes of nibbles: per sub-block 8 chunks of 64
+/// bytes, in which byte `4r + j` holds value `4p + j` of row `r` in its low nibble and of row
+/// `r + 16` in its high nibble. One `vpdpbusd` of the whole bytes and one of the high nibbles give
+/// both rows' sums (see [`CpuQWeight::tile_dots_avx512`]): one mask per 64 bytes where a layout
+/// with both nibbles of a byte in one row needs two (+15 % matvec throughput in cache).
+const Q4K_TILE_BYTES: usize = 64 + 64 + 256 + 256 + 4096;
+/// Where a q4k tile-block's nibbles start.
+const Q4K_NIBBLES: usize = 640;
 /// One q8_0 tile-block: d (16 f16), then 8 chunks of 64 bytes in which bytes `4r..4r+4` hold
 /// values `4p..4p+4` of row `r`, offset by +128 (unsigned, as `vpdpbusd` wants its first operand).
 const Q8_0_TILE_BYTES: usize = 32 + 512;
+/// Activation rows the q4k kernel takes at once: it keeps 6 accumulators per row in registers.
+const Q4K_MAX_ROWS: usize = 4;
 /// Activation rows a weight tile is reused for before the next tile: keeps the chunk's quantized
 /// activations in L2 (64 rows × 11008 bytes for the LM's down projection).
 const M_CHUNK: usize = 64;
@@ -64,6 +75,14 @@ impl Format {
         }
     }
 
+    /// Weight rows per tile.
+    fn rows(self) -> usize {
+        match self {
+            Self::Q4K => 32,
+            Self::Q8_0 => LANES,
+        }
+    }
+
     /// (values, GGML bytes, tile bytes) of one block.
     fn block(self) -> (usize, usize, usize) {
         match self {
@@ -79,7 +98,7 @@ pub struct CpuQWeight {
     format: Format,
     n: usize,
     k: usize,
-    /// `[n/16 tiles][k/block blocks][tile-block]`; rows past `n` in the last tile are zero.
+    /// `[n/rows tiles][k/block blocks][tile-block]`; rows past `n` in the last tile are zero.
     tiles: LargeBuffer,
 }
 
@@ -184,12 +203,41 @@ fn q4k_pack_scales(sc: &[u8; 8], m: &[u8; 8]) -> [u8; 12] {
     s
 }
 
-/// Byte offset in a q4k tile's nibble area of value `v` of row `r`, and whether it is the high
-/// nibble.
-fn tile_nibble_at(r: usize, v: usize) -> (usize, bool) {
+/// Byte offsets in a q4k tile-block of row `r`'s d and dmin (f16).
+fn q4k_d_at(r: usize) -> (usize, usize) {
+    (2 * r, 64 + 2 * r)
+}
+
+/// Byte offset in a q4k tile-block of the scale of sub-block `s` of row `r`.
+fn q4k_scale_at(r: usize, s: usize) -> usize {
+    128 + s * 32 + r
+}
+
+/// Byte offset in a q4k tile-block of the min of sub-block `s` of row `r`: per 16-row half, each
+/// row holds its mins 4 to a 32-bit lane, sub-blocks 0–3 in a first 64 bytes and 4–7 in a second,
+/// so that two `vpdpbusd` apply all 8 mins of 16 rows at once.
+fn q4k_min_at(r: usize, s: usize) -> usize {
+    384 + (r / LANES) * 128 + (s / 4) * 64 + (r % LANES) * 4 + s % 4
+}
+
+/// Byte offset in a q4k tile-block of value `v` of row `r`, and whether it is the high nibble.
+fn q4k_nibble_at(r: usize, v: usize) -> (usize, bool) {
     let (s, w) = (v / 32, v % 32);
-    let (p, j) = (w / 8, w % 8);
-    ((s * 4 + p) * 64 + r * 4 + j % 4, j >= 4)
+    let (p, j) = (w / 4, w % 4);
+    (
+        Q4K_NIBBLES + (s * 8 + p) * 64 + (r % LANES) * 4 + j,
+        r >= LANES,
+    )
+}
+
+/// Value `v` of row `r` of a q4k tile-block.
+fn q4k_nibble(tb: &[u8], r: usize, v: usize) -> u8 {
+    let (at, high) = q4k_nibble_at(r, v);
+    if high {
+        tb[at] >> 4
+    } else {
+        tb[at] & 0xF
+    }
 }
 
 impl CpuQWeight {
@@ -209,37 +257,37 @@ impl CpuQWeight {
                 ggml.len()
             ));
         }
-        let n_tiles = n.div_ceil(TILE);
+        let rows = format.rows();
+        let n_tiles = n.div_ceil(rows);
         let mut tiles = LargeBuffer::zeroed(n_tiles * kb * tb);
         tiles
             .par_chunks_mut(kb * tb)
             .enumerate()
             .for_each(|(t, tile)| {
                 for (b, out) in tile.chunks_exact_mut(tb).enumerate() {
-                    for r in 0..TILE.min(n - t * TILE) {
-                        let row = t * TILE + r;
+                    for r in 0..rows.min(n - t * rows) {
+                        let row = t * rows + r;
                         let blk = &ggml[(row * kb + b) * bb..(row * kb + b + 1) * bb];
                         match format {
                             Format::Q4K => {
-                                out[2 * r..2 * r + 2].copy_from_slice(&blk[0..2]);
-                                out[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&blk[2..4]);
+                                let (d, dmin) = q4k_d_at(r);
+                                out[d..d + 2].copy_from_slice(&blk[0..2]);
+                                out[dmin..dmin + 2].copy_from_slice(&blk[2..4]);
                                 let (sc, m) = q4k_scales(&blk[4..16]);
                                 for s in 0..8 {
-                                    out[64 + s * 16 + r] = sc[s];
-                                    out[192 + s * 16 + r] = m[s];
+                                    out[q4k_scale_at(r, s)] = sc[s];
+                                    out[q4k_min_at(r, s)] = m[s];
                                 }
-                                // Sub-block `s` is the low (even `s`) or high (odd) nibbles
-                                // of bytes 32·(s/2).. of the GGML block.
-                                let qs = &blk[16..];
-                                let area = &mut out[320..];
+                                // Sub-block `s` is the low (even `s`) or high (odd) nibbles of
+                                // bytes 32·(s/2).. of the GGML block.
+                                let shift_out = if r < LANES { 0 } else { 4 };
                                 for s in 0..8 {
-                                    let (src, sh) = (&qs[(s / 2) * 32..], 4 * (s % 2));
-                                    for p in 0..4 {
-                                        let at = (s * 4 + p) * 64 + r * 4;
+                                    let src = &blk[16 + (s / 2) * 32..];
+                                    for p in 0..8 {
+                                        let (at, _) = q4k_nibble_at(r, s * 32 + 4 * p);
                                         for j in 0..4 {
-                                            let lo = (src[8 * p + j] >> sh) & 0xF;
-                                            let hi = (src[8 * p + 4 + j] >> sh) & 0xF;
-                                            area[at + j] = lo | (hi << 4);
+                                            let q = (src[4 * p + j] >> (4 * (s % 2))) & 0xF;
+                                            out[at + j] |= q << shift_out;
                                         }
                                     }
                                 }
@@ -269,7 +317,7 @@ impl CpuQWeight {
     /// Bytes an `[n, k]` weight takes in tiles (what a matmul streams).
     pub fn tiled_size(format: Format, n: usize, k: usize) -> usize {
         let (bv, _, tb) = format.block();
-        n.div_ceil(TILE) * k.div_ceil(bv) * tb
+        n.div_ceil(format.rows()) * k.div_ceil(bv) * tb
     }
 
     pub fn dims(&self) -> (usize, usize) {
@@ -292,24 +340,22 @@ impl CpuQWeight {
         let (bv, bb, _) = self.format.block();
         let kb = self.k / bv;
         let mut out = vec![0u8; self.n * kb * bb];
+        let rows = self.format.rows();
         for (row, out_row) in out.chunks_exact_mut(kb * bb).enumerate() {
-            let (t, r) = (row / TILE, row % TILE);
+            let (t, r) = (row / rows, row % rows);
             for (b, blk) in out_row.chunks_exact_mut(bb).enumerate() {
                 let tb = self.tile_block(t, b);
                 match self.format {
                     Format::Q4K => {
-                        blk[0..2].copy_from_slice(&tb[2 * r..2 * r + 2]);
-                        blk[2..4].copy_from_slice(&tb[32 + 2 * r..32 + 2 * r + 2]);
-                        let mut sc = [0u8; 8];
-                        let mut m = [0u8; 8];
-                        for s in 0..8 {
-                            sc[s] = tb[64 + s * 16 + r];
-                            m[s] = tb[192 + s * 16 + r];
-                        }
+                        let (d, dmin) = q4k_d_at(r);
+                        blk[0..2].copy_from_slice(&tb[d..d + 2]);
+                        blk[2..4].copy_from_slice(&tb[dmin..dmin + 2]);
+                        let sc = std::array::from_fn(|s| tb[q4k_scale_at(r, s)]);
+                        let m = std::array::from_fn(|s| tb[q4k_min_at(r, s)]);
                         blk[4..16].copy_from_slice(&q4k_pack_scales(&sc, &m));
                         let qs = &mut blk[16..];
                         for v in 0..QK_K {
-                            let q = self.q4k_nibble(tb, r, v);
+                            let q = q4k_nibble(tb, r, v);
                             let (chunk, rr) = (v / 64, v % 64);
                             qs[chunk * 32 + rr % 32] |= if rr < 32 { q } else { q << 4 };
                         }
@@ -326,30 +372,21 @@ impl CpuQWeight {
         out
     }
 
-    fn q4k_nibble(&self, tb: &[u8], r: usize, v: usize) -> u8 {
-        let (at, high) = tile_nibble_at(r, v);
-        let byte = tb[320 + at];
-        if high {
-            byte >> 4
-        } else {
-            byte & 0xF
-        }
-    }
-
     /// Weight row `j` in f32 (what the blocks encode).
     pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
         let (bv, _, _) = self.format.block();
-        let (t, r) = (j / TILE, j % TILE);
+        let rows = self.format.rows();
+        let (t, r) = (j / rows, j % rows);
         for (b, out) in out.chunks_exact_mut(bv).enumerate() {
             let tb = self.tile_block(t, b);
             let d = f16_at(tb, 2 * r);
             match self.format {
                 Format::Q4K => {
-                    let dmin = f16_at(tb, 32 + 2 * r);
+                    let dmin = f16_at(tb, q4k_d_at(r).1);
                     for (v, o) in out.iter_mut().enumerate() {
                         let s = v / 32;
-                        let (sc, m) = (tb[64 + s * 16 + r], tb[192 + s * 16 + r]);
-                        let q = self.q4k_nibble(tb, r, v);
+                        let (sc, m) = (tb[q4k_scale_at(r, s)], tb[q4k_min_at(r, s)]);
+                        let q = q4k_nibble(tb, r, v);
                         *o = d * sc as f32 * q as f32 - dmin * m as f32;
                     }
                 }
@@ -398,18 +435,19 @@ impl CpuQWeight {
                 .map(|r| Act::new(self.format, r))
                 .collect()
         };
-        let n_tiles = n.div_ceil(TILE);
+        let rows = self.format.rows();
+        let n_tiles = n.div_ceil(rows);
         // Bands of tiles, several per thread so uneven bands even out.
         let threads = rayon::current_num_threads().max(1);
-        let band = n_tiles.div_ceil(threads * 4).clamp(1, 16);
+        let band = n_tiles.div_ceil(threads * 4).clamp(1, 256 / rows);
         let out_ptr = SendPtr(out.as_mut_ptr());
         (0..n_tiles).into_par_iter().step_by(band).for_each(|t0| {
             let t1 = (t0 + band).min(n_tiles);
-            let mut dots = [[0f32; TILE]; MAX_ROWS];
+            let mut dots = [[0f32; MAX_TILE]; MAX_ROWS];
             for i0 in (0..m).step_by(M_CHUNK) {
                 let i1 = (i0 + M_CHUNK).min(m);
                 for t in t0..t1 {
-                    let (j0, cols) = (t * TILE, TILE.min(n - t * TILE));
+                    let (j0, cols) = (t * rows, rows.min(n - t * rows));
                     let mut i = i0;
                     while i < i1 {
                         let r = (i1 - i).min(MAX_ROWS);
@@ -434,12 +472,18 @@ impl CpuQWeight {
         });
     }
 
-    /// `out[u][r] = w[16t + r] · acts[u]` for up to 4 activation rows.
-    fn tile_dots(&self, t: usize, acts: &[Act], out: &mut [[f32; TILE]], kernel: Kernel) {
+    /// `out[u][r] = w[rows·t + r] · acts[u]` for up to [`MAX_ROWS`] activation rows.
+    fn tile_dots(&self, t: usize, acts: &[Act], out: &mut [[f32; MAX_TILE]], kernel: Kernel) {
         match kernel {
             Kernel::Portable => {
                 for (a, o) in acts.iter().zip(out.iter_mut()) {
                     self.tile_dot_portable(t, a, o);
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni if self.format == Format::Q4K && acts.len() > Q4K_MAX_ROWS => {
+                for (a, o) in acts.chunks(Q4K_MAX_ROWS).zip(out.chunks_mut(Q4K_MAX_ROWS)) {
+                    self.tile_dots(t, a, o, kernel);
                 }
             }
             #[cfg(target_arch = "x86_64")]
@@ -459,26 +503,25 @@ impl CpuQWeight {
         }
     }
 
-    fn tile_dot_portable(&self, t: usize, a: &Act, out: &mut [f32; TILE]) {
+    fn tile_dot_portable(&self, t: usize, a: &Act, out: &mut [f32; MAX_TILE]) {
         let (bv, _, _) = self.format.block();
         out.fill(0.0);
         for b in 0..self.k / bv {
             let tb = self.tile_block(t, b);
-            for (r, o) in out.iter_mut().enumerate() {
+            for (r, o) in out[..self.format.rows()].iter_mut().enumerate() {
                 let d = f16_at(tb, 2 * r);
                 match self.format {
                     Format::Q4K => {
-                        let dmin = f16_at(tb, 32 + 2 * r);
+                        let dmin = f16_at(tb, q4k_d_at(r).1);
                         let da = a.d[b];
                         for s in 0..8 {
                             let isum: i32 = (0..32)
                                 .map(|w| {
                                     let v = s * 32 + w;
-                                    self.q4k_nibble(tb, r, v) as i32
-                                        * a.q[b * QK_K + v] as i8 as i32
+                                    q4k_nibble(tb, r, v) as i32 * a.q[b * QK_K + v] as i8 as i32
                                 })
                                 .sum();
-                            let (sc, m) = (tb[64 + s * 16 + r], tb[192 + s * 16 + r]);
+                            let (sc, m) = (tb[q4k_scale_at(r, s)], tb[q4k_min_at(r, s)]);
                             *o += isum as f32 * (d * sc as f32) * da;
                             *o -= dmin * m as f32 * (da * a.sums[b * 8 + s] as f32);
                         }
@@ -504,7 +547,7 @@ impl CpuQWeight {
         &self,
         t: usize,
         acts: &[Act],
-        out: &mut [[f32; TILE]],
+        out: &mut [[f32; MAX_TILE]],
     ) {
         use std::arch::x86_64::*;
         let (bv, _, tbytes) = self.format.block();
@@ -514,100 +557,80 @@ impl CpuQWeight {
         // SAFETY (all pointer reads): a tile-block is `tbytes` long with the layout documented at
         // the constants; activation rows are `k` bytes long with `kb` scales (q4k: and `8·kb` sums).
         match self.format {
-            Format::Q4K if N <= 2 => {
-                // Decode (1–2 rows), where the weights stream from memory and every instruction
-                // per byte counts: high nibbles stay in place (16·q, one op fewer per line) in a
-                // chain of their own, and scales and mins are applied to exact integer sums
-                // (sub-block scales ≤ 63, |Σ q·a| ≤ 32·15·127: no i32 overflow over 8 of them),
-                // converted to float once per block.
+            Format::Q4K => {
+                // Per 64-byte chunk: `full` = Σ(16·q_hi + q_lo)·a and `high` = Σ(16·q_hi)·a, so
+                // row r's sum is `full − high` and row r+16's is `high / 16`. Scales and mins are
+                // applied to exact integer sums (scale ≤ 63, |Σ q·a| ≤ 32·15·127, |full| ≤
+                // 32·255·128: no i32 overflow over a block) and converted to float once per block.
                 let mask = _mm512_set1_epi8(0x0F);
+                let mut facc_hi = [_mm512_setzero_ps(); N];
                 for b in 0..kb {
                     let tb = base.add(b * tbytes);
-                    let mut bint = [_mm512_setzero_si512(); N];
-                    let mut mint = [_mm512_setzero_si512(); N];
-                    for s in 0..8 {
-                        let mut lo_acc = [_mm512_setzero_si512(); N];
-                        let mut hi_acc = [_mm512_setzero_si512(); N];
-                        for p in 0..4 {
-                            let w = _mm512_loadu_si512(tb.add(320 + (s * 4 + p) * 64) as *const _);
-                            let lo = _mm512_and_si512(w, mask);
-                            let hi = _mm512_andnot_si512(mask, w);
-                            for u in 0..N {
-                                let ap = acts[u].q.as_ptr().add(b * QK_K + s * 32 + p * 8);
-                                let a0 = _mm512_set1_epi32((ap as *const i32).read_unaligned());
-                                let a1 =
-                                    _mm512_set1_epi32((ap.add(4) as *const i32).read_unaligned());
-                                lo_acc[u] = _mm512_dpbusd_epi32(lo_acc[u], lo, a0);
-                                hi_acc[u] = _mm512_dpbusd_epi32(hi_acc[u], hi, a1);
-                            }
-                        }
-                        let sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(
-                            tb.add(64 + s * 16) as *const __m128i
-                        ));
-                        let mn = _mm512_cvtepu8_epi32(_mm_loadu_si128(
-                            tb.add(192 + s * 16) as *const __m128i
-                        ));
-                        for u in 0..N {
-                            // The high chain's sum is a multiple of 16: the shift is exact.
-                            let dot = _mm512_add_epi32(lo_acc[u], _mm512_srai_epi32(hi_acc[u], 4));
-                            bint[u] = _mm512_add_epi32(bint[u], _mm512_mullo_epi32(dot, sc));
-                            let asum = _mm512_set1_epi32(*acts[u].sums.get_unchecked(b * 8 + s));
-                            mint[u] = _mm512_add_epi32(mint[u], _mm512_mullo_epi32(mn, asum));
-                        }
-                    }
-                    let dv = _mm512_cvtph_ps(_mm256_loadu_si256(tb as *const __m256i));
-                    let dmv = _mm512_cvtph_ps(_mm256_loadu_si256(tb.add(32) as *const __m256i));
+                    // The block's header first, in address order: d and dmin of rows 0..16 and
+                    // 16..32 at 0, 32, 64 and 96, then the mins, applied right away. Reading it
+                    // after the nibbles, 4 KiB behind the stream, halved the rate from memory.
+                    let d_lo = _mm512_cvtph_ps(_mm256_loadu_si256(tb as *const __m256i));
+                    let d_hi = _mm512_cvtph_ps(_mm256_loadu_si256(tb.add(32) as *const __m256i));
+                    let m_lo = _mm512_cvtph_ps(_mm256_loadu_si256(tb.add(64) as *const __m256i));
+                    let m_hi = _mm512_cvtph_ps(_mm256_loadu_si256(tb.add(96) as *const __m256i));
                     for u in 0..N {
                         let da = _mm512_set1_ps(*acts[u].d.get_unchecked(b));
-                        let bf = _mm512_cvtepi32_ps(bint[u]);
-                        let mf = _mm512_cvtepi32_ps(mint[u]);
-                        facc[u] = _mm512_fmadd_ps(bf, _mm512_mul_ps(dv, da), facc[u]);
-                        facc[u] = _mm512_fnmadd_ps(mf, _mm512_mul_ps(dmv, da), facc[u]);
+                        let split = acts[u].min_sums.get_unchecked(b);
+                        let mins = _mm512_cvtepi32_ps(q4k_min_dot(tb.add(q4k_min_at(0, 0)), split));
+                        facc[u] = _mm512_fnmadd_ps(mins, _mm512_mul_ps(m_lo, da), facc[u]);
+                        let mins =
+                            _mm512_cvtepi32_ps(q4k_min_dot(tb.add(q4k_min_at(LANES, 0)), split));
+                        facc_hi[u] = _mm512_fnmadd_ps(mins, _mm512_mul_ps(m_hi, da), facc_hi[u]);
                     }
-                }
-            }
-            Format::Q4K => {
-                let mask = _mm512_set1_epi8(0x0F);
-                for b in 0..kb {
-                    let tb = base.add(b * tbytes);
-                    let dv = _mm512_cvtph_ps(_mm256_loadu_si256(tb as *const __m256i));
-                    let dmv = _mm512_cvtph_ps(_mm256_loadu_si256(tb.add(32) as *const __m256i));
-                    let mut bacc = [_mm512_setzero_ps(); N];
+                    let mut lo_int = [_mm512_setzero_si512(); N];
+                    let mut hi_int = [_mm512_setzero_si512(); N];
                     for s in 0..8 {
-                        let mut iacc = [_mm512_setzero_si512(); N];
-                        for p in 0..4 {
-                            let w = _mm512_loadu_si512(tb.add(320 + (s * 4 + p) * 64) as *const _);
-                            let lo = _mm512_and_si512(w, mask);
-                            let hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), mask);
+                        // Two chains per sum for 1–2 rows: one chain of 8 dependent `vpdpbusd`
+                        // holds back the loads behind it.
+                        let chains = if N <= 2 { 2 } else { 1 };
+                        let mut full = [[_mm512_setzero_si512(); 2]; N];
+                        let mut high = [[_mm512_setzero_si512(); 2]; N];
+                        for p in 0..8 {
+                            let w = _mm512_loadu_si512(
+                                tb.add(Q4K_NIBBLES + (s * 8 + p) * 64) as *const _
+                            );
+                            let h = _mm512_andnot_si512(mask, w);
+                            let c = p % chains;
                             for u in 0..N {
-                                let ap = acts[u].q.as_ptr().add(b * QK_K + s * 32 + p * 8);
-                                let a0 = _mm512_set1_epi32((ap as *const i32).read_unaligned());
-                                let a1 =
-                                    _mm512_set1_epi32((ap.add(4) as *const i32).read_unaligned());
-                                iacc[u] = _mm512_dpbusd_epi32(iacc[u], lo, a0);
-                                iacc[u] = _mm512_dpbusd_epi32(iacc[u], hi, a1);
+                                let ap = acts[u].q.as_ptr().add(b * QK_K + s * 32 + p * 4);
+                                let a = _mm512_set1_epi32((ap as *const i32).read_unaligned());
+                                full[u][c] = _mm512_dpbusd_epi32(full[u][c], w, a);
+                                high[u][c] = _mm512_dpbusd_epi32(high[u][c], h, a);
                             }
                         }
-                        let sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
-                            tb.add(64 + s * 16) as *const __m128i,
-                        )));
-                        let mn = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
-                            tb.add(192 + s * 16) as *const __m128i,
-                        )));
-                        let mn = _mm512_mul_ps(dmv, mn);
+                        let full: [_; N] =
+                            std::array::from_fn(|u| _mm512_add_epi32(full[u][0], full[u][1]));
+                        let high: [_; N] =
+                            std::array::from_fn(|u| _mm512_add_epi32(high[u][0], high[u][1]));
+                        let sc_lo = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                            tb.add(q4k_scale_at(0, s)) as *const __m128i,
+                        ));
+                        let sc_hi = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                            tb.add(q4k_scale_at(LANES, s)) as *const __m128i,
+                        ));
                         for u in 0..N {
-                            bacc[u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[u]), sc, bacc[u]);
-                            let asum = _mm512_set1_ps(
-                                *acts[u].d.get_unchecked(b)
-                                    * *acts[u].sums.get_unchecked(b * 8 + s) as f32,
-                            );
-                            facc[u] = _mm512_fnmadd_ps(mn, asum, facc[u]);
+                            let lo = _mm512_sub_epi32(full[u], high[u]);
+                            lo_int[u] = _mm512_add_epi32(lo_int[u], _mm512_mullo_epi32(lo, sc_lo));
+                            // Still 16× the sum: divided once per block, exactly.
+                            hi_int[u] =
+                                _mm512_add_epi32(hi_int[u], _mm512_mullo_epi32(high[u], sc_hi));
                         }
                     }
                     for u in 0..N {
-                        let scale = _mm512_mul_ps(dv, _mm512_set1_ps(*acts[u].d.get_unchecked(b)));
-                        facc[u] = _mm512_fmadd_ps(bacc[u], scale, facc[u]);
+                        let da = _mm512_set1_ps(*acts[u].d.get_unchecked(b));
+                        let lo = _mm512_cvtepi32_ps(lo_int[u]);
+                        facc[u] = _mm512_fmadd_ps(lo, _mm512_mul_ps(d_lo, da), facc[u]);
+                        let hi = _mm512_cvtepi32_ps(_mm512_srai_epi32(hi_int[u], 4));
+                        facc_hi[u] = _mm512_fmadd_ps(hi, _mm512_mul_ps(d_hi, da), facc_hi[u]);
                     }
+                }
+                for u in 0..N {
+                    _mm512_storeu_ps(out[u].as_mut_ptr().add(LANES), facc_hi[u]);
                 }
             }
             Format::Q8_0 => {
@@ -636,6 +659,25 @@ impl CpuQWeight {
             _mm512_storeu_ps(out[u].as_mut_ptr(), facc[u]);
         }
     }
+}
+
+/// `Σ_s m[r][s]·Σa_s` for 16 rows of a q4k tile-block whose mins start at `mins` (see
+/// [`q4k_min_at`]), exact: two `vpdpbusd` for each byte of the split sums (see
+/// [`Act::min_sums`]). |result| ≤ 8·63·4064.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[inline]
+unsafe fn q4k_min_dot(mins: *const u8, split: &[i32; 4]) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    // SAFETY: 128 bytes of mins start at `mins`.
+    let m0 = _mm512_loadu_si512(mins as *const _);
+    let m1 = _mm512_loadu_si512(mins.add(64) as *const _);
+    let z = _mm512_setzero_si512();
+    let hi = _mm512_dpbusd_epi32(z, m0, _mm512_set1_epi32(split[0]));
+    let hi = _mm512_dpbusd_epi32(hi, m1, _mm512_set1_epi32(split[1]));
+    let lo = _mm512_dpbusd_epi32(z, m0, _mm512_set1_epi32(split[2]));
+    let lo = _mm512_dpbusd_epi32(lo, m1, _mm512_set1_epi32(split[3]));
+    _mm512_add_epi32(_mm512_slli_epi32(hi, 6), lo)
 }
 
 /// A pointer the matmul's bands share; each writes only its own columns.
@@ -689,6 +731,10 @@ struct Act {
     /// q8_0: `Σa` per block (the +128 offset of the weights adds `128·Σa`). q4k: `Σa` per 32-value
     /// sub-block (the mins are applied to it).
     sums: Vec<i32>,
+    /// q4k: per block, the 8 sub-block sums split as `Σa = 64·h + l` (`h` signed, `0 ≤ l < 64`)
+    /// into bytes `[h0..h3], [h4..h7], [l0..l3], [l4..l7]`: `vpdpbusd` multiplies unsigned mins by
+    /// signed bytes, and `|Σa| ≤ 32·127` does not fit one.
+    min_sums: Vec<[i32; 4]>,
 }
 
 /// Symmetric int8 quantization of one block; returns the scale (NaN if the block is not finite).
@@ -718,6 +764,7 @@ impl Act {
         let mut q = vec![0u8; k];
         let mut d = Vec::with_capacity(k / bv);
         let mut sums = Vec::new();
+        let mut min_sums = Vec::new();
         let simd = Kernel::best() != Kernel::Portable;
         let mut sub = [0i32; QK_K / 32];
         for (xb, qb) in x.chunks_exact(bv).zip(q.chunks_exact_mut(bv)) {
@@ -735,11 +782,26 @@ impl Act {
             };
             d.push(db);
             match format {
-                Format::Q4K => sums.extend_from_slice(sub),
+                Format::Q4K => {
+                    sums.extend_from_slice(sub);
+                    let (mut h, mut l) = ([0u8; 8], [0u8; 8]);
+                    for (s, &v) in sub.iter().enumerate() {
+                        // |v| ≤ 32·127: v >> 6 lies in -64..=63.
+                        h[s] = (v >> 6) as i8 as u8;
+                        l[s] = (v & 63) as u8;
+                    }
+                    let word = |b: &[u8]| i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                    min_sums.push([word(&h[..4]), word(&h[4..]), word(&l[..4]), word(&l[4..])]);
+                }
                 Format::Q8_0 => sums.push(sub.iter().sum()),
             }
         }
-        Self { q, d, sums }
+        Self {
+            q,
+            d,
+            sums,
+            min_sums,
+        }
     }
 }
 
@@ -898,6 +960,40 @@ mod tests {
                         (b - p).abs() <= 1e-4 * scale,
                         "{format:?} {m}x{k}x{n}: {:?} kernel {b} vs portable {p}",
                         Kernel::best()
+                    );
+                }
+            }
+        }
+    }
+
+    /// The largest sums the q4k kernel's integer accumulators can meet: every nibble 15, every
+    /// scale and min 63, every activation ±127, in both nibble halves of a tile.
+    #[test]
+    fn q4k_extreme_blocks_do_not_overflow() {
+        let (n, k) = (40, 1024);
+        let mut blk = [0u8; Q4K_BLOCK_BYTES];
+        blk[0..2].copy_from_slice(&f16::from_f32(0.5).to_le_bytes());
+        blk[2..4].copy_from_slice(&f16::from_f32(0.25).to_le_bytes());
+        blk[4..16].copy_from_slice(&q4k_pack_scales(&[63; 8], &[63; 8]));
+        blk[16..].fill(0xFF);
+        let ggml = blk.repeat(n * k / QK_K);
+        let qw = CpuQWeight::from_ggml(Format::Q4K, n, k, &ggml).unwrap();
+        let mut row = vec![0f32; k];
+        qw.dequantize_row(n - 1, &mut row);
+        assert!(row.iter().all(|&v| v == 0.5 * 63.0 * 15.0 - 0.25 * 63.0));
+        // All +1, then a sign per 32-value sub-block (extreme sub-block sums of both signs).
+        for flip in [false, true] {
+            let x: Vec<f32> = (0..k)
+                .map(|i| if flip && (i / 32) % 3 == 1 { -1.0 } else { 1.0 })
+                .collect();
+            let want: f64 = x.iter().zip(&row).map(|(a, w)| (a * w) as f64).sum();
+            for kernel in [Kernel::Portable, Kernel::best()] {
+                let mut out = vec![0f32; 2 * n];
+                qw.matmul_with(&x.repeat(2), 2, &mut out, None, kernel);
+                for v in out {
+                    assert!(
+                        ((v as f64 - want) / want).abs() < 1e-5,
+                        "{kernel:?} flip {flip}: {v} vs {want}"
                     );
                 }
             }
