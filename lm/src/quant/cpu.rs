@@ -555,7 +555,8 @@ impl CpuQWeight {
         let base = self.tiles.as_ptr().add(t * kb * tbytes);
         let mut facc = [_mm512_setzero_ps(); N];
         // SAFETY (all pointer reads): a tile-block is `tbytes` long with the layout documented at
-        // the constants; activation rows are `k` bytes long with `kb` scales (q4k: and `8·kb` sums).
+        // the constants; activation rows are `k` bytes long with `kb` scales (q4k: and `kb` split
+        // sums).
         match self.format {
             Format::Q4K => {
                 // Per 64-byte chunk: `full` = Σ(16·q_hi + q_lo)·a and `high` = Σ(16·q_hi)·a, so
@@ -729,7 +730,7 @@ struct Act {
     /// Per-block scale (q4k: per 256 values; q8_0: per 32).
     d: Vec<f32>,
     /// q8_0: `Σa` per block (the +128 offset of the weights adds `128·Σa`). q4k: `Σa` per 32-value
-    /// sub-block (the mins are applied to it).
+    /// sub-block (the portable kernel applies the mins to it).
     sums: Vec<i32>,
     /// q4k: per block, the 8 sub-block sums split as `Σa = 64·h + l` (`h` signed, `0 ≤ l < 64`)
     /// into bytes `[h0..h3], [h4..h7], [l0..l3], [l4..l7]`: `vpdpbusd` multiplies unsigned mins by
