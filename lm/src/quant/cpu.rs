@@ -30,8 +30,8 @@ const Q4K_BLOCK_BYTES: usize = 144;
 const Q8_0_BLOCK_BYTES: usize = 34;
 /// Rows of a vector of 32-bit lanes.
 const LANES: usize = 16;
-/// Weight rows per tile, at most (q4k's).
-const MAX_TILE: usize = 32;
+/// Weight rows per tile, at most (q4k's: two per lane).
+const MAX_TILE: usize = 2 * LANES;
 /// One q4k tile-block (32 rows × 256 values): d and dmin (32 f16 each), scales (8 sub-blocks × 32
 /// rows, u8), mins (see [`q4k_min_at`]), then 4096 bytes of nibbles: per sub-block 8 chunks of 64
 /// bytes, in which byte `4r + j` holds value `4p + j` of row `r` in its low nibble and of row
@@ -78,7 +78,7 @@ impl Format {
     /// Weight rows per tile.
     fn rows(self) -> usize {
         match self {
-            Self::Q4K => 32,
+            Self::Q4K => MAX_TILE,
             Self::Q8_0 => LANES,
         }
     }
@@ -280,14 +280,13 @@ impl CpuQWeight {
                                 }
                                 // Sub-block `s` is the low (even `s`) or high (odd) nibbles of
                                 // bytes 32·(s/2).. of the GGML block.
-                                let shift_out = if r < LANES { 0 } else { 4 };
                                 for s in 0..8 {
                                     let src = &blk[16 + (s / 2) * 32..];
                                     for p in 0..8 {
-                                        let (at, _) = q4k_nibble_at(r, s * 32 + 4 * p);
+                                        let (at, high) = q4k_nibble_at(r, s * 32 + 4 * p);
                                         for j in 0..4 {
                                             let q = (src[4 * p + j] >> (4 * (s % 2))) & 0xF;
-                                            out[at + j] |= q << shift_out;
+                                            out[at + j] |= if high { q << 4 } else { q };
                                         }
                                     }
                                 }
@@ -568,12 +567,15 @@ impl CpuQWeight {
                 for b in 0..kb {
                     let tb = base.add(b * tbytes);
                     // The block's header first, in address order: d and dmin of rows 0..16 and
-                    // 16..32 at 0, 32, 64 and 96, then the mins, applied right away. Reading it
-                    // after the nibbles, 4 KiB behind the stream, halved the rate from memory.
-                    let d_lo = _mm512_cvtph_ps(_mm256_loadu_si256(tb as *const __m256i));
-                    let d_hi = _mm512_cvtph_ps(_mm256_loadu_si256(tb.add(32) as *const __m256i));
-                    let m_lo = _mm512_cvtph_ps(_mm256_loadu_si256(tb.add(64) as *const __m256i));
-                    let m_hi = _mm512_cvtph_ps(_mm256_loadu_si256(tb.add(96) as *const __m256i));
+                    // 16..32, then the mins, applied right away. Reading it after the nibbles,
+                    // 4 KiB behind the stream, halved the rate from memory.
+                    let [d_lo, d_hi, m_lo, m_hi] = [
+                        q4k_d_at(0).0,
+                        q4k_d_at(LANES).0,
+                        q4k_d_at(0).1,
+                        q4k_d_at(LANES).1,
+                    ]
+                    .map(|at| _mm512_cvtph_ps(_mm256_loadu_si256(tb.add(at) as *const __m256i)));
                     for u in 0..N {
                         let da = _mm512_set1_ps(*acts[u].d.get_unchecked(b));
                         let split = acts[u].min_sums.get_unchecked(b);
