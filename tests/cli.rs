@@ -343,3 +343,36 @@ fn bad_inputs_give_clear_errors() {
     ]);
     assert!(err.contains("nope.json"), "{err}");
 }
+
+/// A checkpoint far bigger than this machine's memory (a sparse 1 TB shard next to tiny-a's
+/// config and tokenizer): without `--quant` it is not loaded as f32 but as the smallest default
+/// (q4k), and even that is refused with the numbers before a byte is read, rather than the process
+/// being killed for memory mid-load.
+#[test]
+fn a_model_too_big_for_memory_is_refused_before_loading() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "generation_config.json", "qwen.tiktoken"] {
+        std::fs::copy(tiny_a().join(f), dir.path().join(f)).unwrap();
+    }
+    let shard = std::fs::File::create(dir.path().join("model.safetensors")).unwrap();
+    shard.set_len(1 << 40).unwrap();
+    let conv = dir.path().join("c.json");
+    std::fs::write(&conv, br#"{"query": [{"text": "hi"}]}"#).unwrap();
+    let run = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_qwenvl"))
+            .args(["run", "--model", dir.path().to_str().unwrap()])
+            .args(["--conversation", conv.to_str().unwrap()])
+            .args(extra)
+            .env_remove("QWENVL_WEIGHTS")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{extra:?} should fail");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run(&[]);
+    assert!(err.contains("not enough memory"), "{err}");
+    assert!(err.contains("as q4k"), "{err}");
+    let err = run(&["--dtype", "f32"]);
+    assert!(err.contains("as f32"), "{err}");
+    assert!(err.contains("--quant q4k"), "{err}");
+}

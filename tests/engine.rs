@@ -3,8 +3,11 @@
 
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 
 use candle_core::{DType, Device};
+use lm::checkpoint::LoadProgress;
 use lm::generate::{Decoding, GenerateOptions, CHAT_STOP_IDS};
 use lm::prompt::{Conversation, Item};
 use qwenvl::engine::{Engine, Reply};
@@ -131,12 +134,29 @@ fn a_changed_image_file_is_encoded_again() {
 }
 
 #[test]
+fn a_dense_load_counts_every_tensor_once() {
+    let p = Arc::new(LoadProgress::default());
+    let engine = Engine::load_with(
+        &tiny_a(),
+        lm::quant::WeightType::F32,
+        &Device::Cpu,
+        Some(p.clone()),
+    )
+    .unwrap();
+    assert_eq!(p.bytes.load(Relaxed), engine.checkpoint.total_bytes());
+}
+
+#[test]
 fn the_second_quantized_load_reads_the_cache_and_answers_the_same() {
     let cache = tempfile::tempdir().unwrap();
     // Only this test loads quantized engines, so the variable affects nothing else.
     std::env::set_var("QWENVL_CACHE_DIR", cache.path());
     let wt = lm::quant::WeightType::Q8_0;
-    let first = Engine::load_with(&tiny_a(), wt, &Device::Cpu, None).unwrap();
+    let (p1, p2) = (
+        Arc::new(LoadProgress::default()),
+        Arc::new(LoadProgress::default()),
+    );
+    let first = Engine::load_with(&tiny_a(), wt, &Device::Cpu, Some(p1.clone())).unwrap();
     let (path, hit) = first.quant_cache.clone().unwrap();
     assert!(!hit, "a fresh cache folder cannot hit");
     assert!(
@@ -144,8 +164,15 @@ fn the_second_quantized_load_reads_the_cache_and_answers_the_same() {
         "{}",
         path.display()
     );
-    let second = Engine::load_with(&tiny_a(), wt, &Device::Cpu, None).unwrap();
+    let second = Engine::load_with(&tiny_a(), wt, &Device::Cpu, Some(p2.clone())).unwrap();
     assert_eq!(second.quant_cache.clone().unwrap(), (path, true));
+    // The progress bar reaches its end both times: weights from the cache and the mapped
+    // embedding table count as read, each tensor once.
+    let total = first.checkpoint.total_bytes();
+    assert_eq!(p1.bytes.load(Relaxed), total, "quantizing load");
+    assert_eq!(p2.bytes.load(Relaxed), total, "load from the cache");
+    let tensors = first.checkpoint.tensor_names().count() as u64;
+    assert_eq!(p2.tensors.load(Relaxed), tensors);
     let conv = Conversation {
         system: "You are a helpful assistant.".into(),
         history: vec![],

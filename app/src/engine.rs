@@ -176,6 +176,7 @@ pub fn quantizer_for(dir: &Path, wt: WeightType) -> Result<Quantizer> {
     Ok(Quantizer {
         weight_type: wt,
         cache,
+        progress: None,
     })
 }
 
@@ -282,11 +283,12 @@ impl Engine {
         let visual_config: vision::Config = serde_json::from_value(visual_value)
             .context("config.json: invalid `visual` section")?;
         let dtype = wt.compute_dtype();
-        let vb = match progress {
-            Some(p) => checkpoint.var_builder_with_progress(dtype, device, p),
+        let vb = match &progress {
+            Some(p) => checkpoint.var_builder_with_progress(dtype, device, p.clone()),
             None => checkpoint.var_builder(dtype, device),
         };
-        let q = quantizer_for(dir, wt)?;
+        let mut q = quantizer_for(dir, wt)?;
+        q.progress = progress.map(|p| checkpoint.read_counter(p));
         let cache = q.cache.clone();
         let table = checkpoint.mapped_rows("transformer.wte.weight");
         let (lm, visual) = build_models(&checkpoint.config, &visual_config, &vb, &q, table)

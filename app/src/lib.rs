@@ -3,6 +3,7 @@
 //! drive the app through it without a window.
 
 pub mod bench;
+pub mod cli_load;
 pub mod download;
 pub mod engine;
 pub mod gui;

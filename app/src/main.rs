@@ -100,11 +100,11 @@ enum DtypeArg {
 }
 
 impl DtypeArg {
-    fn dtype(self) -> DType {
+    fn weight_type(self) -> WeightType {
         match self {
-            DtypeArg::F32 => DType::F32,
-            DtypeArg::F16 => DType::F16,
-            DtypeArg::Bf16 => DType::BF16,
+            DtypeArg::F32 => WeightType::F32,
+            DtypeArg::F16 => WeightType::F16,
+            DtypeArg::Bf16 => WeightType::BF16,
         }
     }
 }
@@ -117,11 +117,12 @@ struct RunArgs {
     /// Conversation JSON: {"system", "history", "query"}; image paths relative to its folder.
     #[arg(long)]
     conversation: PathBuf,
-    /// In-memory weight type (f32 is the exact reference path).
-    #[arg(long, value_enum, default_value = "f32")]
-    dtype: DtypeArg,
-    /// Quantize the linear weights while loading (q4k, q4_0, q8_0; also bf16, f16, f32);
-    /// overrides --dtype.
+    /// Dense weight type in memory (f32 is the exact reference path).
+    #[arg(long, value_enum, conflicts_with = "quant")]
+    dtype: Option<DtypeArg>,
+    /// Weight type in memory: q4k, q4_0, q8_0 (quantized while loading), bf16, f16 or f32.
+    /// Default: f32 for small checkpoints; for the full model on a CPU q8_0 when it fits with
+    /// room to spare, else q4k; on a GPU bf16, q8_0 or q4k, the first that fits its memory.
     #[arg(long, value_parser = parse_weight_type)]
     quant: Option<WeightType>,
     /// Most new tokens (default: the checkpoint's max_new_tokens).
@@ -260,10 +261,8 @@ fn run(args: RunArgs) -> Result<()> {
         .map(Path::to_path_buf)
         .unwrap_or_default();
     let device = parse_device(&args.device)?;
-    let engine = match args.quant {
-        Some(wt) => Engine::load_with(&args.model, wt, &device, None)?,
-        None => Engine::load(&args.model, args.dtype.dtype(), &device)?,
-    };
+    let requested = args.quant.or(args.dtype.map(DtypeArg::weight_type));
+    let engine = qwenvl::cli_load::load(&args.model, requested, &device)?;
     let opts = generate_options(&args, &engine)?;
     let cancel = AtomicBool::new(false);
     let stream = !args.json;

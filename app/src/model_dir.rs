@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use candle_core::Device;
 use lm::quant::WeightType;
 
 /// Weights of a model folder in bytes: what must fit in memory, and the loading bar's total.
@@ -22,24 +23,63 @@ pub fn weights_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// f32 is the exact path; the real 9.6B-parameter model only fits in memory quantized (or bf16,
-/// which the CPU has no fast matmul for). `QWENVL_WEIGHTS=f32|f16|bf16|q8_0|q4_0|q4k` overrides.
-pub fn choose_weights(dir: &Path) -> Result<WeightType> {
+/// The weight type a model folder is loaded as when none is asked for: `QWENVL_WEIGHTS` if set,
+/// else [`default_weights`] for its size and the memory free on `device`.
+pub fn choose_weights(dir: &Path, device: &Device) -> Result<WeightType> {
     match std::env::var("QWENVL_WEIGHTS") {
         Ok(v) => WeightType::parse(&v.to_ascii_lowercase()).with_context(|| {
             format!("QWENVL_WEIGHTS={v}: expected one of f32, f16, bf16, q8_0, q4_0, q4k")
         }),
-        // candle's CPU backend has no bf16 GEMM: quantized weights are smaller and faster there.
-        // q8_0 when it fits with room to spare, else q4k.
-        Err(_) if weights_bytes(dir) > 4 << 30 => {
-            let q8_bytes = weights_bytes(dir) as f64 * 0.55;
-            Ok(match available_memory() {
-                Some(free) if free as f64 > q8_bytes * 1.3 => WeightType::Q8_0,
-                _ => WeightType::Q4K,
-            })
-        }
-        Err(_) => Ok(WeightType::F32),
+        Err(_) => Ok(default_weights(
+            weights_bytes(dir),
+            !device.is_cpu(),
+            free_memory(device),
+        )),
     }
+}
+
+/// Checkpoints up to this size (tiny test models) run in f32, the exact reference path.
+const SMALL_CHECKPOINT: u64 = 4 << 30;
+
+/// The default weight type for a checkpoint of `checkpoint_bytes` (stored as 16-bit, as
+/// Qwen-VL-Chat ships) with `free` bytes of memory on the device (`None`: unknown).
+///
+/// - Small checkpoints: f32, the exact path.
+/// - CPUs: q8_0 when it fits with room to spare, else q4k. candle's CPU backend has no bf16
+///   GEMM, so 16-bit weights are both bigger and slower there than quantized ones.
+/// - GPUs: bf16 (tensor cores; closest to the reference) when it fits, else q8_0, else q4k.
+pub fn default_weights(checkpoint_bytes: u64, gpu: bool, free: Option<u64>) -> WeightType {
+    if checkpoint_bytes <= SMALL_CHECKPOINT {
+        return WeightType::F32;
+    }
+    let (choices, headroom): (&[WeightType], f64) = if gpu {
+        (&[WeightType::BF16, WeightType::Q8_0], 1.15)
+    } else {
+        (&[WeightType::Q8_0], 1.3)
+    };
+    let fits = |wt: WeightType| {
+        free.is_some_and(|f| f as f64 > in_memory_bytes(checkpoint_bytes, wt) as f64 * headroom)
+    };
+    match free {
+        // Unknown free memory on a GPU: assume a card made for such models.
+        None if gpu => WeightType::BF16,
+        _ => choices
+            .iter()
+            .copied()
+            .find(|&wt| fits(wt))
+            .unwrap_or(WeightType::Q4K),
+    }
+}
+
+/// About how many bytes a 16-bit checkpoint of `checkpoint_bytes` takes in memory as `wt`.
+pub fn in_memory_bytes(checkpoint_bytes: u64, wt: WeightType) -> u64 {
+    let per_16bit = match wt {
+        WeightType::F32 => 2.0,
+        WeightType::F16 | WeightType::BF16 => 1.0,
+        WeightType::Q8_0 => 0.55,
+        WeightType::Q4_0 | WeightType::Q4K => 0.3,
+    };
+    (checkpoint_bytes as f64 * per_16bit) as u64
 }
 
 /// A folder that is plainly not a model gets a readable error before the engine sees it.
@@ -61,7 +101,7 @@ pub fn check_model_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Free memory in bytes (Linux `MemAvailable`); `None` where unknown.
+/// Free host memory in bytes (Linux `MemAvailable`); `None` where unknown.
 pub fn available_memory() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
@@ -69,26 +109,124 @@ pub fn available_memory() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Running out of memory aborts the process without a word, so refuse up front a model that
-/// cannot fit. Checkpoints are stored as 16-bit; the in-memory size scales with the weight type.
-pub fn check_memory(dir: &Path, wt: WeightType) -> Result<()> {
-    let per_16bit = match wt {
-        WeightType::F32 => 2.0,
-        WeightType::F16 | WeightType::BF16 => 1.0,
-        WeightType::Q8_0 => 0.55,
-        WeightType::Q4_0 | WeightType::Q4K => 0.3,
+/// Memory free for the weights on `device`: host memory for the CPU, the card's own for CUDA;
+/// `None` where unknown (Metal).
+pub fn free_memory(device: &Device) -> Option<u64> {
+    match device {
+        Device::Cpu => available_memory(),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => d
+            .cuda_stream()
+            .context()
+            .mem_get_info()
+            .ok()
+            .map(|(free, _total)| free as u64),
+        _ => None,
+    }
+}
+
+/// Running out of memory aborts the process without a word (or, on a GPU, fails deep inside the
+/// load), so refuse up front a model that cannot fit on `device`.
+pub fn check_memory(dir: &Path, wt: WeightType, device: &Device) -> Result<()> {
+    let need = in_memory_bytes(weights_bytes(dir), wt);
+    let Some(free) = free_memory(device) else {
+        return Ok(());
     };
-    let need = (weights_bytes(dir) as f64 * per_16bit) as u64;
-    if let Some(free) = available_memory() {
-        if need > free {
-            bail!(
-                "not enough memory: the model needs about {:.1} GB as {wt}, {:.1} GB are free. \
-                 Close other programs, or set QWENVL_WEIGHTS=q4k (or bf16, q8_0) for a smaller \
-                 model in memory",
-                need as f64 / 1e9,
-                free as f64 / 1e9,
-            );
-        }
+    if need > free {
+        let (place, others) = if device.is_cpu() {
+            ("", "other programs")
+        } else {
+            (" on the GPU", "other programs using the GPU")
+        };
+        let smaller = if wt == WeightType::Q4K || wt == WeightType::Q4_0 {
+            String::new()
+        } else {
+            " or choose a smaller weight type: q4k (`--quant q4k` on the command line, \
+             `QWENVL_WEIGHTS=q4k` for the app)"
+                .to_string()
+        };
+        bail!(
+            "not enough memory: the model needs about {:.1} GB as {wt}, {:.1} GB are free{place}. \
+             Close {others}{smaller}.",
+            need as f64 / 1e9,
+            free as f64 / 1e9,
+        );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GB: u64 = 1 << 30;
+    /// Qwen-VL-Chat's shards: 19.3 GB of bf16.
+    const QWEN_VL_CHAT: u64 = 19_300_000_000;
+
+    #[test]
+    fn small_checkpoints_run_exact() {
+        for gpu in [false, true] {
+            for free in [None, Some(GB / 2), Some(100 * GB)] {
+                assert_eq!(default_weights(60 << 20, gpu, free), WeightType::F32);
+            }
+        }
+    }
+
+    #[test]
+    fn the_full_model_on_a_cpu_is_quantized_to_fit() {
+        // This machine: 24 GB, ~21 free.
+        assert_eq!(
+            default_weights(QWEN_VL_CHAT, false, Some(21 * GB)),
+            WeightType::Q8_0
+        );
+        // q8_0 (~10.6 GB) without room to spare, or memory unknown: q4k.
+        assert_eq!(
+            default_weights(QWEN_VL_CHAT, false, Some(12 * GB)),
+            WeightType::Q4K
+        );
+        assert_eq!(default_weights(QWEN_VL_CHAT, false, None), WeightType::Q4K);
+        // Never 16-bit or f32 on a CPU, however much memory there is.
+        assert_eq!(
+            default_weights(QWEN_VL_CHAT, false, Some(512 * GB)),
+            WeightType::Q8_0
+        );
+    }
+
+    #[test]
+    fn the_full_model_on_a_gpu_takes_the_largest_type_that_fits() {
+        assert_eq!(
+            default_weights(QWEN_VL_CHAT, true, Some(80 * GB)),
+            WeightType::BF16
+        );
+        assert_eq!(
+            default_weights(QWEN_VL_CHAT, true, Some(16 * GB)),
+            WeightType::Q8_0
+        );
+        assert_eq!(
+            default_weights(QWEN_VL_CHAT, true, Some(8 * GB)),
+            WeightType::Q4K
+        );
+        assert_eq!(default_weights(QWEN_VL_CHAT, true, None), WeightType::BF16);
+    }
+
+    #[test]
+    fn a_model_too_big_for_memory_is_refused_with_the_numbers() {
+        // A sparse file: 1 TB on paper, nothing on disk.
+        let dir = tempfile::tempdir().unwrap();
+        let f = std::fs::File::create(dir.path().join("model.safetensors")).unwrap();
+        f.set_len(1 << 40).unwrap();
+        if available_memory().is_none() {
+            return; // not Linux: free memory unknown, nothing to compare with
+        }
+        let err = check_memory(dir.path(), WeightType::Q8_0, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("not enough memory"), "{err}");
+        assert!(err.contains("as q8_0"), "{err}");
+        assert!(err.contains("--quant q4k"), "{err}");
+        let err = check_memory(dir.path(), WeightType::Q4K, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("smaller weight type"), "{err}");
+    }
 }

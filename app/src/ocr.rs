@@ -10,7 +10,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::Device;
 use lm::generate::{Decoding, GenerateOptions};
 use lm::prompt::{Conversation, Item, DEFAULT_SYSTEM};
 use lm::quant::WeightType;
@@ -40,7 +40,9 @@ pub struct OcrArgs {
     /// for the same prompt is already in it are skipped; failed ones are tried again.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Quantize the linear weights while loading (q4k, q4_0, q8_0; also bf16, f16, f32).
+    /// Weight type in memory: q4k, q4_0, q8_0 (quantized while loading), bf16, f16 or f32.
+    /// Default: f32 for small checkpoints; for the full model q8_0 when it fits with room to
+    /// spare, else q4k.
     #[arg(long, value_parser = crate::parse_weight_type)]
     pub quant: Option<WeightType>,
     /// Most new tokens per image (default: the checkpoint's max_new_tokens).
@@ -241,11 +243,7 @@ pub fn run(args: OcrArgs) -> Result<()> {
         .expect("valid template")
         .progress_chars("=> "),
     );
-    bar.set_message(format!("loading {}", args.model.display()));
-    let engine = match args.quant {
-        Some(wt) => Engine::load_with(&args.model, wt, &Device::Cpu, None)?,
-        None => Engine::load(&args.model, DType::F32, &Device::Cpu)?,
-    };
+    let engine = bar.suspend(|| crate::cli_load::load(&args.model, args.quant, &Device::Cpu))?;
     let mut opts = GenerateOptions::from_generation_config(&engine.checkpoint.generation);
     opts.decoding = Decoding::Greedy;
     if let Some(n) = args.max_new_tokens {

@@ -569,7 +569,10 @@ impl QwenLm {
             false => None,
         };
         let wte = match (mapped, q8) {
-            (Some(m), _) => TokenEmbedding::Mapped(m),
+            (Some(m), _) => {
+                q.count_read(&format!("{}.weight", t.pp("wte").prefix()));
+                TokenEmbedding::Mapped(m)
+            }
             (None, Some(w)) => TokenEmbedding::Quantized(w),
             (None, None) if wt.is_quantized() => TokenEmbedding::Dense(candle_nn::embedding(
                 dims.0,

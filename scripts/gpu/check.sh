@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The one GPU check, run on the GPU machine from the repository root (nothing is built there):
-# golden fixtures in f32 and bf16 on the GPU, then `qwenvl bench` on full-size random weights in
+# golden fixtures in f32 and bf16 on the GPU, the default weight type against the card's free
+# memory (scripts/gpu/defaults.sh), then `qwenvl bench` on full-size random weights in
 # bf16 and q8_0, with the GPU's memory use sampled by nvidia-smi. Expects what
 # scripts/gpu/build-cuda.sh packed into .gpu/ (the CUDA build of qwenvl and the tiny-a fixture).
-# Results go to $OUT (or /tmp/gpu-out).
+# Results go to $OUT (or /tmp/gpu-out). GPU_CHECKS picks parts (default: "golden defaults bench").
 set -u
 out=${OUT:-/tmp/gpu-out}
 mkdir -p "$out" /tmp/fx
@@ -19,12 +20,17 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 ldd /tmp/qwenvl | grep -E "cuda|cublas|curand|nvrtc" | tee -a "$out/gpu.txt"
 
 status=0
-for dtype in f32 bf16; do
+checks=" ${GPU_CHECKS:-golden defaults bench} "
+[[ $checks == *" golden "* ]] && for dtype in f32 bf16; do
   timeout 150 python3 scripts/gpu/golden.py --qwenvl /tmp/qwenvl --fixture /tmp/fx/tiny-a \
     --device cuda --dtype "$dtype" 2>&1 | tee "$out/golden-$dtype.txt" || status=1
 done
 
-for quant in ${GPU_BENCH_QUANTS:-bf16 q8_0}; do
+if [[ $checks == *" defaults "* ]]; then
+  bash scripts/gpu/defaults.sh /tmp/qwenvl /tmp/fx/tiny-a 2>&1 | tee "$out/defaults.txt" || status=1
+fi
+
+[[ $checks == *" bench "* ]] && for quant in ${GPU_BENCH_QUANTS:-bf16 q8_0}; do
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$out/mem-$quant.log" &
   smi=$!
   timeout "${GPU_BENCH_TIMEOUT:-200}" /tmp/qwenvl bench --random qwen-vl-chat --device cuda \

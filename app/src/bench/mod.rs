@@ -337,6 +337,9 @@ pub fn run(
     let threads = candle_core::utils::get_num_threads();
     let mut q: lm::quant::Quantizer = wt.into();
     let mut table = None;
+    // Load progress: a bar for checkpoints (random weights are not read from anywhere).
+    let progress = std::sync::Arc::new(lm::checkpoint::LoadProgress::default());
+    let mut total = 0;
     let (cfg, vb, model_name): (QwenConfig, VarBuilder, String) = match &source {
         Source::Random => {
             let cfg: QwenConfig = serde_json::from_str(QWEN_VL_CHAT_CONFIG)?;
@@ -350,8 +353,10 @@ pub fn run(
         Source::Checkpoint(dir) => {
             let ck = lm::Checkpoint::open(dir)
                 .with_context(|| format!("cannot open the model folder {}", dir.display()))?;
-            let vb = ck.var_builder(wt.compute_dtype(), &device);
+            let vb = ck.var_builder_with_progress(wt.compute_dtype(), &device, progress.clone());
             q = crate::engine::quantizer_for(dir, wt)?;
+            q.progress = Some(ck.read_counter(progress.clone()));
+            total = crate::model_dir::weights_bytes(dir);
             // As the engine loads it: token embeddings read from the mapped checkpoint.
             table = ck.mapped_rows("transformer.wte.weight");
             (ck.config.clone(), vb, dir.display().to_string())
@@ -365,7 +370,9 @@ pub fn run(
 
     eprintln!("loading ({wt}) ...");
     let t0 = Instant::now();
-    let (lm, visual) = crate::engine::build_models(&cfg, &vcfg, &vb, &q, table)?;
+    let (lm, visual) = crate::cli_load::with_bar(total, &progress, || {
+        crate::engine::build_models(&cfg, &vcfg, &vb, &q, table)
+    })?;
     let load_s = t0.elapsed().as_secs_f64();
     let mut phases = vec![("load".to_string(), peak_rss_bytes() as f64 / 1e9)];
     let from_cache = q.cache.as_ref().is_some_and(|c| c.is_hit());

@@ -227,8 +227,8 @@ impl Backend for EngineBackend {
         // Free the previous model first: two large models may not fit together.
         self.engine = None;
         self.remote = None;
-        let wt = choose_weights(dir)?;
-        check_memory(dir, wt)?;
+        let wt = choose_weights(dir, &Device::Cpu)?;
+        check_memory(dir, wt, &Device::Cpu)?;
         progress(&format!("Loading the weights as {wt}"), None);
         let engine = Engine::load_with(dir, wt, &Device::Cpu, Some(counter.clone()))?;
         let cfg = &engine.checkpoint.config;

@@ -198,15 +198,7 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
             .ok()
             .filter(|k| !k.is_empty());
     }
-    crate::model_dir::check_model_dir(&args.model)?;
-    let wt = match args.quant {
-        Some(wt) => wt,
-        None => crate::model_dir::choose_weights(&args.model)?,
-    };
-    crate::model_dir::check_memory(&args.model, wt)?;
-    eprintln!("loading {} as {wt}…", args.model.display());
-    let engine = Engine::load_with(&args.model, wt, &Device::Cpu, None)?;
-    eprintln!("loaded in {:.1} s", engine.load_ms / 1e3);
+    let engine = crate::cli_load::load(&args.model, args.quant, &Device::Cpu)?;
     let model_id = args
         .served_model_name
         .clone()

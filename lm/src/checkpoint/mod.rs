@@ -479,12 +479,63 @@ pub struct LoadProgress {
 
 impl Backend {
     fn count(&self, name: &str) {
-        if let (Some(p), Some(e)) = (&self.1, self.0.tensors.get(name)) {
-            use std::sync::atomic::Ordering::Relaxed;
-            let bytes = e.shape.iter().product::<usize>() * e.dtype.size_in_bytes();
-            p.bytes.fetch_add(bytes as u64, Relaxed);
-            p.tensors.fetch_add(1, Relaxed);
+        if let Some(p) = &self.1 {
+            count_read(&self.0, p, name);
         }
+    }
+}
+
+fn count_read(weights: &Weights, p: &LoadProgress, name: &str) {
+    if let Some(e) = weights.tensors.get(name) {
+        use std::sync::atomic::Ordering::Relaxed;
+        p.bytes
+            .fetch_add(byte_len(&e.shape, e.dtype).unwrap_or(0) as u64, Relaxed);
+        p.tensors.fetch_add(1, Relaxed);
+    }
+}
+
+/// Counts a checkpoint's tensors into a [`LoadProgress`] by name, for the ones a load takes
+/// without reading them through the `VarBuilder`: weights found in the quantized-model cache,
+/// and the mapped token-embedding table. Without it a second start's bar would stay near zero.
+#[derive(Clone)]
+pub struct ReadCounter {
+    weights: Arc<Weights>,
+    progress: Arc<LoadProgress>,
+}
+
+impl ReadCounter {
+    /// Counts `name` (a full tensor name) as read; names the checkpoint lacks count nothing.
+    pub fn count(&self, name: &str) {
+        if self.weights.tensors.contains_key(name) {
+            return count_read(&self.weights, &self.progress, name);
+        }
+        // The resampler's packed `in_proj_weight` is quantized, and cached, as three thirds named
+        // `in_proj_q`, `in_proj_k` and `in_proj_v`: each counts a third of its bytes.
+        let third = name
+            .strip_suffix(".weight")
+            .and_then(|n| n.rsplit_once(".in_proj_"))
+            .filter(|(_, part)| matches!(*part, "q" | "k" | "v"));
+        let Some((prefix, part)) = third else { return };
+        if let Some(e) = self
+            .weights
+            .tensors
+            .get(&format!("{prefix}.in_proj_weight"))
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            let bytes = byte_len(&e.shape, e.dtype).unwrap_or(0) as u64;
+            self.progress.bytes.fetch_add(bytes / 3, Relaxed);
+            self.progress
+                .tensors
+                .fetch_add(u64::from(part == "q"), Relaxed);
+        }
+    }
+}
+
+impl std::fmt::Debug for ReadCounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadCounter")
+            .field("progress", &self.progress)
+            .finish_non_exhaustive()
     }
 }
 
@@ -668,6 +719,15 @@ impl Checkpoint {
             dtype,
             device.clone(),
         )
+    }
+
+    /// A [`ReadCounter`] into `progress` (the one given to
+    /// [`var_builder_with_progress`](Self::var_builder_with_progress)).
+    pub fn read_counter(&self, progress: Arc<LoadProgress>) -> ReadCounter {
+        ReadCounter {
+            weights: self.weights.clone(),
+            progress,
+        }
     }
 
     /// `qwen.tiktoken` in the checkpoint folder (not checked for existence here).

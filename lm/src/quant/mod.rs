@@ -13,6 +13,8 @@ use candle_nn::VarBuilder;
 
 use cpu::CpuQWeight;
 
+use crate::checkpoint::ReadCounter;
+
 /// In-memory type of the linear weights (`--quant` / `--dtype`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum WeightType {
@@ -335,6 +337,18 @@ fn write_gguf<W: std::io::Write>(
 pub struct Quantizer {
     pub weight_type: WeightType,
     pub cache: Option<Arc<QuantCache>>,
+    /// Load progress for the weights taken from `cache` (and the mapped embedding table), which
+    /// the `VarBuilder` never reads and so never counts.
+    pub progress: Option<ReadCounter>,
+}
+
+impl Quantizer {
+    /// Counts the checkpoint tensor `name` as read (see [`Quantizer::progress`]).
+    pub fn count_read(&self, name: &str) {
+        if let Some(p) = &self.progress {
+            p.count(name);
+        }
+    }
 }
 
 impl From<WeightType> for Quantizer {
@@ -342,6 +356,7 @@ impl From<WeightType> for Quantizer {
         Self {
             weight_type,
             cache: None,
+            progress: None,
         }
     }
 }
@@ -365,6 +380,7 @@ fn quantized_weight_bytes(
     let name = format!("{}.weight", vb.prefix());
     let stored = (out_dim, in_dim + pad);
     if let Some(b) = q.cache.as_ref().and_then(|c| c.get_bytes(&name, g, stored)) {
+        q.count_read(&name);
         return Ok(b);
     }
     let w = vb.get((out_dim, in_dim), "weight")?;

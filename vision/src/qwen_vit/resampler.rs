@@ -4,6 +4,8 @@
 //! Queries get the stored 16x16 sin-cos table, keys get that table bicubically resized to the
 //! patch grid, values get no position term.
 
+use std::sync::{Arc, OnceLock};
+
 use candle_core::{DType, Device, Module, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
@@ -12,11 +14,30 @@ use super::vit::{softmax_f32, Layer, LayerNorm, LinearBuilder, LN_EPS};
 
 /// One of the `[q; k; v]` thirds of a packed `in_proj_weight`/`in_proj_bias`, served as an
 /// ordinary `weight`/`bias` pair so the layer can be built (and quantized) like any other. The
-/// packed tensors are read only when asked for: a quantized-cache hit never reads them.
+/// packed tensors are read only when asked for (a quantized-cache hit never reads them), and
+/// then once for all three thirds.
 struct PackedThird<'a> {
     vb: VarBuilder<'a>,
+    packed: Arc<Packed>,
     part: usize,
     dim: usize,
+}
+
+/// The packed tensors, shared by the three thirds once read.
+#[derive(Default)]
+struct Packed {
+    weight: OnceLock<Tensor>,
+    bias: OnceLock<Tensor>,
+}
+
+impl PackedThird<'_> {
+    fn packed(&self, slot: &OnceLock<Tensor>, shape: Shape, name: &str) -> Result<Tensor> {
+        if let Some(t) = slot.get() {
+            return Ok(t.clone());
+        }
+        let t = self.vb.get(shape, name)?;
+        Ok(slot.get_or_init(|| t).clone())
+    }
 }
 
 impl SimpleBackend for PackedThird<'_> {
@@ -38,9 +59,9 @@ impl SimpleBackend for PackedThird<'_> {
     fn get_unchecked(&self, name: &str, dtype: DType, _: &Device) -> Result<Tensor> {
         let e = self.dim;
         let t = if name.ends_with(".weight") {
-            self.vb.get((3 * e, e), "in_proj_weight")?
+            self.packed(&self.packed.weight, (3 * e, e).into(), "in_proj_weight")?
         } else if name.ends_with(".bias") {
-            self.vb.get(3 * e, "in_proj_bias")?
+            self.packed(&self.packed.bias, (3 * e).into(), "in_proj_bias")?
         } else {
             candle_core::bail!("{name}: not part of a packed projection")
         };
@@ -73,11 +94,13 @@ impl MultiheadAttention {
         vb: VarBuilder,
         linear: LinearBuilder,
     ) -> Result<Self> {
+        let packed = Arc::new(Packed::default());
         let part = |i: usize| -> Result<Layer> {
             // Named `<prefix>.in_proj_q` etc., which is also the quantized cache's key.
             let name = format!("{}.in_proj_{}", vb.prefix(), ["q", "k", "v"][i]);
             let third = PackedThird {
                 vb: vb.clone(),
+                packed: packed.clone(),
                 part: i,
                 dim: embed_dim,
             };
