@@ -24,7 +24,7 @@ struct Model {
 /// (`app::engine::build_models`).
 fn load(wt: WeightType) -> Model {
     let ckpt = Checkpoint::open(&tiny_a()).unwrap();
-    let vb = ckpt.var_builder(wt.compute_dtype(), &Device::Cpu);
+    let vb = ckpt.var_builder(wt.compute_dtype(&Device::Cpu), &Device::Cpu);
     let vcfg: vision::Config = serde_json::from_value(ckpt.config.visual.clone().unwrap()).unwrap();
     // Quantized models look their token embeddings up in the checkpoint's own mapped table.
     let table = ckpt.mapped_rows("transformer.wte.weight");
@@ -144,29 +144,32 @@ fn q8_0_stays_the_same_model() {
     );
 }
 
+/// 16-bit weights keep the reference's greedy tokens on every case. tiny-a's weights are exact in
+/// bf16 (and in f16), and on the CPU the activations stay f32 (`quant::dense16`), so what is left
+/// is the f16 KV cache and the bf16 attention of the vision tower.
 #[test]
-fn every_weight_type_runs_and_reports_its_accuracy() {
-    // Long prompts are left out here: f16/bf16 matmuls are slow on the CPU.
-    // Half precision keeps every first token; 4-bit types drift further on this tiny model
-    // (hidden 128: few blocks per row to average rounding out), but must stay well correlated.
-    for (wt, min_top1, max_delta) in [
-        (WeightType::F16, 13, 0.05),
-        (WeightType::BF16, 13, 0.25),
-        (WeightType::Q4_0, 3, 3.0),
-        (WeightType::Q4K, 3, 3.0),
-    ] {
+fn half_precision_weights_keep_every_greedy_sequence() {
+    for wt in [WeightType::F16, WeightType::BF16] {
+        let o = evaluate(wt, usize::MAX);
+        assert_eq!(o.top1_agree, o.cases, "{wt} changed a first token");
+        assert!(o.max_delta < 0.01, "{wt}: logits moved by {}", o.max_delta);
+        assert_eq!(o.greedy_equal, o.cases, "{wt} left a greedy sequence");
+    }
+}
+
+#[test]
+fn four_bit_types_run_and_report_their_accuracy() {
+    // 4-bit types drift further on this tiny model (hidden 128: few blocks per row to average
+    // rounding out), but must stay well correlated.
+    for wt in [WeightType::Q4_0, WeightType::Q4K] {
         let o = evaluate(wt, 1000);
         assert!(
-            o.top1_agree >= min_top1,
+            o.top1_agree >= 3,
             "{wt}: {}/{} top-1 agree",
             o.top1_agree,
             o.cases
         );
-        assert!(
-            o.max_delta < max_delta,
-            "{wt}: logits moved by {}",
-            o.max_delta
-        );
+        assert!(o.max_delta < 3.0, "{wt}: logits moved by {}", o.max_delta);
         assert!(
             o.worst_divergence_margin < 2.0 * o.max_delta,
             "{wt}: left a greedy sequence at a step with margin {}",

@@ -186,7 +186,8 @@ pub fn build_visual(
     vb: candle_nn::VarBuilder,
     q: &Quantizer,
 ) -> vision::Result<vision::VisualEncoder> {
-    if !q.weight_type.is_quantized() {
+    // Compact towers (quantized, or 16-bit on the CPU) are built from our linear layers.
+    if !(q.weight_type.is_quantized() || q.weight_type.is_half() && vb.device().is_cpu()) {
         return vision::VisualEncoder::new(cfg, vb);
     }
     let linear: vision::LinearBuilder = &|i, o, bias, vb| {
@@ -198,8 +199,8 @@ pub fn build_visual(
             q.clone(),
         )?)))
     };
-    // Quantized towers already round activations to int8; bf16 attention is finer than that and
-    // halves the encode time (see vision::qwen_vit::bf16_attention).
+    // Quantized towers already round activations to int8, and 16-bit ones their weights; bf16
+    // attention is no coarser and halves the encode time (see vision::qwen_vit::bf16_attention).
     Ok(vision::VisualEncoder::new_with_linear(cfg, vb, linear)?.with_bf16_attention(true))
 }
 
@@ -282,7 +283,7 @@ impl Engine {
             .context("config.json has no `visual` section: this is not a Qwen-VL checkpoint")?;
         let visual_config: vision::Config = serde_json::from_value(visual_value)
             .context("config.json: invalid `visual` section")?;
-        let dtype = wt.compute_dtype();
+        let dtype = wt.compute_dtype(device);
         let vb = match &progress {
             Some(p) => checkpoint.var_builder_with_progress(dtype, device, p.clone()),
             None => checkpoint.var_builder(dtype, device),

@@ -243,9 +243,9 @@ impl Module for RmsNorm {
 struct Attention {
     c_attn: QLinear,
     c_proj: QLinear,
-    /// What the KV cache holds: f16 behind quantized weights on CPUs that run the fused decode
-    /// attention (the cache is read whole for every decoded token; f16 halves that traffic, and
-    /// its rounding is far below the weights'), else the compute dtype.
+    /// What the KV cache holds: f16 behind quantized or 16-bit weights on CPUs that run the fused
+    /// decode attention (the cache is read whole for every decoded token; f16 halves that
+    /// traffic, and its rounding is no coarser than the weights'), else the compute dtype.
     kv_dtype: DType,
     n_heads: usize,
     head_dim: usize,
@@ -260,7 +260,7 @@ impl Attention {
         Ok(Self {
             c_attn: QLinear::load(h, 3 * proj, true, vb.pp("c_attn"), wt.clone())?,
             c_proj: QLinear::load(proj, h, !cfg.no_bias, vb.pp("c_proj"), wt.clone())?,
-            kv_dtype: if wt.weight_type.is_quantized()
+            kv_dtype: if wt.weight_type.compact_on_cpu()
                 && vb.device().is_cpu()
                 && decode_attention::available(cfg.head_dim())
             {
@@ -536,10 +536,11 @@ impl QwenLm {
             DType::BF16 => WeightType::BF16,
             _ => WeightType::F32,
         };
-        Self::load(cfg, vb.set_dtype(wt.compute_dtype()), wt)
+        let dtype = wt.compute_dtype(vb.device());
+        Self::load(cfg, vb.set_dtype(dtype), wt)
     }
 
-    /// Model with linear weights of type `wt`; activations use `wt.compute_dtype()`, the type `vb`
+    /// Model with linear weights of type `wt`; activations use `wt.compute_dtype(..)`, the type `vb`
     /// is switched to. With quantized weights the embedding table is quantized too (f16 off the CPU):
     /// its rows are only looked up, never multiplied.
     pub fn load(cfg: &QwenConfig, vb: VarBuilder, q: impl Into<Quantizer>) -> Result<Self> {
@@ -557,13 +558,13 @@ impl QwenLm {
     ) -> Result<Self> {
         let q: Quantizer = q.into();
         let wt = q.weight_type;
-        let dtype = wt.compute_dtype();
+        let dtype = wt.compute_dtype(vb.device());
         let vb = vb.set_dtype(dtype);
         let t = vb.pp("transformer");
         let tied = cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight");
         let dims = (cfg.vocab_size, cfg.hidden_size);
         let mapped = table
-            .filter(|m| wt.is_quantized() && !tied && vb.device().is_cpu() && m.dims() == dims);
+            .filter(|m| wt.compact_on_cpu() && !tied && vb.device().is_cpu() && m.dims() == dims);
         let q8 = match wt.is_quantized() && !tied && mapped.is_none() {
             true => crate::quant::load_quantized_table(&t.pp("wte"), &q, dims)?,
             false => None,

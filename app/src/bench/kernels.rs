@@ -6,6 +6,7 @@ use anyhow::Result;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use lm::quant::cpu::{CpuQWeight, Format};
+use lm::quant::dense16::{Half, HalfWeight};
 
 use super::best_of;
 
@@ -80,6 +81,30 @@ pub fn run(mut progress: impl FnMut(&str)) -> Result<Vec<KernelResult>> {
         });
     }
 
+    // The 16-bit path (`--quant bf16` on the CPU): bf16 weights widened in registers, f32 FMAs.
+    for (m, k, n, what) in [
+        (1024, 1664, 8192, "ViT c_fc"),
+        (324, 4096, 11008, "LM w1 (prefill)"),
+    ] {
+        progress(&format!("bf16 matmul {m}×{k}×{n}"));
+        let w = HalfWeight::from_rows(Half::Bf16, n, k, &randn((n, k), 0.02)?);
+        let x = randn((m, k), 1.0)?;
+        let bias = randn((1, n), 0.02)?;
+        let mut y = vec![0f32; m * n];
+        let s = best_of(3, || {
+            w.matmul_bias(&x, m, &mut y, Some(&bias));
+            Ok(())
+        })?;
+        out.push(KernelResult {
+            kernel: "bf16 matmul".into(),
+            shape: format!("{what}: {m}×{k}×{n}"),
+            ms: s * 1e3,
+            rate: gflops(2.0 * (m * k * n) as f64, s),
+            unit: "GFLOP/s",
+            of_bandwidth: None,
+        });
+    }
+
     // Bandwidth-bound decode kernels, each pass over ~1.3 GB (no cache reuse). This machine's
     // bandwidth drifts by 2× over seconds, so each pass is paired with a bandwidth pass right
     // before it and the median of the per-pair ratios is reported next to the best pass.
@@ -118,6 +143,31 @@ pub fn run(mut progress: impl FnMut(&str)) -> Result<Vec<KernelResult>> {
         });
         out.push(KernelResult {
             kernel: format!("{} matvec", name(format)),
+            shape: format!("decode: 1×{k}×{n}, {copies} weights"),
+            ms: s * 1e3 / copies as f64,
+            rate: bytes / s / 1e9,
+            unit: "GB/s",
+            of_bandwidth: Some(ratio * bytes / 1e9),
+        });
+    }
+    {
+        let (k, n) = (4096, 11008);
+        progress(&format!("bf16 matvec 1×{k}×{n}"));
+        let one = HalfWeight::from_rows(Half::Bf16, n, k, &randn((n, k), 0.02)?);
+        let copies = (1_300_000_000 / one.size_in_bytes()).max(1);
+        let ws: Vec<HalfWeight> = (0..copies).map(|_| one.clone()).collect();
+        let bytes = (copies * one.size_in_bytes()) as f64;
+        let x = randn((1, k), 1.0)?;
+        let mut y = vec![0f32; n];
+        let (s, ratio) = paired(&mut || {
+            rayon::scope(|_| {
+                for w in &ws {
+                    w.matmul_bias(&x, 1, &mut y, None);
+                }
+            })
+        });
+        out.push(KernelResult {
+            kernel: "bf16 matvec".into(),
             shape: format!("decode: 1×{k}×{n}, {copies} weights"),
             ms: s * 1e3 / copies as f64,
             rate: bytes / s / 1e9,

@@ -345,7 +345,7 @@ pub fn run(
             let cfg: QwenConfig = serde_json::from_str(QWEN_VL_CHAT_CONFIG)?;
             let vb = VarBuilder::from_backend(
                 Box::new(RandomBackend::new(0x5eed)),
-                wt.compute_dtype(),
+                wt.compute_dtype(&device),
                 device.clone(),
             );
             (cfg, vb, "random qwen-vl-chat".into())
@@ -353,7 +353,8 @@ pub fn run(
         Source::Checkpoint(dir) => {
             let ck = lm::Checkpoint::open(dir)
                 .with_context(|| format!("cannot open the model folder {}", dir.display()))?;
-            let vb = ck.var_builder_with_progress(wt.compute_dtype(), &device, progress.clone());
+            let vb =
+                ck.var_builder_with_progress(wt.compute_dtype(&device), &device, progress.clone());
             q = crate::engine::quantizer_for(dir, wt)?;
             q.progress = Some(ck.read_counter(progress.clone()));
             total = crate::model_dir::weights_bytes(dir);

@@ -3,12 +3,13 @@
 //! quantized at once, so the full-precision model never sits in memory.
 
 pub mod cpu;
+pub mod dense16;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use cpu::CpuQWeight;
@@ -55,11 +56,24 @@ impl WeightType {
         matches!(self, WeightType::Q8_0 | WeightType::Q4_0 | WeightType::Q4K)
     }
 
-    /// The dtype activations are computed in: the dense type itself, f32 for quantized weights.
-    pub fn compute_dtype(self) -> DType {
+    /// bf16 or f16: dense 16-bit weights.
+    pub fn is_half(self) -> bool {
+        matches!(self, WeightType::F16 | WeightType::BF16)
+    }
+
+    /// Whether the weights are held compactly on a CPU (quantized, or 16-bit in
+    /// [`dense16`] tiles) behind f32 activations.
+    pub fn compact_on_cpu(self) -> bool {
+        self != WeightType::F32
+    }
+
+    /// The dtype activations are computed in on `device`: f32 for quantized weights, and on the
+    /// CPU for 16-bit ones too (candle's CPU backend has no 16-bit GEMM: [`dense16`] widens each
+    /// weight in registers instead); the 16-bit type itself on GPUs.
+    pub fn compute_dtype(self, device: &Device) -> DType {
         match self {
-            WeightType::F16 => DType::F16,
-            WeightType::BF16 => DType::BF16,
+            WeightType::F16 if !device.is_cpu() => DType::F16,
+            WeightType::BF16 if !device.is_cpu() => DType::BF16,
             _ => DType::F32,
         }
     }
@@ -94,7 +108,7 @@ impl WeightType {
         let k = self.stored_in_dim(in_dim);
         match self.ggml() {
             Some(g) => (k / g.block_size() * g.type_size() * out_dim) as u64,
-            None => (k * out_dim * self.compute_dtype().size_in_bytes()) as u64,
+            None => (k * out_dim * if self.is_half() { 2 } else { 4 }) as u64,
         }
     }
 }
@@ -434,6 +448,8 @@ enum LinearWeight {
     Candle(QMatMul),
     /// q4k / q8_0 on the CPU: one copy of the blocks, our kernels (see [`cpu`]).
     Cpu(Arc<CpuQWeight>),
+    /// bf16 / f16 on the CPU: 16-bit tiles widened in registers (see [`dense16`]).
+    Dense16(Arc<dense16::HalfWeight>),
 }
 
 /// `y = x·Wᵀ + b` with W dense or quantized.
@@ -488,6 +504,17 @@ impl QLinear {
                 }
                 weight
             }
+            None if wt.is_half() && vb.device().is_cpu() => {
+                let half = match wt {
+                    WeightType::F16 => dense16::Half::F16,
+                    _ => dense16::Half::Bf16,
+                };
+                let w = vb.get((out_dim, in_dim), "weight")?.to_dtype(DType::F32)?;
+                let w = w.flatten_all()?.to_vec1::<f32>()?;
+                LinearWeight::Dense16(Arc::new(dense16::HalfWeight::from_rows(
+                    half, out_dim, in_dim, &w,
+                )))
+            }
             None => LinearWeight::Candle(QMatMul::Tensor(vb.get((out_dim, in_dim), "weight")?)),
         };
         let bias = if bias {
@@ -515,7 +542,7 @@ impl Module for QLinear {
         } else {
             x.clone()
         };
-        let w = match &self.weight {
+        let w: &dyn CpuMatmul = match &self.weight {
             LinearWeight::Candle(w) => {
                 let y = w.forward(&x)?;
                 return match &self.bias {
@@ -523,7 +550,8 @@ impl Module for QLinear {
                     None => Ok(y),
                 };
             }
-            LinearWeight::Cpu(w) => w,
+            LinearWeight::Cpu(w) => w.as_ref(),
+            LinearWeight::Dense16(w) => w.as_ref(),
         };
         let (n, k) = w.dims();
         let m = x.elem_count() / k;
@@ -546,6 +574,30 @@ impl Module for QLinear {
             }
         })?;
         Tensor::from_vec(out, dims, x.device())?.to_dtype(x.dtype())
+    }
+}
+
+/// Our CPU weight kinds, as [`QLinear::forward`] uses them.
+trait CpuMatmul {
+    fn dims(&self) -> (usize, usize);
+    fn matmul_bias(&self, x: &[f32], m: usize, out: &mut [f32], bias: Option<&[f32]>);
+}
+
+impl CpuMatmul for CpuQWeight {
+    fn dims(&self) -> (usize, usize) {
+        CpuQWeight::dims(self)
+    }
+    fn matmul_bias(&self, x: &[f32], m: usize, out: &mut [f32], bias: Option<&[f32]>) {
+        CpuQWeight::matmul_bias(self, x, m, out, bias)
+    }
+}
+
+impl CpuMatmul for dense16::HalfWeight {
+    fn dims(&self) -> (usize, usize) {
+        dense16::HalfWeight::dims(self)
+    }
+    fn matmul_bias(&self, x: &[f32], m: usize, out: &mut [f32], bias: Option<&[f32]>) {
+        dense16::HalfWeight::matmul_bias(self, x, m, out, bias)
     }
 }
 
