@@ -14,8 +14,9 @@ use egui::{pos2, vec2, Rect};
 use egui_kittest::kittest::Queryable;
 use egui_kittest::{Harness, SnapshotOptions};
 use lm::prompt::{items_to_text, Conversation, Item};
+use lm::quant::WeightType;
 use qwenvl::gui::app::ModelState;
-use qwenvl::gui::backend::{EngineBackend, ReplyStats, ScriptedBackend};
+use qwenvl::gui::backend::{EngineBackend, ModelSource, ReplyStats, ScriptedBackend};
 use qwenvl::gui::geometry;
 use qwenvl::gui::state::{Chat, TurnStatus};
 use qwenvl::gui::{install_fonts, AppOptions, QwenApp};
@@ -622,6 +623,54 @@ fn settings_panel_defaults_and_persistence() {
     h.get_by_label("Reset to the model's defaults").click();
     h.run_steps(2);
     assert_eq!(h.state().params.temperature, 1.0);
+}
+
+/// The weight type in the settings: automatic by default (f32 for tiny-a), each choice labelled
+/// with its memory for the open folder; choosing one loads the folder again with it and is
+/// remembered for the next start.
+#[test]
+fn choosing_the_weight_type_reloads_the_model_with_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let backend = ScriptedBackend::new("x", Duration::ZERO);
+    let loads = backend.loads.clone();
+    let mut opts = AppOptions::for_folder(tmp.path(), Box::new(backend));
+    opts.model = Some(tiny_a());
+    let mut h = harness(QwenApp::new(opts), vec2(1200.0, 800.0));
+    step_until(&mut h, 10, "the scripted model", ready);
+    let folder = |s: &ModelSource| match s {
+        ModelSource::Folder { path, weights } => (path.clone(), *weights),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(folder(&loads.lock().unwrap()[0]), (tiny_a(), None));
+
+    h.get_by_label("⚙ Settings").click();
+    h.run_steps(2);
+    h.get_by_label("Weights in memory").click();
+    h.run_steps(2);
+    h.get_by_label("Automatic (f32)");
+    // tiny-a's weights take ~0.08 GB as stored: a tenth of that as q4k.
+    h.get_by_label_contains("q4k, about 0.0").click();
+    h.run_steps(2);
+    step_until(&mut h, 10, "the model loaded again", ready);
+    let all = loads.lock().unwrap().clone();
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert_eq!(folder(&all[1]), (tiny_a(), Some(WeightType::Q4K)));
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("config/settings.json")).unwrap())
+            .unwrap();
+    assert_eq!(saved["weights"], "q4k");
+
+    // The next start loads with the remembered type.
+    let backend = ScriptedBackend::new("x", Duration::ZERO);
+    let loads = backend.loads.clone();
+    let mut opts = AppOptions::for_folder(tmp.path(), Box::new(backend));
+    opts.model = Some(tiny_a());
+    let mut h = harness(QwenApp::new(opts), vec2(1200.0, 800.0));
+    step_until(&mut h, 10, "the scripted model", ready);
+    assert_eq!(
+        folder(&loads.lock().unwrap()[0]),
+        (tiny_a(), Some(WeightType::Q4K))
+    );
 }
 
 /// The composer with two pictures, the region picker open and a region marked.

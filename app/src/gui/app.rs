@@ -411,8 +411,38 @@ impl QwenApp {
         self.pending.is_some()
     }
 
+    /// The model folder loaded, loading or failed to load (not a server).
+    pub fn model_folder(&self) -> Option<&Path> {
+        let source = match &self.model {
+            ModelState::Loading { source, .. } | ModelState::Failed { source, .. } => source,
+            ModelState::Ready(info) => &info.source,
+            ModelState::None => return None,
+        };
+        match source {
+            ModelSource::Folder { path, .. } => Some(path),
+            ModelSource::Server { .. } => None,
+        }
+    }
+
+    /// Chooses the weight type for model folders (`None`: this machine's default), remembers
+    /// it, and loads the current folder again with it.
+    pub fn set_weights(&mut self, weights: Option<lm::quant::WeightType>) {
+        if weights == self.settings.weights {
+            return;
+        }
+        self.settings.weights = weights;
+        self.save_settings();
+        if let Some(dir) = self.model_folder().map(Path::to_path_buf) {
+            self.load_model(dir);
+        }
+    }
+
+    /// Loads a model folder with the weight type chosen in the settings.
     pub fn load_model(&mut self, dir: PathBuf) {
-        self.load_source(ModelSource::folder(dir));
+        self.load_source(ModelSource::Folder {
+            path: dir,
+            weights: self.settings.weights,
+        });
     }
 
     /// Connects to the server of the "Connect to a server" form.
@@ -428,7 +458,7 @@ impl QwenApp {
     pub fn load_source(&mut self, source: ModelSource) {
         let counter = Arc::new(LoadProgress::default());
         let total = match &source {
-            ModelSource::Folder { path } => super::backend::weights_bytes(path),
+            ModelSource::Folder { path, .. } => super::backend::weights_bytes(path),
             ModelSource::Server { .. } => 0,
         };
         self.previous = match std::mem::replace(&mut self.model, ModelState::None) {
@@ -573,7 +603,7 @@ impl QwenApp {
             }
             Event::Loaded(info) => {
                 let same = match &info.source {
-                    ModelSource::Folder { path } => {
+                    ModelSource::Folder { path, .. } => {
                         !self.settings.use_server
                             && self.settings.last_model.as_deref() == Some(path.as_path())
                     }
@@ -586,7 +616,7 @@ impl QwenApp {
                 }
                 self.model_defaults = info.defaults.clone();
                 match &info.source {
-                    ModelSource::Folder { path } => {
+                    ModelSource::Folder { path, .. } => {
                         self.settings.last_model = Some(path.clone());
                         self.settings.use_server = false;
                     }

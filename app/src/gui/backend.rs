@@ -12,6 +12,7 @@ use candle_core::Device;
 use lm::checkpoint::LoadProgress;
 use lm::generate::{Decoding, Finish, GenerateOptions, SamplingParams};
 use lm::prompt::Conversation;
+use lm::quant::WeightType;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::Engine;
@@ -82,8 +83,13 @@ impl Params {
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ModelSource {
-    /// A model folder, run on this computer.
-    Folder { path: PathBuf },
+    /// A model folder, run on this computer, with its weights held as `weights` (`None`: the
+    /// default for this machine, see [`choose_weights`]).
+    Folder {
+        path: PathBuf,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        weights: Option<WeightType>,
+    },
     /// An OpenAI-compatible server serving Qwen-VL-Chat (`qwenvl serve`, vLLM).
     Server {
         url: String,
@@ -96,7 +102,7 @@ impl std::fmt::Debug for ModelSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The key stays out of logs and panic messages.
         match self {
-            ModelSource::Folder { path } => write!(f, "Folder({})", path.display()),
+            ModelSource::Folder { path, .. } => write!(f, "Folder({})", path.display()),
             ModelSource::Server { url, api_key } => write!(
                 f,
                 "Server({url}{})",
@@ -108,13 +114,16 @@ impl std::fmt::Debug for ModelSource {
 
 impl ModelSource {
     pub fn folder(path: impl Into<PathBuf>) -> Self {
-        ModelSource::Folder { path: path.into() }
+        ModelSource::Folder {
+            path: path.into(),
+            weights: None,
+        }
     }
 
     /// Short name for the top bar: the folder's name, or the server's host and port.
     pub fn label(&self) -> String {
         match self {
-            ModelSource::Folder { path } => path
+            ModelSource::Folder { path, .. } => path
                 .file_name()
                 .map(|n| n.to_string_lossy().to_string())
                 .unwrap_or_else(|| path.display().to_string()),
@@ -132,7 +141,7 @@ impl ModelSource {
     /// The full folder path or URL.
     pub fn location(&self) -> String {
         match self {
-            ModelSource::Folder { path } => path.display().to_string(),
+            ModelSource::Folder { path, .. } => path.display().to_string(),
             ModelSource::Server { url, .. } => url.clone(),
         }
     }
@@ -216,8 +225,8 @@ impl Backend for EngineBackend {
         progress: Progress<'_>,
         counter: &Arc<LoadProgress>,
     ) -> Result<ModelInfo> {
-        let dir = match source {
-            ModelSource::Folder { path } => path.as_path(),
+        let (dir, weights) = match source {
+            ModelSource::Folder { path, weights } => (path.as_path(), *weights),
             ModelSource::Server { url, api_key } => {
                 return self.connect(url.as_str(), api_key.clone(), progress)
             }
@@ -227,7 +236,10 @@ impl Backend for EngineBackend {
         // Free the previous model first: two large models may not fit together.
         self.engine = None;
         self.remote = None;
-        let wt = choose_weights(dir, &Device::Cpu)?;
+        let wt = match weights {
+            Some(wt) => wt,
+            None => choose_weights(dir, &Device::Cpu)?,
+        };
         check_memory(dir, wt, &Device::Cpu)?;
         progress(&format!("Loading the weights as {wt}"), None);
         let engine = Engine::load_with(dir, wt, &Device::Cpu, Some(counter.clone()))?;
@@ -367,6 +379,8 @@ pub struct ScriptedBackend {
     pub load_error: Option<String>,
     /// How long `load` takes.
     pub load_delay: Duration,
+    /// Every source `load` was asked for.
+    pub loads: Arc<Mutex<Vec<ModelSource>>>,
     count: usize,
 }
 
@@ -405,8 +419,9 @@ impl Backend for ScriptedBackend {
         _counter: &Arc<LoadProgress>,
     ) -> Result<ModelInfo> {
         progress("Loading scripted model", None);
+        self.loads.lock().unwrap().push(source.clone());
         let dir = match source {
-            ModelSource::Folder { path } => path.clone(),
+            ModelSource::Folder { path, .. } => path.clone(),
             ModelSource::Server { .. } => PathBuf::new(),
         };
         std::thread::sleep(self.load_delay);

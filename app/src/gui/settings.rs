@@ -70,6 +70,9 @@ pub struct Settings {
     /// The model ran on `server` last time: connect again at start.
     #[serde(default)]
     pub use_server: bool,
+    /// Weight type in memory for model folders; `None`: the default for this machine.
+    #[serde(default)]
+    pub weights: Option<lm::quant::WeightType>,
 }
 
 fn yes() -> bool {

@@ -118,6 +118,21 @@ impl WeightType {
 /// need nothing more, and 1664 is already a multiple of 32).
 pub const QUANT_ROW_ALIGN: usize = 256;
 
+/// Saved by name (`"q4k"`), as `--quant` takes it.
+impl serde::Serialize for WeightType {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for WeightType {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        WeightType::parse(&name)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown weight type {name:?}")))
+    }
+}
+
 impl std::fmt::Display for WeightType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())

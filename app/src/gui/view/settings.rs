@@ -1,8 +1,11 @@
 //! Generation settings (defaults: the checkpoint's generation_config.json).
 
+use candle_core::Device;
 use egui::Slider;
+use lm::quant::WeightType;
 
-use super::super::app::QwenApp;
+use super::super::app::{ModelState, QwenApp};
+use crate::model_dir::{choose_weights, in_memory_bytes, weights_bytes};
 
 pub fn show(app: &mut QwenApp, ctx: &egui::Context) {
     egui::SidePanel::right("settings")
@@ -45,6 +48,8 @@ pub fn show(app: &mut QwenApp, ctx: &egui::Context) {
             if ui.button("Reset to the model's defaults").clicked() {
                 app.params = app.model_defaults.clone();
             }
+            ui.separator();
+            weights(app, ui);
             // Saved once a slider is let go, not at every step of the drag.
             app.params_dirty |= app.params != before;
             if app.params_dirty && !ui.ctx().is_using_pointer() {
@@ -52,4 +57,47 @@ pub fn show(app: &mut QwenApp, ctx: &egui::Context) {
                 app.save_settings();
             }
         });
+}
+
+/// The weight type of model folders: automatic (this machine's default), or one chosen; with
+/// the memory each would take for the current folder. Choosing one loads the folder again.
+fn weights(app: &mut QwenApp, ui: &mut egui::Ui) {
+    let folder = app.model_folder().map(|p| p.to_path_buf());
+    let bytes = folder.as_deref().map(weights_bytes).filter(|&b| b > 0);
+    let auto = folder
+        .as_deref()
+        .and_then(|d| choose_weights(d, &Device::Cpu).ok());
+    let label = |w: Option<WeightType>| match (w, bytes) {
+        (None, _) => match auto {
+            Some(a) => format!("Automatic ({a})"),
+            None => "Automatic".to_string(),
+        },
+        (Some(w), Some(b)) => format!("{w}, about {:.1} GB", in_memory_bytes(b, w) as f64 / 1e9),
+        (Some(w), None) => w.to_string(),
+    };
+    let mut choice = app.settings.weights;
+    let busy = app.is_generating() || matches!(app.model, ModelState::Loading { .. });
+    ui.add_enabled_ui(!busy, |ui| {
+        egui::ComboBox::from_label("Weights in memory")
+            .selected_text(label(choice))
+            .show_ui(ui, |ui| {
+                ui.selectable_value(&mut choice, None, label(None));
+                for w in [
+                    WeightType::Q4K,
+                    WeightType::Q8_0,
+                    WeightType::BF16,
+                    WeightType::F16,
+                    WeightType::F32,
+                ] {
+                    ui.selectable_value(&mut choice, Some(w), label(Some(w)));
+                }
+            })
+            .response
+            .on_hover_text(
+                "q4k: smallest and fastest. q8_0: the quantized type closest to the original. \
+                 bf16/f16: 16-bit, as the checkpoint is stored. f32: the exact reference, twice \
+                 the checkpoint's size. Changing it loads the model again.",
+            );
+    });
+    app.set_weights(choice);
 }
