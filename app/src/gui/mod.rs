@@ -43,7 +43,7 @@ impl eframe::App for QwenApp {
 }
 
 /// Opens the window. Environment: `QWENVL_MODEL` (model folder), `QWENVL_WEIGHTS` (f32, bf16,
-/// q8_0, q4k, ...), `QWENVL_OPEN_CHAT` (a chat file to show), `QWENVL_DEMO=1` (scripted replies
+/// q8_0, q4k, ...: what the "Automatic" weight type means), `QWENVL_OPEN_CHAT` (a chat file to show), `QWENVL_DEMO=1` (scripted replies
 /// instead of a model, for screenshots), `QWENVL_DATA_DIR` / `QWENVL_CONFIG_DIR` (where chats and
 /// settings go).
 pub fn run() -> Result<()> {

@@ -683,16 +683,17 @@ unsafe fn q4k_min_dot(mins: *const u8, split: &[i32; 4]) -> std::arch::x86_64::_
     _mm512_add_epi32(_mm512_slli_epi32(hi, 6), lo)
 }
 
-/// A pointer the matmul's bands share; each writes only its own columns.
+/// A pointer the matmul's bands share; each writes only its own columns (here and in
+/// [`super::dense16`]).
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: used only for the disjoint writes documented in `matmul_with`.
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+// SAFETY: used only for the disjoint writes documented in `matmul_with` (both kernels).
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 impl SendPtr {
     // A method (not the field) so closures capture the whole `Send` wrapper.
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }

@@ -12,7 +12,7 @@
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::cpu::LargeBuffer;
+use super::cpu::{LargeBuffer, SendPtr};
 
 /// Rows per tile.
 const TILE: usize = 32;
@@ -130,7 +130,7 @@ impl HalfWeight {
             return;
         }
         let n_tiles = n.div_ceil(TILE);
-        let out_ptr = OutPtr(out.as_mut_ptr());
+        let out_ptr = SendPtr(out.as_mut_ptr());
         (0..n_tiles).into_par_iter().for_each(|t| {
             let tile = &self.tiles[t * k * 64..(t + 1) * k * 64];
             let (j0, cols) = (t * TILE, TILE.min(n - t * TILE));
@@ -165,20 +165,6 @@ impl HalfWeight {
                 }
             }
         });
-    }
-}
-
-/// The output pointer the tiles share; each writes only its own columns.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: used only for the disjoint writes documented in `matmul_with`.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    // A method (not the field) so closures capture the whole `Send` wrapper.
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 
