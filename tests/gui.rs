@@ -631,12 +631,17 @@ fn settings_panel_defaults_and_persistence() {
 #[test]
 fn choosing_the_weight_type_reloads_the_model_with_it() {
     let tmp = tempfile::tempdir().unwrap();
-    let backend = ScriptedBackend::new("x", Duration::ZERO);
-    let loads = backend.loads.clone();
-    let mut opts = AppOptions::for_folder(tmp.path(), Box::new(backend));
-    opts.model = Some(tiny_a());
-    let mut h = harness(QwenApp::new(opts), vec2(1200.0, 800.0));
-    step_until(&mut h, 10, "the scripted model", ready);
+    // The app on tiny-a, loaded, and every source its scripted backend was asked to load.
+    let start = || {
+        let backend = ScriptedBackend::new("x", Duration::ZERO);
+        let loads = backend.loads.clone();
+        let mut opts = AppOptions::for_folder(tmp.path(), Box::new(backend));
+        opts.model = Some(tiny_a());
+        let mut h = harness(QwenApp::new(opts), vec2(1200.0, 800.0));
+        step_until(&mut h, 10, "the scripted model", ready);
+        (h, loads)
+    };
+    let (mut h, loads) = start();
     let folder = |s: &ModelSource| match s {
         ModelSource::Folder { path, weights } => (path.clone(), *weights),
         other => panic!("{other:?}"),
@@ -661,12 +666,8 @@ fn choosing_the_weight_type_reloads_the_model_with_it() {
     assert_eq!(saved["weights"], "q4k");
 
     // The next start loads with the remembered type.
-    let backend = ScriptedBackend::new("x", Duration::ZERO);
-    let loads = backend.loads.clone();
-    let mut opts = AppOptions::for_folder(tmp.path(), Box::new(backend));
-    opts.model = Some(tiny_a());
-    let mut h = harness(QwenApp::new(opts), vec2(1200.0, 800.0));
-    step_until(&mut h, 10, "the scripted model", ready);
+    drop(h);
+    let (_h, loads) = start();
     assert_eq!(
         folder(&loads.lock().unwrap()[0]),
         (tiny_a(), Some(WeightType::Q4K))

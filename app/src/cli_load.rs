@@ -22,15 +22,16 @@ use crate::model_dir::{check_memory, choose_weights, weights_bytes};
 /// the bytes loaded.
 pub fn load(dir: &Path, requested: Option<WeightType>, device: &Device) -> Result<Engine> {
     // A broken folder is left to the engine, whose errors name the missing or broken file.
+    let bytes = weights_bytes(dir);
     let wt = match requested {
         Some(wt) => wt,
-        None => choose_weights(dir, device)?,
+        None => choose_weights(bytes, device)?,
     };
-    check_memory(dir, wt, device)?;
+    check_memory(bytes, wt, device)?;
     eprintln!("loading {} as {wt}…", dir.display());
 
     let progress = Arc::new(LoadProgress::default());
-    let engine = with_bar(weights_bytes(dir), &progress, || {
+    let engine = with_bar(bytes, &progress, || {
         Engine::load_with(dir, wt, device, Some(progress.clone()))
     })?;
     let source = match &engine.quant_cache {

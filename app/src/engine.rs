@@ -284,12 +284,15 @@ impl Engine {
         let visual_config: vision::Config = serde_json::from_value(visual_value)
             .context("config.json: invalid `visual` section")?;
         let dtype = wt.compute_dtype(device);
-        let vb = match &progress {
-            Some(p) => checkpoint.var_builder_with_progress(dtype, device, p.clone()),
+        let mut q = quantizer_for(dir, wt)?;
+        let vb = match progress {
+            Some(p) => {
+                let (vb, counter) = checkpoint.var_builder_with_progress(dtype, device, p);
+                q.progress = Some(counter);
+                vb
+            }
             None => checkpoint.var_builder(dtype, device),
         };
-        let mut q = quantizer_for(dir, wt)?;
-        q.progress = progress.map(|p| checkpoint.read_counter(p));
         let cache = q.cache.clone();
         let table = checkpoint.mapped_rows("transformer.wte.weight");
         let (lm, visual) = build_models(&checkpoint.config, &visual_config, &vb, &q, table)

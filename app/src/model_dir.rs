@@ -23,15 +23,16 @@ pub fn weights_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// The weight type a model folder is loaded as when none is asked for: `QWENVL_WEIGHTS` if set,
-/// else [`default_weights`] for its size and the memory free on `device`.
-pub fn choose_weights(dir: &Path, device: &Device) -> Result<WeightType> {
+/// The weight type a model folder with `checkpoint_bytes` of weights ([`weights_bytes`]) is
+/// loaded as when none is asked for: `QWENVL_WEIGHTS` if set, else [`default_weights`] for that
+/// size and the memory free on `device`.
+pub fn choose_weights(checkpoint_bytes: u64, device: &Device) -> Result<WeightType> {
     match std::env::var("QWENVL_WEIGHTS") {
         Ok(v) => WeightType::parse(&v.to_ascii_lowercase()).with_context(|| {
             format!("QWENVL_WEIGHTS={v}: expected one of f32, f16, bf16, q8_0, q4_0, q4k")
         }),
         Err(_) => Ok(default_weights(
-            weights_bytes(dir),
+            checkpoint_bytes,
             !device.is_cpu(),
             free_memory(device),
         )),
@@ -126,9 +127,10 @@ pub fn free_memory(device: &Device) -> Option<u64> {
 }
 
 /// Running out of memory aborts the process without a word (or, on a GPU, fails deep inside the
-/// load), so refuse up front a model that cannot fit on `device`.
-pub fn check_memory(dir: &Path, wt: WeightType, device: &Device) -> Result<()> {
-    let need = in_memory_bytes(weights_bytes(dir), wt);
+/// load), so refuse up front a model with `checkpoint_bytes` of weights ([`weights_bytes`]) that
+/// cannot fit on `device` as `wt`.
+pub fn check_memory(checkpoint_bytes: u64, wt: WeightType, device: &Device) -> Result<()> {
+    let need = in_memory_bytes(checkpoint_bytes, wt);
     let Some(free) = free_memory(device) else {
         return Ok(());
     };
@@ -218,13 +220,15 @@ mod tests {
         if available_memory().is_none() {
             return; // not Linux: free memory unknown, nothing to compare with
         }
-        let err = check_memory(dir.path(), WeightType::Q8_0, &Device::Cpu)
+        let bytes = weights_bytes(dir.path());
+        assert_eq!(bytes, 1 << 40);
+        let err = check_memory(bytes, WeightType::Q8_0, &Device::Cpu)
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("not enough memory"), "{err}");
         assert!(err.contains("as q8_0"), "{err}");
         assert!(err.contains("--quant q4k"), "{err}");
-        let err = check_memory(dir.path(), WeightType::Q4K, &Device::Cpu)
+        let err = check_memory(bytes, WeightType::Q4K, &Device::Cpu)
             .unwrap_err()
             .to_string();
         assert!(!err.contains("smaller weight type"), "{err}");

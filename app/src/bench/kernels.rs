@@ -7,6 +7,7 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use lm::quant::cpu::{CpuQWeight, Format};
 use lm::quant::dense16::{Half, HalfWeight};
+use lm::quant::CpuMatmul;
 
 use super::best_of;
 
@@ -37,6 +38,74 @@ fn qweight(format: Format, n: usize, k: usize) -> Result<CpuQWeight> {
     CpuQWeight::from_ggml(format, n, k, &ggml).map_err(anyhow::Error::msg)
 }
 
+fn bf16_weight(n: usize, k: usize) -> Result<HalfWeight> {
+    Ok(HalfWeight::from_rows(
+        Half::Bf16,
+        n,
+        k,
+        &randn((n, k), 0.02)?,
+    ))
+}
+
+/// A CPU weight kind the model runs: quantized tiles, or bf16 tiles.
+#[derive(Clone, Copy)]
+enum Kind {
+    Q(Format),
+    Bf16,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Q(f) => name(f),
+            Kind::Bf16 => "bf16",
+        }
+    }
+
+    /// A random `[n, k]` weight of this kind.
+    fn weight(self, n: usize, k: usize) -> Result<Box<dyn CpuMatmul>> {
+        Ok(match self {
+            Kind::Q(f) => Box::new(qweight(f, n, k)?),
+            Kind::Bf16 => Box::new(bf16_weight(n, k)?),
+        })
+    }
+}
+
+/// Times a pass right after a read-bandwidth pass: (best seconds, median of the passes' rates
+/// over the bandwidth beside them).
+type Paired<'a> = &'a dyn Fn(&mut dyn FnMut()) -> (f64, f64);
+
+/// Matvecs over copies of `one` totalling ~1.3 GB (no cache reuse), on rayon's threads as the
+/// model's forward pass runs them (see `QwenLm::in_pool`); `paired` times them against the read
+/// bandwidth measured right before each pass.
+fn matvec_from_memory<W: CpuMatmul + Clone>(
+    one: W,
+    kernel: &str,
+    paired: Paired<'_>,
+) -> Result<KernelResult> {
+    let (n, k) = one.dims();
+    let copies = (1_300_000_000 / one.size_in_bytes()).max(1);
+    let bytes = (copies * one.size_in_bytes()) as f64;
+    let ws: Vec<W> = (0..copies).map(|_| one.clone()).collect();
+    let x = randn((1, k), 1.0)?;
+    let mut y = vec![0f32; n];
+    let (s, ratio) = paired(&mut || {
+        rayon::scope(|_| {
+            for w in &ws {
+                w.matmul_bias(&x, 1, &mut y, None);
+            }
+        })
+    });
+    Ok(KernelResult {
+        kernel: format!("{kernel} matvec"),
+        shape: format!("decode: 1×{k}×{n}, {copies} weights"),
+        ms: s * 1e3 / copies as f64,
+        rate: bytes / s / 1e9,
+        unit: "GB/s",
+        of_bandwidth: Some(ratio * bytes / 1e9),
+    })
+}
+
 fn name(format: Format) -> &'static str {
     match format {
         Format::Q4K => "q4k",
@@ -53,17 +122,20 @@ pub fn run(mut progress: impl FnMut(&str)) -> Result<Vec<KernelResult>> {
     let mut out = Vec::new();
     let dev = Device::Cpu;
 
-    // Compute-bound matmuls: the vision tower (1024 patches) and a prefill (324 tokens).
-    for (format, m, k, n, what) in [
-        (Format::Q8_0, 1024, 1664, 4992, "ViT in_proj"),
-        (Format::Q8_0, 1024, 1664, 8192, "ViT c_fc"),
-        (Format::Q8_0, 1024, 8192, 1664, "ViT c_proj"),
-        (Format::Q4K, 1024, 8192, 1664, "ViT c_proj"),
-        (Format::Q8_0, 324, 4096, 11008, "LM w1 (prefill)"),
-        (Format::Q4K, 324, 4096, 11008, "LM w1 (prefill)"),
+    // Compute-bound matmuls: the vision tower (1024 patches) and a prefill (324 tokens); bf16 is
+    // the 16-bit path (`--quant bf16` on the CPU: weights widened in registers, f32 FMAs).
+    for (kind, m, k, n, what) in [
+        (Kind::Q(Format::Q8_0), 1024, 1664, 4992, "ViT in_proj"),
+        (Kind::Q(Format::Q8_0), 1024, 1664, 8192, "ViT c_fc"),
+        (Kind::Q(Format::Q8_0), 1024, 8192, 1664, "ViT c_proj"),
+        (Kind::Q(Format::Q4K), 1024, 8192, 1664, "ViT c_proj"),
+        (Kind::Q(Format::Q8_0), 324, 4096, 11008, "LM w1 (prefill)"),
+        (Kind::Q(Format::Q4K), 324, 4096, 11008, "LM w1 (prefill)"),
+        (Kind::Bf16, 1024, 1664, 8192, "ViT c_fc"),
+        (Kind::Bf16, 324, 4096, 11008, "LM w1 (prefill)"),
     ] {
-        progress(&format!("{format:?} matmul {m}×{k}×{n}"));
-        let w = qweight(format, n, k)?;
+        progress(&format!("{} matmul {m}×{k}×{n}", kind.name()));
+        let w = kind.weight(n, k)?;
         let x = randn((m, k), 1.0)?;
         let bias = randn((1, n), 0.02)?;
         let mut y = vec![0f32; m * n];
@@ -72,31 +144,7 @@ pub fn run(mut progress: impl FnMut(&str)) -> Result<Vec<KernelResult>> {
             Ok(())
         })?;
         out.push(KernelResult {
-            kernel: format!("{} matmul", name(format)),
-            shape: format!("{what}: {m}×{k}×{n}"),
-            ms: s * 1e3,
-            rate: gflops(2.0 * (m * k * n) as f64, s),
-            unit: "GFLOP/s",
-            of_bandwidth: None,
-        });
-    }
-
-    // The 16-bit path (`--quant bf16` on the CPU): bf16 weights widened in registers, f32 FMAs.
-    for (m, k, n, what) in [
-        (1024, 1664, 8192, "ViT c_fc"),
-        (324, 4096, 11008, "LM w1 (prefill)"),
-    ] {
-        progress(&format!("bf16 matmul {m}×{k}×{n}"));
-        let w = HalfWeight::from_rows(Half::Bf16, n, k, &randn((n, k), 0.02)?);
-        let x = randn((m, k), 1.0)?;
-        let bias = randn((1, n), 0.02)?;
-        let mut y = vec![0f32; m * n];
-        let s = best_of(3, || {
-            w.matmul_bias(&x, m, &mut y, Some(&bias));
-            Ok(())
-        })?;
-        out.push(KernelResult {
-            kernel: "bf16 matmul".into(),
+            kernel: format!("{} matmul", kind.name()),
             shape: format!("{what}: {m}×{k}×{n}"),
             ms: s * 1e3,
             rate: gflops(2.0 * (m * k * n) as f64, s),
@@ -124,55 +172,12 @@ pub fn run(mut progress: impl FnMut(&str)) -> Result<Vec<KernelResult>> {
         ratios.sort_by(f64::total_cmp);
         (best, ratios[ratios.len() / 2])
     };
-    for format in [Format::Q4K, Format::Q8_0] {
+    for kind in [Kind::Q(Format::Q4K), Kind::Q(Format::Q8_0), Kind::Bf16] {
         let (k, n) = (4096, 11008);
-        progress(&format!("{format:?} matvec 1×{k}×{n}"));
-        let one = qweight(format, n, k)?;
-        let copies = (1_300_000_000 / one.size_in_bytes()).max(1);
-        let ws: Vec<CpuQWeight> = (0..copies).map(|_| one.clone()).collect();
-        let bytes = (copies * one.size_in_bytes()) as f64;
-        let x = randn((1, k), 1.0)?;
-        let mut y = vec![0f32; n];
-        // On rayon's threads, as the model's forward pass runs them (see `QwenLm::in_pool`).
-        let (s, ratio) = paired(&mut || {
-            rayon::scope(|_| {
-                for w in &ws {
-                    w.matmul(&x, 1, &mut y);
-                }
-            })
-        });
-        out.push(KernelResult {
-            kernel: format!("{} matvec", name(format)),
-            shape: format!("decode: 1×{k}×{n}, {copies} weights"),
-            ms: s * 1e3 / copies as f64,
-            rate: bytes / s / 1e9,
-            unit: "GB/s",
-            of_bandwidth: Some(ratio * bytes / 1e9),
-        });
-    }
-    {
-        let (k, n) = (4096, 11008);
-        progress(&format!("bf16 matvec 1×{k}×{n}"));
-        let one = HalfWeight::from_rows(Half::Bf16, n, k, &randn((n, k), 0.02)?);
-        let copies = (1_300_000_000 / one.size_in_bytes()).max(1);
-        let ws: Vec<HalfWeight> = (0..copies).map(|_| one.clone()).collect();
-        let bytes = (copies * one.size_in_bytes()) as f64;
-        let x = randn((1, k), 1.0)?;
-        let mut y = vec![0f32; n];
-        let (s, ratio) = paired(&mut || {
-            rayon::scope(|_| {
-                for w in &ws {
-                    w.matmul_bias(&x, 1, &mut y, None);
-                }
-            })
-        });
-        out.push(KernelResult {
-            kernel: "bf16 matvec".into(),
-            shape: format!("decode: 1×{k}×{n}, {copies} weights"),
-            ms: s * 1e3 / copies as f64,
-            rate: bytes / s / 1e9,
-            unit: "GB/s",
-            of_bandwidth: Some(ratio * bytes / 1e9),
+        progress(&format!("{} matvec 1×{k}×{n}", kind.name()));
+        out.push(match kind {
+            Kind::Q(format) => matvec_from_memory(qweight(format, n, k)?, kind.name(), &paired)?,
+            Kind::Bf16 => matvec_from_memory(bf16_weight(n, k)?, kind.name(), &paired)?,
         });
     }
     // The same matvecs on a weight that stays in the last-level cache (~9 MB): the kernels' own

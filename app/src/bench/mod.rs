@@ -353,10 +353,10 @@ pub fn run(
         Source::Checkpoint(dir) => {
             let ck = lm::Checkpoint::open(dir)
                 .with_context(|| format!("cannot open the model folder {}", dir.display()))?;
-            let vb =
+            let (vb, counter) =
                 ck.var_builder_with_progress(wt.compute_dtype(&device), &device, progress.clone());
             q = crate::engine::quantizer_for(dir, wt)?;
-            q.progress = Some(ck.read_counter(progress.clone()));
+            q.progress = Some(counter);
             total = crate::model_dir::weights_bytes(dir);
             // As the engine loads it: token embeddings read from the mapped checkpoint.
             table = ck.mapped_rows("transformer.wte.weight");

@@ -236,11 +236,12 @@ impl Backend for EngineBackend {
         // Free the previous model first: two large models may not fit together.
         self.engine = None;
         self.remote = None;
+        let bytes = weights_bytes(dir);
         let wt = match weights {
             Some(wt) => wt,
-            None => choose_weights(dir, &Device::Cpu)?,
+            None => choose_weights(bytes, &Device::Cpu)?,
         };
-        check_memory(dir, wt, &Device::Cpu)?;
+        check_memory(bytes, wt, &Device::Cpu)?;
         progress(&format!("Loading the weights as {wt}"), None);
         let engine = Engine::load_with(dir, wt, &Device::Cpu, Some(counter.clone()))?;
         let cfg = &engine.checkpoint.config;

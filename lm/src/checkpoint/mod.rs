@@ -466,8 +466,9 @@ fn gather(
     Some(out)
 }
 
-/// [`SimpleBackend`] over all shards, so one `VarBuilder` serves the whole model.
-struct Backend(Arc<Weights>, Option<Arc<LoadProgress>>);
+/// [`SimpleBackend`] over all shards, so one `VarBuilder` serves the whole model; counting each
+/// tensor read when a load reports progress.
+struct Backend(Arc<Weights>, Option<ReadCounter>);
 
 /// What a VarBuilder has read so far; a UI thread polls it for a progress bar while a worker loads.
 #[derive(Debug, Default)]
@@ -479,24 +480,16 @@ pub struct LoadProgress {
 
 impl Backend {
     fn count(&self, name: &str) {
-        if let Some(p) = &self.1 {
-            count_read(&self.0, p, name);
+        if let Some(c) = &self.1 {
+            c.count(name);
         }
     }
 }
 
-fn count_read(weights: &Weights, p: &LoadProgress, name: &str) {
-    if let Some(e) = weights.tensors.get(name) {
-        use std::sync::atomic::Ordering::Relaxed;
-        p.bytes
-            .fetch_add(byte_len(&e.shape, e.dtype).unwrap_or(0) as u64, Relaxed);
-        p.tensors.fetch_add(1, Relaxed);
-    }
-}
-
-/// Counts a checkpoint's tensors into a [`LoadProgress`] by name, for the ones a load takes
-/// without reading them through the `VarBuilder`: weights found in the quantized-model cache,
-/// and the mapped token-embedding table. Without it a second start's bar would stay near zero.
+/// Counts a checkpoint's tensors into a [`LoadProgress`] by name: those its `VarBuilder` reads,
+/// and those a load takes without reading them through it (weights found in the quantized-model
+/// cache, the mapped token-embedding table), without which a second start's bar would stay near
+/// zero.
 #[derive(Clone)]
 pub struct ReadCounter {
     weights: Arc<Weights>,
@@ -506,8 +499,8 @@ pub struct ReadCounter {
 impl ReadCounter {
     /// Counts `name` (a full tensor name) as read; names the checkpoint lacks count nothing.
     pub fn count(&self, name: &str) {
-        if self.weights.tensors.contains_key(name) {
-            return count_read(&self.weights, &self.progress, name);
+        if let Some(e) = self.weights.tensors.get(name) {
+            return self.add(byte_len(&e.shape, e.dtype).unwrap_or(0) as u64, 1);
         }
         // The resampler's packed `in_proj_weight` is quantized, and cached, as three thirds named
         // `in_proj_q`, `in_proj_k` and `in_proj_v`: each counts a third of its bytes.
@@ -521,13 +514,15 @@ impl ReadCounter {
             .tensors
             .get(&format!("{prefix}.in_proj_weight"))
         {
-            use std::sync::atomic::Ordering::Relaxed;
             let bytes = byte_len(&e.shape, e.dtype).unwrap_or(0) as u64;
-            self.progress.bytes.fetch_add(bytes / 3, Relaxed);
-            self.progress
-                .tensors
-                .fetch_add(u64::from(part == "q"), Relaxed);
+            self.add(bytes / 3, u64::from(part == "q"));
         }
+    }
+
+    fn add(&self, bytes: u64, tensors: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.progress.bytes.fetch_add(bytes, Relaxed);
+        self.progress.tensors.fetch_add(tensors, Relaxed);
     }
 }
 
@@ -707,27 +702,24 @@ impl Checkpoint {
     }
 
     /// Like [`var_builder`](Self::var_builder), counting every tensor read into `progress`
-    /// (compare with [`total_bytes`](Self::total_bytes)).
+    /// (compare with [`total_bytes`](Self::total_bytes)); with the [`ReadCounter`] that counts
+    /// into the same `progress` the tensors a load takes without reading them.
     pub fn var_builder_with_progress(
         &self,
         dtype: DType,
         device: &Device,
         progress: Arc<LoadProgress>,
-    ) -> VarBuilder<'static> {
-        VarBuilder::from_backend(
-            Box::new(Backend(self.weights.clone(), Some(progress))),
-            dtype,
-            device.clone(),
-        )
-    }
-
-    /// A [`ReadCounter`] into `progress` (the one given to
-    /// [`var_builder_with_progress`](Self::var_builder_with_progress)).
-    pub fn read_counter(&self, progress: Arc<LoadProgress>) -> ReadCounter {
-        ReadCounter {
+    ) -> (VarBuilder<'static>, ReadCounter) {
+        let counter = ReadCounter {
             weights: self.weights.clone(),
             progress,
-        }
+        };
+        let vb = VarBuilder::from_backend(
+            Box::new(Backend(self.weights.clone(), Some(counter.clone()))),
+            dtype,
+            device.clone(),
+        );
+        (vb, counter)
     }
 
     /// `qwen.tiktoken` in the checkpoint folder (not checked for existence here).

@@ -419,11 +419,7 @@ impl CpuQWeight {
         kernel: Kernel,
     ) {
         let (n, k) = (self.n, self.k);
-        assert_eq!(x.len(), m * k, "activation shape");
-        assert_eq!(out.len(), m * n, "output shape");
-        if let Some(b) = bias {
-            assert_eq!(b.len(), n, "bias shape");
-        }
+        let out = TileOut::new(out, x, (m, n, k), bias);
         if m == 0 || n == 0 {
             return;
         }
@@ -439,7 +435,6 @@ impl CpuQWeight {
         // Bands of tiles, several per thread so uneven bands even out.
         let threads = rayon::current_num_threads().max(1);
         let band = n_tiles.div_ceil(threads * 4).clamp(1, 256 / rows);
-        let out_ptr = SendPtr(out.as_mut_ptr());
         (0..n_tiles).into_par_iter().step_by(band).for_each(|t0| {
             let t1 = (t0 + band).min(n_tiles);
             let mut dots = [[0f32; MAX_TILE]; MAX_ROWS];
@@ -452,17 +447,9 @@ impl CpuQWeight {
                         let r = (i1 - i).min(MAX_ROWS);
                         self.tile_dots(t, &acts[i..i + r], &mut dots[..r], kernel);
                         for (u, d) in dots[..r].iter_mut().enumerate() {
-                            if let Some(b) = bias {
-                                for (v, b) in d.iter_mut().zip(&b[j0..j0 + cols]) {
-                                    *v += b;
-                                }
-                            }
-                            // SAFETY: `out` holds `m·n` values; this band alone writes columns
-                            // `j0..j0 + cols` (its own tiles), so no two threads touch one value.
-                            unsafe {
-                                let dst = out_ptr.get().add((i + u) * n + j0);
-                                std::ptr::copy_nonoverlapping(d.as_ptr(), dst, cols);
-                            }
+                            // SAFETY: row `i + u < m`, columns `j0..j0 + cols` of its own tiles:
+                            // this band alone writes them.
+                            unsafe { out.store(i + u, j0, &mut d[..cols]) };
                         }
                         i += r;
                     }
@@ -683,18 +670,51 @@ unsafe fn q4k_min_dot(mins: *const u8, split: &[i32; 4]) -> std::arch::x86_64::_
     _mm512_add_epi32(_mm512_slli_epi32(hi, 6), lo)
 }
 
-/// A pointer the matmul's bands share; each writes only its own columns (here and in
-/// [`super::dense16`]).
+/// The `[m, n]` output of a tiled matmul `y = x·Wᵀ + b`, shared by the threads that compute it:
+/// each writes only the columns of its own tiles (here and in [`super::dense16`]).
 #[derive(Clone, Copy)]
-pub(crate) struct SendPtr(pub(crate) *mut f32);
-// SAFETY: used only for the disjoint writes documented in `matmul_with` (both kernels).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
+pub(crate) struct TileOut<'a> {
+    ptr: *mut f32,
+    n: usize,
+    bias: Option<&'a [f32]>,
+}
+// SAFETY: writes go through `store`, whose callers keep their column ranges disjoint.
+unsafe impl Send for TileOut<'_> {}
+unsafe impl Sync for TileOut<'_> {}
 
-impl SendPtr {
-    // A method (not the field) so closures capture the whole `Send` wrapper.
-    pub(crate) fn get(self) -> *mut f32 {
-        self.0
+impl<'a> TileOut<'a> {
+    /// Checks the shapes of `x` (`m` rows of `k`), `out` and `bias` for an `[n, k]` weight.
+    pub(crate) fn new(
+        out: &'a mut [f32],
+        x: &[f32],
+        (m, n, k): (usize, usize, usize),
+        bias: Option<&'a [f32]>,
+    ) -> Self {
+        assert_eq!(x.len(), m * k, "activation shape");
+        assert_eq!(out.len(), m * n, "output shape");
+        if let Some(b) = bias {
+            assert_eq!(b.len(), n, "bias shape");
+        }
+        Self {
+            ptr: out.as_mut_ptr(),
+            n,
+            bias,
+        }
+    }
+
+    /// Writes `dots` (row `i`, columns `j0..j0 + dots.len()`), adding the bias as it stores
+    /// (a separate broadcast add is another pass over the output, on one thread).
+    ///
+    /// # Safety
+    /// `i` and the columns must lie inside the output, and no other thread may write them.
+    pub(crate) unsafe fn store(self, i: usize, j0: usize, dots: &mut [f32]) {
+        let cols = dots.len();
+        if let Some(b) = self.bias {
+            for (v, b) in dots.iter_mut().zip(&b[j0..j0 + cols]) {
+                *v += b;
+            }
+        }
+        std::ptr::copy_nonoverlapping(dots.as_ptr(), self.ptr.add(i * self.n + j0), cols);
     }
 }
 

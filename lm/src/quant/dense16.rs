@@ -12,7 +12,7 @@
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::cpu::{LargeBuffer, SendPtr};
+use super::cpu::{LargeBuffer, TileOut};
 
 /// Rows per tile.
 const TILE: usize = 32;
@@ -24,6 +24,12 @@ const ROWS: usize = 6;
 pub enum Half {
     Bf16,
     F16,
+}
+
+/// Byte offset, within a tile, of row `r`'s value for input `kk`: lane `r % 16`, low half for
+/// rows 0–15, high half for rows 16–31.
+fn value_at(kk: usize, r: usize) -> usize {
+    kk * 64 + (r % 16) * 4 + if r >= 16 { 2 } else { 0 }
 }
 
 impl Half {
@@ -39,6 +45,12 @@ impl Half {
             Half::Bf16 => bf16::from_bits(bits).to_f32(),
             Half::F16 => f16::from_bits(bits).to_f32(),
         }
+    }
+
+    /// The value of row `r`, input `kk` in `tile`, widened.
+    fn read(self, tile: &[u8], kk: usize, r: usize) -> f32 {
+        let at = value_at(kk, r);
+        self.value(u16::from_le_bytes([tile[at], tile[at + 1]]))
     }
 }
 
@@ -71,9 +83,8 @@ impl HalfWeight {
             .for_each(|(t, tile)| {
                 for r in 0..TILE.min(n - t * TILE) {
                     let row = &w[(t * TILE + r) * k..][..k];
-                    let (lane, hi) = (r % 16, r >= 16);
                     for (kk, &v) in row.iter().enumerate() {
-                        let at = kk * 64 + lane * 4 + if hi { 2 } else { 0 };
+                        let at = value_at(kk, r);
                         tile[at..at + 2].copy_from_slice(&half.bits(v).to_le_bytes());
                     }
                 }
@@ -97,13 +108,7 @@ impl HalfWeight {
     pub fn row(&self, j: usize) -> Vec<f32> {
         let (t, r) = (j / TILE, j % TILE);
         let tile = &self.tiles[t * self.k * 64..];
-        (0..self.k)
-            .map(|kk| {
-                let at = kk * 64 + (r % 16) * 4 + if r >= 16 { 2 } else { 0 };
-                self.half
-                    .value(u16::from_le_bytes([tile[at], tile[at + 1]]))
-            })
-            .collect()
+        (0..self.k).map(|kk| self.half.read(tile, kk, r)).collect()
     }
 
     /// `out[i·n + j] = x[i] · w[j] (+ bias[j])` for the `m` rows of `x` (`[m, k]`, row-major).
@@ -121,16 +126,11 @@ impl HalfWeight {
         simd: bool,
     ) {
         let (n, k) = (self.n, self.k);
-        assert_eq!(x.len(), m * k, "activation shape");
-        assert_eq!(out.len(), m * n, "output shape");
-        if let Some(b) = bias {
-            assert_eq!(b.len(), n, "bias shape");
-        }
+        let out = TileOut::new(out, x, (m, n, k), bias);
         if m == 0 || n == 0 {
             return;
         }
         let n_tiles = n.div_ceil(TILE);
-        let out_ptr = SendPtr(out.as_mut_ptr());
         (0..n_tiles).into_par_iter().for_each(|t| {
             let tile = &self.tiles[t * k * 64..(t + 1) * k * 64];
             let (j0, cols) = (t * TILE, TILE.min(n - t * TILE));
@@ -151,17 +151,9 @@ impl HalfWeight {
                     tile_dots_portable(self.half, tile, k, xs, r, &mut dots);
                 }
                 for (u, d) in dots[..r].iter_mut().enumerate() {
-                    if let Some(b) = bias {
-                        for (v, b) in d.iter_mut().zip(&b[j0..j0 + cols]) {
-                            *v += b;
-                        }
-                    }
-                    // SAFETY: `out` holds `m·n` values; this tile alone writes columns
-                    // `j0..j0 + cols`, so no two threads touch one value.
-                    unsafe {
-                        let dst = out_ptr.get().add((i + u) * n + j0);
-                        std::ptr::copy_nonoverlapping(d.as_ptr(), dst, cols);
-                    }
+                    // SAFETY: row `i + u < m`, columns `j0..j0 + cols` of this tile, which
+                    // no other thread writes.
+                    unsafe { out.store(i + u, j0, &mut d[..cols]) };
                 }
             }
         });
@@ -193,12 +185,7 @@ fn tile_dots_portable(
         d.fill(0.0);
     }
     for kk in 0..k {
-        let lanes = &tile[kk * 64..kk * 64 + 64];
-        let mut w = [0f32; TILE];
-        for (lane, b) in lanes.chunks_exact(4).enumerate() {
-            w[lane] = half.value(u16::from_le_bytes([b[0], b[1]]));
-            w[lane + 16] = half.value(u16::from_le_bytes([b[2], b[3]]));
-        }
+        let w: [f32; TILE] = std::array::from_fn(|r| half.read(tile, kk, r));
         for (u, d) in dots[..r].iter_mut().enumerate() {
             let xv = xs[u * k + kk];
             for (acc, wv) in d.iter_mut().zip(&w) {

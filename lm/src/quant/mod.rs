@@ -592,15 +592,23 @@ impl Module for QLinear {
     }
 }
 
-/// Our CPU weight kinds, as [`QLinear::forward`] uses them.
-trait CpuMatmul {
+/// Our CPU weight kinds (quantized tiles, 16-bit tiles), as [`QLinear::forward`] and the
+/// kernel benchmark use them.
+pub trait CpuMatmul: Send + Sync {
+    /// `(n, k)`: `n` output rows of `k` inputs.
     fn dims(&self) -> (usize, usize);
+    /// Bytes held, all read by one matvec.
+    fn size_in_bytes(&self) -> usize;
+    /// `out[i·n + j] = x[i] · w[j] (+ bias[j])` for the `m` rows of `x`.
     fn matmul_bias(&self, x: &[f32], m: usize, out: &mut [f32], bias: Option<&[f32]>);
 }
 
 impl CpuMatmul for CpuQWeight {
     fn dims(&self) -> (usize, usize) {
         CpuQWeight::dims(self)
+    }
+    fn size_in_bytes(&self) -> usize {
+        CpuQWeight::size_in_bytes(self)
     }
     fn matmul_bias(&self, x: &[f32], m: usize, out: &mut [f32], bias: Option<&[f32]>) {
         CpuQWeight::matmul_bias(self, x, m, out, bias)
@@ -610,6 +618,9 @@ impl CpuMatmul for CpuQWeight {
 impl CpuMatmul for dense16::HalfWeight {
     fn dims(&self) -> (usize, usize) {
         dense16::HalfWeight::dims(self)
+    }
+    fn size_in_bytes(&self) -> usize {
+        dense16::HalfWeight::size_in_bytes(self)
     }
     fn matmul_bias(&self, x: &[f32], m: usize, out: &mut [f32], bias: Option<&[f32]>) {
         dense16::HalfWeight::matmul_bias(self, x, m, out, bias)

@@ -62,11 +62,9 @@ pub fn show(app: &mut QwenApp, ctx: &egui::Context) {
 /// The weight type of model folders: automatic (this machine's default), or one chosen; with
 /// the memory each would take for the current folder. Choosing one loads the folder again.
 fn weights(app: &mut QwenApp, ui: &mut egui::Ui) {
-    let folder = app.model_folder().map(|p| p.to_path_buf());
-    let bytes = folder.as_deref().map(weights_bytes).filter(|&b| b > 0);
-    let auto = folder
-        .as_deref()
-        .and_then(|d| choose_weights(d, &Device::Cpu).ok());
+    let bytes = app.model_folder().map(weights_bytes);
+    let auto = bytes.and_then(|b| choose_weights(b, &Device::Cpu).ok());
+    let bytes = bytes.filter(|&b| b > 0);
     let label = |w: Option<WeightType>| match (w, bytes) {
         (None, _) => match auto {
             Some(a) => format!("Automatic ({a})"),
