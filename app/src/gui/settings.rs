@@ -71,8 +71,16 @@ pub struct Settings {
     #[serde(default)]
     pub use_server: bool,
     /// Weight type in memory for model folders; `None`: the default for this machine.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "weights_or_automatic")]
     pub weights: Option<lm::quant::WeightType>,
+}
+
+/// A weight type this version does not know (a hand edit, a newer version's) reads as
+/// automatic, rather than making the whole settings file unreadable (and so forgotten).
+fn weights_or_automatic<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<lm::quant::WeightType>, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.and_then(|s| lm::quant::WeightType::parse(&s)))
 }
 
 fn yes() -> bool {
@@ -168,4 +176,26 @@ pub fn discover(settings: &Settings) -> Option<Found> {
     hf_hub_cache()
         .and_then(|hub| hf_snapshots(&hub).into_iter().next())
         .map(Found::HfCache)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_weight_type_reads_as_automatic_and_keeps_the_rest() {
+        let root = tempfile::tempdir().unwrap();
+        let dirs = Dirs::in_folder(root.path());
+        std::fs::create_dir_all(&dirs.config).unwrap();
+        let write = |json: &str| std::fs::write(Settings::path(&dirs), json).unwrap();
+        write(r#"{"last_model": "/m", "weights": "q8_0"}"#);
+        assert_eq!(
+            Settings::load(&dirs).weights,
+            Some(lm::quant::WeightType::Q8_0)
+        );
+        write(r#"{"last_model": "/m", "weights": "q6_k"}"#);
+        let s = Settings::load(&dirs);
+        assert_eq!(s.weights, None);
+        assert_eq!(s.last_model, Some(PathBuf::from("/m")));
+    }
 }
