@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use lm::quant::cpu::{CpuQWeight, Format};
+use lm::quant::cpu::CpuQWeight;
 
 fn main() -> candle_core::Result<()> {
     let dev = Device::Cpu;
@@ -39,7 +39,7 @@ fn main() -> candle_core::Result<()> {
         };
         let (tq, td) = (time(&q)?, time(&dense)?);
         let flop = 2.0 * (m * k * n) as f64;
-        let ours = match Format::from_ggml(g) {
+        let ours = match lm::quant::cpu_format(g) {
             Some(f) if k % 256 == 0 => {
                 let bytes = QTensor::quantize(&w, g)?.data()?.into_owned();
                 let qw = CpuQWeight::from_ggml(f, n, k, &bytes).map_err(candle_core::Error::Msg)?;

@@ -169,6 +169,12 @@ fn tune_allocator() {
 fn main() {
     tune_allocator();
     let cli = Cli::parse();
+    // A bad QWENVL_CPU is refused before anything runs: a kernel level this CPU lacks would
+    // fault (SIGILL) the first time it ran.
+    if let Err(e) = kernels::cpu::level_from_env() {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    }
     let result = match cli.command {
         Some(Command::Run(args)) => run(args),
         Some(Command::Bench(args)) => run_bench(args),
@@ -332,6 +338,11 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         if args.json {
             println!("{}", serde_json::to_string_pretty(&rows)?);
         } else {
+            println!(
+                "CPU kernels: {} ({})",
+                bench::cpu_level_words(),
+                kernels::cpu::describe_features()
+            );
             print!("{}", bench::kernels::table(&rows));
         }
         return Ok(());

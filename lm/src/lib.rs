@@ -5,7 +5,6 @@
 
 pub mod checkpoint;
 pub mod config;
-pub mod decode_attention;
 pub mod error;
 pub mod generate;
 pub mod grounding;
@@ -17,3 +16,5 @@ pub mod tokenizer;
 pub use checkpoint::Checkpoint;
 pub use config::{GenerationConfig, QwenConfig};
 pub use error::{Error, Result};
+/// The fused decode attention lives with the other CPU kernels.
+pub use kernels::decode_attention;

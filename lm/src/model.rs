@@ -260,10 +260,7 @@ impl Attention {
         Ok(Self {
             c_attn: QLinear::load(h, 3 * proj, true, vb.pp("c_attn"), wt.clone())?,
             c_proj: QLinear::load(proj, h, !cfg.no_bias, vb.pp("c_proj"), wt.clone())?,
-            kv_dtype: if wt.weight_type.compact_on_cpu()
-                && vb.device().is_cpu()
-                && decode_attention::available(cfg.head_dim())
-            {
+            kv_dtype: if wt.weight_type.compact_on_cpu() && vb.device().is_cpu() {
                 DType::F16
             } else {
                 vb.dtype()
@@ -353,7 +350,6 @@ impl Attention {
             && t <= decode_attention::MAX_QUERIES
             && x.device().is_cpu()
             && q.dtype() == DType::F32
-            && decode_attention::available(d)
         {
             if let Some(kv) = cache.as_ref() {
                 let out = self.fused_attention(&q, kv, scale as f32)?;

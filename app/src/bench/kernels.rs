@@ -1,13 +1,15 @@
 //! `qwenvl bench --kernels`: each hot CPU kernel alone, at the shapes the model runs it, against
 //! the machine's measured limits (memory read bandwidth for the decode matvecs, the f32 matmul for
-//! the rest). Synthetic data; best of several runs.
+//! the rest). Synthetic data; best of several runs. Our kernels run at the process's CPU level
+//! (`QWENVL_CPU` caps it); each row names the level its kernel ran at.
 
 use anyhow::Result;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use lm::quant::cpu::{CpuQWeight, Format};
-use lm::quant::dense16::{Half, HalfWeight};
-use lm::quant::CpuMatmul;
+use kernels::cpu::Level;
+use kernels::dense16::{Half, HalfWeight};
+use kernels::quant::{CpuQWeight, Format};
+use kernels::CpuMatmul;
 
 use super::best_of;
 
@@ -24,6 +26,9 @@ pub struct KernelResult {
     /// For bandwidth-bound kernels: the median share of the read bandwidth measured right before
     /// each pass.
     pub of_bandwidth: Option<f64>,
+    /// The level the kernel ran at (`portable`, `avx2`, `avx512`, `neon`, …), or `candle` for
+    /// candle's own kernels (gemm picks its code by itself).
+    pub cpu: String,
 }
 
 fn randn(shape: (usize, usize), std: f64) -> Result<Vec<f32>> {
@@ -34,7 +39,9 @@ fn randn(shape: (usize, usize), std: f64) -> Result<Vec<f32>> {
 
 fn qweight(format: Format, n: usize, k: usize) -> Result<CpuQWeight> {
     let w = Tensor::randn(0f32, 0.02, (n, k), &Device::Cpu)?;
-    let ggml = QTensor::quantize(&w, format.ggml())?.data()?.into_owned();
+    let ggml = QTensor::quantize(&w, lm::quant::ggml_dtype(format))?
+        .data()?
+        .into_owned();
     CpuQWeight::from_ggml(format, n, k, &ggml).map_err(anyhow::Error::msg)
 }
 
@@ -82,6 +89,7 @@ fn matvec_from_memory<W: CpuMatmul + Clone>(
     one: W,
     kernel: &str,
     paired: Paired<'_>,
+    level: Level,
 ) -> Result<KernelResult> {
     let (n, k) = one.dims();
     let copies = (1_300_000_000 / one.size_in_bytes()).max(1);
@@ -92,7 +100,7 @@ fn matvec_from_memory<W: CpuMatmul + Clone>(
     let (s, ratio) = paired(&mut || {
         rayon::scope(|_| {
             for w in &ws {
-                w.matmul_bias(&x, 1, &mut y, None);
+                w.matmul_at(&x, 1, &mut y, None, level);
             }
         })
     });
@@ -103,22 +111,23 @@ fn matvec_from_memory<W: CpuMatmul + Clone>(
         rate: bytes / s / 1e9,
         unit: "GB/s",
         of_bandwidth: Some(ratio * bytes / 1e9),
+        cpu: level.to_string(),
     })
 }
 
 fn name(format: Format) -> &'static str {
-    match format {
-        Format::Q4K => "q4k",
-        Format::Q8_0 => "q8_0",
-    }
+    format.name()
 }
 
 fn gflops(flop: f64, s: f64) -> f64 {
     flop / s / 1e9
 }
 
-/// Runs every kernel; `progress` is told each one's name before it starts.
+/// Runs every kernel at the process's CPU level; `progress` is told each one's name before it
+/// starts.
 pub fn run(mut progress: impl FnMut(&str)) -> Result<Vec<KernelResult>> {
+    let level = kernels::cpu::level();
+    let ours = level.to_string();
     let mut out = Vec::new();
     let dev = Device::Cpu;
 
@@ -140,7 +149,7 @@ pub fn run(mut progress: impl FnMut(&str)) -> Result<Vec<KernelResult>> {
         let bias = randn((1, n), 0.02)?;
         let mut y = vec![0f32; m * n];
         let s = best_of(5, || {
-            w.matmul_bias(&x, m, &mut y, Some(&bias));
+            w.matmul_at(&x, m, &mut y, Some(&bias), level);
             Ok(())
         })?;
         out.push(KernelResult {
@@ -150,6 +159,7 @@ pub fn run(mut progress: impl FnMut(&str)) -> Result<Vec<KernelResult>> {
             rate: gflops(2.0 * (m * k * n) as f64, s),
             unit: "GFLOP/s",
             of_bandwidth: None,
+            cpu: ours.clone(),
         });
     }
 
@@ -176,8 +186,10 @@ pub fn run(mut progress: impl FnMut(&str)) -> Result<Vec<KernelResult>> {
         let (k, n) = (4096, 11008);
         progress(&format!("{} matvec 1×{k}×{n}", kind.name()));
         out.push(match kind {
-            Kind::Q(format) => matvec_from_memory(qweight(format, n, k)?, kind.name(), &paired)?,
-            Kind::Bf16 => matvec_from_memory(bf16_weight(n, k)?, kind.name(), &paired)?,
+            Kind::Q(format) => {
+                matvec_from_memory(qweight(format, n, k)?, kind.name(), &paired, level)?
+            }
+            Kind::Bf16 => matvec_from_memory(bf16_weight(n, k)?, kind.name(), &paired, level)?,
         });
     }
     // The same matvecs on a weight that stays in the last-level cache (~9 MB): the kernels' own
@@ -192,7 +204,7 @@ pub fn run(mut progress: impl FnMut(&str)) -> Result<Vec<KernelResult>> {
         let s = best_of(5, || {
             rayon::scope(|_| {
                 for _ in 0..reps {
-                    w.matmul(&x, 1, &mut y);
+                    w.matmul_at(&x, 1, &mut y, None, level);
                 }
             });
             Ok(())
@@ -204,12 +216,13 @@ pub fn run(mut progress: impl FnMut(&str)) -> Result<Vec<KernelResult>> {
             rate: (reps * w.size_in_bytes()) as f64 / s / 1e9,
             unit: "GB/s",
             of_bandwidth: None,
+            cpu: ours.clone(),
         });
     }
     // Decode attention of one query over an f16 KV cache of 452 positions (a 324-token prompt
     // plus 128 decoded), 32 heads of 128: the LM's, per layer.
     let (heads, d, len) = (32, 128, 452);
-    if lm::decode_attention::available(d) {
+    {
         progress("decode attention");
         let per_layer = 2 * heads * len * d;
         let layers = 1_300_000_000 / (2 * per_layer);
@@ -237,7 +250,7 @@ pub fn run(mut progress: impl FnMut(&str)) -> Result<Vec<KernelResult>> {
         let scale = (d as f32).sqrt();
         let (s, ratio) = paired(&mut || {
             for (k, v) in ks.iter().zip(&vs) {
-                lm::decode_attention::attend(&q, k, v, dims, scale, &mut o);
+                kernels::decode_attention::attend_at(&q, k, v, dims, scale, &mut o, level);
             }
         });
         let bytes = (layers * per_layer * 2) as f64;
@@ -248,6 +261,7 @@ pub fn run(mut progress: impl FnMut(&str)) -> Result<Vec<KernelResult>> {
             rate: bytes / s / 1e9,
             unit: "GB/s",
             of_bandwidth: Some(ratio * bytes / 1e9),
+            cpu: ours.clone(),
         });
     }
     out.push(KernelResult {
@@ -257,17 +271,18 @@ pub fn run(mut progress: impl FnMut(&str)) -> Result<Vec<KernelResult>> {
         rate: best_bw,
         unit: "GB/s",
         of_bandwidth: None,
+        cpu: "baseline".into(),
     });
 
     // ViT self-attention: 1024 patches, 16 heads of 104.
     let (t, h, hd) = (1024, 16, 104);
     let attn_flop = 4.0 * (t * t * h * hd) as f64;
-    if vision::qwen_vit::bf16_attention::available() {
+    {
         progress("bf16 ViT attention");
         let qkv = randn((t, h * 3 * hd), 1.0)?;
         let mut ctx = vec![0f32; t * h * hd];
         let s = best_of(5, || {
-            vision::qwen_vit::bf16_attention::attention(&qkv, t, h, hd, &mut ctx);
+            kernels::vit_attention::attention_at(&qkv, t, h, hd, &mut ctx, level);
             Ok(())
         })?;
         out.push(KernelResult {
@@ -277,6 +292,7 @@ pub fn run(mut progress: impl FnMut(&str)) -> Result<Vec<KernelResult>> {
             rate: gflops(attn_flop, s),
             unit: "GFLOP/s",
             of_bandwidth: None,
+            cpu: ours.clone(),
         });
     }
     progress("f32 ViT attention");
@@ -295,6 +311,7 @@ pub fn run(mut progress: impl FnMut(&str)) -> Result<Vec<KernelResult>> {
         rate: gflops(attn_flop, s),
         unit: "GFLOP/s",
         of_bandwidth: None,
+        cpu: "candle".into(),
     });
 
     // The f32 reference: candle's dense matmul.
@@ -313,6 +330,23 @@ pub fn run(mut progress: impl FnMut(&str)) -> Result<Vec<KernelResult>> {
         rate: gflops(2.0 * (m * k * n) as f64, s),
         unit: "GFLOP/s",
         of_bandwidth: None,
+        cpu: "candle".into(),
+    });
+    // GELU over the ViT MLP's hidden activations (1024 × 8192), in place.
+    progress("gelu");
+    let mut act = randn((1024, 8192), 2.0)?;
+    let s = best_of(5, || {
+        kernels::math::gelu_erf_in_place_at(&mut act, level);
+        Ok(())
+    })?;
+    out.push(KernelResult {
+        kernel: "gelu (erf)".into(),
+        shape: "ViT MLP: 1024×8192".into(),
+        ms: s * 1e3,
+        rate: (1024 * 8192) as f64 / s / 1e9,
+        unit: "Gvalues/s",
+        of_bandwidth: None,
+        cpu: ours.clone(),
     });
     Ok(out)
 }
@@ -341,8 +375,8 @@ pub fn table(rows: &[KernelResult]) -> String {
                 .map(|f| format!("  ({:.0} % of the bandwidth beside it)", f * 100.0))
                 .unwrap_or_default();
             format!(
-                "{:<kw$}  {:<sw$}  {:>10}  {:>7.1} {}{share}\n",
-                r.kernel, r.shape, ms, r.rate, r.unit
+                "{:<kw$}  {:<8}  {:<sw$}  {:>10}  {:>7.1} {}{share}\n",
+                r.kernel, r.cpu, r.shape, ms, r.rate, r.unit
             )
         })
         .collect()

@@ -12,13 +12,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+use ::kernels::LargeBuffer;
 use anyhow::{Context, Result};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use lm::model::ImageFeatures;
-use lm::quant::cpu::{CpuQWeight, Format, LargeBuffer};
+use lm::quant::cpu::{CpuQWeight, Format};
 use lm::quant::WeightType;
 use lm::QwenConfig;
 
@@ -120,6 +121,8 @@ pub struct BenchReport {
     /// `cpu`, or the GPU (`cuda:0`, …).
     pub device: String,
     pub quant: String,
+    /// The CPU kernel level the run used (`QWENVL_CPU` caps it).
+    pub cpu: String,
     pub threads: usize,
     pub load_s: f64,
     /// The quantized weights were read from the on-disk cache.
@@ -296,7 +299,7 @@ fn lm_bytes_per_token(cfg: &QwenConfig, wt: WeightType) -> u64 {
 
 fn weight_bytes(in_dim: usize, out_dim: usize, wt: WeightType) -> f64 {
     // On the CPU q4k and q8_0 weights are held (and streamed) as 16-row tiles.
-    match wt.ggml().and_then(Format::from_ggml) {
+    match wt.ggml().and_then(lm::quant::cpu_format) {
         Some(f) => CpuQWeight::tiled_size(f, out_dim, wt.stored_in_dim(in_dim)) as f64,
         None => wt.weight_bytes(in_dim, out_dim) as f64,
     }
@@ -479,6 +482,7 @@ pub fn run(
             candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
         },
         quant: wt.to_string(),
+        cpu: cpu_level_words(),
         threads,
         load_s,
         load_from_cache: from_cache,
@@ -504,12 +508,24 @@ pub fn run(
     })
 }
 
+/// The CPU kernel level of this process and what it was chosen from, e.g.
+/// `avx2 (QWENVL_CPU; this CPU runs avx512)`.
+pub fn cpu_level_words() -> String {
+    let (level, best) = (::kernels::cpu::level(), ::kernels::cpu::detected());
+    if level == best {
+        level.to_string()
+    } else {
+        format!("{level} (QWENVL_CPU; this CPU runs {best})")
+    }
+}
+
 /// The report as an aligned two-column table.
 pub fn table(r: &BenchReport) -> String {
     let mut rows: Vec<(&str, String)> = vec![
         ("model", r.model.clone()),
         ("device", r.device.clone()),
         ("weights", r.quant.clone()),
+        ("CPU kernels", r.cpu.clone()),
         ("threads", r.threads.to_string()),
         (
             "load",

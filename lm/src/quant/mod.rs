@@ -2,8 +2,10 @@
 //! formats), chosen at load time. A quantized weight is read from the mapped checkpoint as f32 and
 //! quantized at once, so the full-precision model never sits in memory.
 
-pub mod cpu;
-pub mod dense16;
+/// The tiled CPU weights and their kernels live in the `kernels` crate.
+pub use kernels::dense16;
+pub use kernels::quant as cpu;
+pub use kernels::CpuMatmul;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -213,7 +215,7 @@ impl Fresh {
         let (dims, dtype): (Vec<usize>, GgmlDType) = match self {
             Fresh::Cpu(w) => {
                 let (n, k) = w.dims();
-                (vec![k, n], w.format().ggml())
+                (vec![k, n], ggml_dtype(w.format()))
             }
             Fresh::Candle(t) => (t.shape().dims().iter().rev().copied().collect(), t.dtype()),
         };
@@ -449,7 +451,7 @@ pub fn load_quantized_table(
         _ => cpu::Format::Q8_0,
     };
     let name = format!("{}.weight", vb.prefix());
-    let bytes = quantized_weight_bytes(vb, q, format.ggml(), (rows, cols), 0)?;
+    let bytes = quantized_weight_bytes(vb, q, ggml_dtype(format), (rows, cols), 0)?;
     let w = cpu_weight(&name, format, (rows, cols), &bytes)?;
     if let Some(c) = &q.cache {
         c.remember(&name, Fresh::Cpu(w.clone()));
@@ -495,7 +497,7 @@ impl QLinear {
                 let name = format!("{}.weight", vb.prefix());
                 let stored = (out_dim, in_dim + pad);
                 let bytes = quantized_weight_bytes(&vb, &q, g, (out_dim, in_dim), pad)?;
-                let cpu_format = cpu::Format::from_ggml(g).filter(|_| vb.device().is_cpu());
+                let cpu_format = cpu_format(g).filter(|_| vb.device().is_cpu());
                 let (weight, fresh) = match cpu_format {
                     Some(f) => {
                         let w = cpu_weight(&name, f, stored, &bytes)?;
@@ -592,38 +594,20 @@ impl Module for QLinear {
     }
 }
 
-/// Our CPU weight kinds (quantized tiles, 16-bit tiles), as [`QLinear::forward`] and the
-/// kernel benchmark use them.
-pub trait CpuMatmul: Send + Sync {
-    /// `(n, k)`: `n` output rows of `k` inputs.
-    fn dims(&self) -> (usize, usize);
-    /// Bytes held, all read by one matvec.
-    fn size_in_bytes(&self) -> usize;
-    /// `out[i·n + j] = x[i] · w[j] (+ bias[j])` for the `m` rows of `x`.
-    fn matmul_bias(&self, x: &[f32], m: usize, out: &mut [f32], bias: Option<&[f32]>);
-}
-
-impl CpuMatmul for CpuQWeight {
-    fn dims(&self) -> (usize, usize) {
-        CpuQWeight::dims(self)
-    }
-    fn size_in_bytes(&self) -> usize {
-        CpuQWeight::size_in_bytes(self)
-    }
-    fn matmul_bias(&self, x: &[f32], m: usize, out: &mut [f32], bias: Option<&[f32]>) {
-        CpuQWeight::matmul_bias(self, x, m, out, bias)
+/// The GGML type of a CPU tile format.
+pub fn ggml_dtype(f: cpu::Format) -> GgmlDType {
+    match f {
+        cpu::Format::Q4K => GgmlDType::Q4K,
+        cpu::Format::Q8_0 => GgmlDType::Q8_0,
     }
 }
 
-impl CpuMatmul for dense16::HalfWeight {
-    fn dims(&self) -> (usize, usize) {
-        dense16::HalfWeight::dims(self)
-    }
-    fn size_in_bytes(&self) -> usize {
-        dense16::HalfWeight::size_in_bytes(self)
-    }
-    fn matmul_bias(&self, x: &[f32], m: usize, out: &mut [f32], bias: Option<&[f32]>) {
-        dense16::HalfWeight::matmul_bias(self, x, m, out, bias)
+/// The CPU tile format of a GGML type, if the CPU kernels run it.
+pub fn cpu_format(g: GgmlDType) -> Option<cpu::Format> {
+    match g {
+        GgmlDType::Q4K => Some(cpu::Format::Q4K),
+        GgmlDType::Q8_0 => Some(cpu::Format::Q8_0),
+        _ => None,
     }
 }
 
@@ -651,6 +635,32 @@ pub(crate) fn with_cpu_slice<T: candle_core::WithDType, R>(
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// The CPU tiles decode to exactly what candle's GGML dequantization gives for the blocks
+    /// candle's quantizer writes (the kernels crate tests the tiles against the format itself).
+    #[test]
+    fn cpu_tiles_hold_candles_blocks() {
+        for format in [cpu::Format::Q4K, cpu::Format::Q8_0] {
+            let (n, k) = (37, 512);
+            let w = (Tensor::randn(0f32, 0.05, (n, k), &Device::Cpu).unwrap() + 0.01).unwrap();
+            let q = QTensor::quantize(&w, ggml_dtype(format)).unwrap();
+            let ggml = q.data().unwrap().into_owned();
+            let qw = CpuQWeight::from_ggml(format, n, k, &ggml).unwrap();
+            assert_eq!(qw.to_ggml(), ggml, "{format:?} round trip");
+            let deq: Vec<f32> = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let mut row = vec![0f32; k];
+            for j in 0..n {
+                qw.dequantize_row(j, &mut row);
+                assert_eq!(row, deq[j * k..(j + 1) * k], "{format:?} row {j}");
+            }
+        }
+    }
 
     #[test]
     fn parallel_quantization_is_byte_identical_to_candles() {

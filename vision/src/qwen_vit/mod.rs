@@ -10,10 +10,8 @@
 //! Everything runs in the `VarBuilder`'s dtype except LayerNorm and softmax (always `f32`) and
 //! the one-time position-table interpolation (`f32`, as upstream).
 
-pub mod bf16_attention;
 mod pos;
 mod resampler;
-mod simd;
 mod vit;
 
 use candle_core::{DType, Module, Result, Tensor};
@@ -187,8 +185,8 @@ impl VisualEncoder {
         })
     }
 
-    /// Computes the ViT blocks' self-attention with bf16 products where the CPU has AVX-512 BF16
-    /// (see [`bf16_attention`]). Meant for quantized towers, whose int8 activations are coarser
+    /// Computes the ViT blocks' self-attention on the CPU with bf16 products
+    /// (see [`kernels::vit_attention`]). Meant for quantized towers, whose int8 activations are coarser
     /// already; f32 towers keep exact f32 attention unless this is called.
     pub fn with_bf16_attention(mut self, on: bool) -> Self {
         for b in &mut self.blocks {

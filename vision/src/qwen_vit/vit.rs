@@ -91,7 +91,7 @@ pub struct VisualAttention {
     out_proj: Layer,
     num_heads: usize,
     head_dim: usize,
-    /// Run the fused bf16 kernel ([`super::bf16_attention`]) where the CPU has it.
+    /// Run the fused bf16 kernel ([`kernels::vit_attention`]).
     bf16: bool,
 }
 
@@ -111,8 +111,8 @@ impl VisualAttention {
         })
     }
 
-    /// Computes the attention itself with bf16 products ([`super::bf16_attention`]) when the
-    /// activations are f32 on a CPU that has AVX-512 BF16; otherwise this changes nothing.
+    /// Computes the attention itself with bf16 products ([`kernels::vit_attention`], at every
+    /// CPU level) when the activations are f32 on the CPU; otherwise this changes nothing.
     pub fn set_bf16_attention(&mut self, on: bool) {
         self.bf16 = on;
     }
@@ -122,7 +122,6 @@ impl VisualAttention {
             && xs.device().is_cpu()
             && xs.dtype() == DType::F32
             && self.head_dim.is_multiple_of(2)
-            && super::bf16_attention::available()
     }
 }
 
@@ -136,7 +135,7 @@ impl Module for VisualAttention {
             let mut ctx = vec![0f32; b * n * w];
             with_cpu_f32(&qkv, |qkv| {
                 for (qkv, ctx) in qkv.chunks_exact(n * 3 * w).zip(ctx.chunks_exact_mut(n * w)) {
-                    super::bf16_attention::attention(qkv, n, h, hd, ctx);
+                    kernels::vit_attention::attention(qkv, n, h, hd, ctx);
                 }
             })?;
             return self
@@ -191,8 +190,8 @@ impl Module for Mlp {
 }
 
 /// Exact (erf) GELU, in place on the fresh output of `c_fc`, on every core: candle's `gelu_erf`
-/// runs on one thread, and the MLP applies it to 1024 × 8192 values per layer. With AVX-512 it
-/// runs 16 lanes at a time ([`super::simd::gelu_erf`]), else candle's scalar `erf`.
+/// runs on one thread, and the MLP applies it to 1024 × 8192 values per layer
+/// ([`kernels::math::gelu_erf_in_place`], vectorised at every CPU level).
 fn gelu_erf(xs: Tensor) -> Result<Tensor> {
     if !xs.device().is_cpu() || xs.dtype() != DType::F32 || !xs.is_contiguous() {
         return xs.gelu_erf();
@@ -213,46 +212,15 @@ impl candle_core::InplaceOp1 for GeluInPlace {
         storage: &mut candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> Result<()> {
-        use rayon::prelude::*;
         let candle_core::CpuStorage::F32(data) = storage else {
             candle_core::bail!("gelu: expected f32")
         };
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("gelu: expected a contiguous tensor")
         };
-        let simd = super::simd::has_avx512f();
-        data[start..end].par_chunks_mut(1 << 14).for_each(|c| {
-            if simd {
-                // SAFETY: AVX-512F was detected.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    gelu_avx512(c)
-                };
-            } else {
-                gelu_scalar(c);
-            }
-        });
+        kernels::math::gelu_erf_in_place(&mut data[start..end]);
         Ok(())
     }
-}
-
-fn gelu_scalar(c: &mut [f32]) {
-    for x in c {
-        *x =
-            (candle_core::cpu::erf::erf_f32(*x * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * *x;
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn gelu_avx512(c: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let mut chunks = c.chunks_exact_mut(16);
-    for v in &mut chunks {
-        let p = v.as_mut_ptr();
-        _mm512_storeu_ps(p, super::simd::gelu_erf(_mm512_loadu_ps(p)));
-    }
-    gelu_scalar(chunks.into_remainder());
 }
 
 /// One pre-norm block: `x += attn(ln_1(x))`, `x += mlp(ln_2(x))`.
@@ -299,12 +267,19 @@ impl Module for ResidualAttentionBlock {
 mod tests {
     use super::*;
 
-    /// The AVX-512 GELU against candle's scalar erf form, over the range activations take.
+    /// The in-place GELU (at this process's CPU level) against candle's scalar erf form, over the
+    /// range activations take.
     #[test]
     fn vector_gelu_matches_the_scalar_one() {
         let xs: Vec<f32> = (-12_000..12_000).map(|i| i as f32 * 1e-3 + 1e-4).collect();
-        let mut scalar = xs.clone();
-        gelu_scalar(&mut scalar);
+        let scalar: Vec<f32> = xs
+            .iter()
+            .map(|&x| {
+                (candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2) + 1.0)
+                    * 0.5
+                    * x
+            })
+            .collect();
         let t = Tensor::new(xs.as_slice(), &candle_core::Device::Cpu).unwrap();
         let fast: Vec<f32> = gelu_erf(t).unwrap().to_vec1().unwrap();
         for ((x, f), s) in xs.iter().zip(&fast).zip(&scalar) {

@@ -12,10 +12,14 @@
 //! combination of the values. bf16 keeps 8 significant bits at every magnitude, so the softmax's
 //! small tail weights keep their share (int8 would flush them to zero).
 //!
+//! Every level computes these same numerics: CPUs without `vdpbf16ps` widen the bf16 pairs into
+//! f32 (a shift and a mask) and multiply-add them, which gives the same exact bf16·bf16 products.
 //! Used only with quantized weights (whose int8 activations are coarser still); f32 models keep
-//! the exact path, and CPUs without AVX-512 BF16 use it too.
+//! the exact path.
 
 use rayon::prelude::*;
+
+use crate::cpu::{self, Isa, Level};
 
 /// Keys (or value channels) per 512-bit vector of f32 lanes.
 const LANES: usize = 16;
@@ -23,21 +27,6 @@ const LANES: usize = 16;
 const ROWS: usize = 4;
 /// Query rows per parallel task.
 const TASK_ROWS: usize = 64;
-
-/// Whether this CPU runs the kernel.
-pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bf16")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
 
 /// f32 → bf16 bits, rounding to nearest even (what `vcvtne2ps2bf16` does; NaN stays NaN).
 fn bf16_bits(x: f32) -> u32 {
@@ -71,9 +60,37 @@ struct Head {
 /// `[q | k | v]`, upstream's layout), `out` receives `[n, heads·hd]`. `hd` must be even.
 ///
 /// # Panics
-/// If the kernel is not [`available`] or the slices do not match the sizes.
+/// If the slices do not match the sizes.
 pub fn attention(qkv: &[f32], n: usize, heads: usize, hd: usize, out: &mut [f32]) {
-    assert!(available(), "bf16 attention needs AVX-512 BF16");
+    attention_at(qkv, n, heads, hd, out, cpu::level())
+}
+
+/// Which code computes the products: `vdpbf16ps` needs AVX-512 BF16 on top of the AVX-512 level.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Code {
+    Portable,
+    Avx2,
+    Avx512Bf16,
+    #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+    Neon,
+}
+
+/// [`attention`] with the code of a chosen level.
+///
+/// # Panics
+/// If this CPU cannot run `level`, or the slices do not match the sizes.
+pub fn attention_at(qkv: &[f32], n: usize, heads: usize, hd: usize, out: &mut [f32], level: Level) {
+    cpu::assert_supported(level);
+    let code = match level.isa() {
+        Isa::Avx512 if cpu::features().avx512_bf16 => Code::Avx512Bf16,
+        Isa::Avx512 | Isa::Avx2 => Code::Avx2,
+        Isa::Neon => Code::Neon,
+        Isa::Portable => Code::Portable,
+    };
+    attention_with(qkv, n, heads, hd, out, code)
+}
+
+fn attention_with(qkv: &[f32], n: usize, heads: usize, hd: usize, out: &mut [f32], code: Code) {
     assert!(hd.is_multiple_of(2), "head width must be even");
     assert_eq!(qkv.len(), n * heads * 3 * hd, "qkv shape");
     assert_eq!(out.len(), n * heads * hd, "output shape");
@@ -97,10 +114,17 @@ pub fn attention(qkv: &[f32], n: usize, heads: usize, hd: usize, out: &mut [f32]
         let mut i = i0;
         while i < i1 {
             let r = (i1 - i).min(ROWS);
-            // SAFETY: the CPU features were checked above; buffers have the sizes the kernels use.
-            unsafe {
-                block(&prepared[h], n, hd, i, r, &mut scores, &mut probs, &mut ctx);
-            }
+            block(
+                code,
+                &prepared[h],
+                n,
+                hd,
+                i,
+                r,
+                &mut scores,
+                &mut probs,
+                &mut ctx,
+            );
             let stride = hd.next_multiple_of(LANES);
             for u in 0..r {
                 // SAFETY: row `i + u`, columns `h·hd..(h+1)·hd` belong to this task alone.
@@ -148,10 +172,9 @@ fn prepare(qkv: &[f32], n: usize, heads: usize, hd: usize, h: usize, scale: f32)
 
 /// Rows `i..i + r` of one head: scores, softmax, weighted values into `ctx` (`[r][hd rounded up
 /// to 16]`, already divided by the weights' sum).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn block(
+fn block(
+    code: Code,
     head: &Head,
     n: usize,
     hd: usize,
@@ -164,24 +187,52 @@ unsafe fn block(
     let hp = hd / 2;
     let s_stride = n.next_multiple_of(2 * LANES);
     let q = &head.q[i * hp..(i + r) * hp];
-    match r {
-        1 => scores_kernel::<1>(head, q, hp, s_stride, scores),
-        2 => scores_kernel::<2>(head, q, hp, s_stride, scores),
-        3 => scores_kernel::<3>(head, q, hp, s_stride, scores),
-        _ => scores_kernel::<4>(head, q, hp, s_stride, scores),
-    }
     let n_pairs = n.div_ceil(2);
+    let c_stride = hd.next_multiple_of(LANES);
+    macro_rules! by_rows {
+        ($($f:ident)::+, $($arg:expr),*) => {
+            match r {
+                1 => $($f)::+::<1>($($arg),*),
+                2 => $($f)::+::<2>($($arg),*),
+                3 => $($f)::+::<3>($($arg),*),
+                _ => $($f)::+::<4>($($arg),*),
+            }
+        };
+    }
+    // SAFETY (every arm): the code was chosen from a checked level; the buffers have the sizes
+    // the kernels use (see `attention_with`).
+    match code {
+        #[cfg(target_arch = "x86_64")]
+        Code::Avx512Bf16 => unsafe { by_rows!(scores_kernel, head, q, hp, s_stride, scores) },
+        #[cfg(target_arch = "x86_64")]
+        Code::Avx2 => unsafe { by_rows!(x86::scores_avx2, head, q, hp, s_stride, scores) },
+        #[cfg(target_arch = "aarch64")]
+        Code::Neon => unsafe { by_rows!(neon::scores, head, q, hp, s_stride, scores) },
+        _ => by_rows!(scores_portable, head, q, hp, s_stride, scores),
+    }
+    let isa = match code {
+        Code::Portable => Isa::Portable,
+        Code::Avx2 => Isa::Avx2,
+        Code::Avx512Bf16 => Isa::Avx512,
+        Code::Neon => Isa::Neon,
+    };
     let mut sums = [0f32; ROWS];
     for u in 0..r {
         let row = &mut scores[u * s_stride..u * s_stride + n];
-        sums[u] = softmax_weights(row, &mut probs[u * n_pairs..(u + 1) * n_pairs]);
+        sums[u] = softmax_weights(row, &mut probs[u * n_pairs..(u + 1) * n_pairs], isa);
     }
-    let c_stride = hd.next_multiple_of(LANES);
-    match r {
-        1 => values_kernel::<1>(head, probs, n_pairs, hd, c_stride, ctx),
-        2 => values_kernel::<2>(head, probs, n_pairs, hd, c_stride, ctx),
-        3 => values_kernel::<3>(head, probs, n_pairs, hd, c_stride, ctx),
-        _ => values_kernel::<4>(head, probs, n_pairs, hd, c_stride, ctx),
+    match code {
+        #[cfg(target_arch = "x86_64")]
+        Code::Avx512Bf16 => unsafe {
+            by_rows!(values_kernel, head, probs, n_pairs, hd, c_stride, ctx)
+        },
+        #[cfg(target_arch = "x86_64")]
+        Code::Avx2 => unsafe {
+            by_rows!(x86::values_avx2, head, probs, n_pairs, hd, c_stride, ctx)
+        },
+        #[cfg(target_arch = "aarch64")]
+        Code::Neon => unsafe { by_rows!(neon::values, head, probs, n_pairs, hd, c_stride, ctx) },
+        _ => by_rows!(values_portable, head, probs, n_pairs, hd, c_stride, ctx),
     }
     for u in 0..r {
         let inv = 1.0 / sums[u];
@@ -191,19 +242,72 @@ unsafe fn block(
     }
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-unsafe fn block(
-    _: &Head,
-    _: usize,
-    _: usize,
-    _: usize,
-    _: usize,
-    _: &mut [f32],
-    _: &mut [u32],
-    _: &mut [f32],
+/// The two bf16 values of a pair lane, widened (exact).
+#[inline(always)]
+fn unpair(p: u32) -> (f32, f32) {
+    (f32::from_bits(p << 16), f32::from_bits(p & 0xFFFF_0000))
+}
+
+/// [`scores_kernel`] in plain Rust over 16-lane arrays.
+fn scores_portable<const R: usize>(
+    head: &Head,
+    q: &[u32],
+    hp: usize,
+    s_stride: usize,
+    scores: &mut [f32],
 ) {
-    unreachable!("bf16 attention is only offered on x86-64")
+    let n_tiles = s_stride / LANES;
+    for t in 0..n_tiles {
+        let mut acc = [[0f32; LANES]; R];
+        let kt = &head.k[t * hp * LANES..(t + 1) * hp * LANES];
+        for g in 0..hp {
+            let lanes = &kt[g * LANES..(g + 1) * LANES];
+            let (mut klo, mut khi) = ([0f32; LANES], [0f32; LANES]);
+            for l in 0..LANES {
+                (klo[l], khi[l]) = unpair(lanes[l]);
+            }
+            for (u, a) in acc.iter_mut().enumerate() {
+                let (ql, qh) = unpair(q[u * hp + g]);
+                for l in 0..LANES {
+                    a[l] += klo[l] * ql + khi[l] * qh;
+                }
+            }
+        }
+        for (u, a) in acc.iter().enumerate() {
+            scores[u * s_stride + t * LANES..][..LANES].copy_from_slice(a);
+        }
+    }
+}
+
+/// [`values_kernel`] in plain Rust over 16-lane arrays.
+fn values_portable<const R: usize>(
+    head: &Head,
+    probs: &[u32],
+    n_pairs: usize,
+    hd: usize,
+    c_stride: usize,
+    ctx: &mut [f32],
+) {
+    for t in 0..hd.div_ceil(LANES) {
+        let mut acc = [[0f32; LANES]; R];
+        let vt = &head.v[t * n_pairs * LANES..(t + 1) * n_pairs * LANES];
+        for g in 0..n_pairs {
+            let lanes = &vt[g * LANES..(g + 1) * LANES];
+            let (mut vlo, mut vhi) = ([0f32; LANES], [0f32; LANES]);
+            for l in 0..LANES {
+                (vlo[l], vhi[l]) = unpair(lanes[l]);
+            }
+            for (u, a) in acc.iter_mut().enumerate() {
+                let (pl, ph) = unpair(probs[u * n_pairs + g]);
+                for l in 0..LANES {
+                    a[l] += vlo[l] * pl + vhi[l] * ph;
+                }
+            }
+        }
+        for (u, a) in acc.iter().enumerate() {
+            ctx[u * c_stride + t * LANES..][..LANES].copy_from_slice(a);
+        }
+    }
 }
 
 /// `scores[u][j] = q[u]·k[j]` for every key, two key tiles at a time (8 independent
@@ -247,25 +351,10 @@ unsafe fn scores_kernel<const R: usize>(
 
 /// Turns one row of scores into bf16 weights `exp(s − max)` (pairs, zero-padded) and returns their
 /// sum.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn softmax_weights(row: &mut [f32], probs: &mut [u32]) -> f32 {
-    use std::arch::x86_64::*;
+fn softmax_weights(row: &mut [f32], probs: &mut [u32], isa: Isa) -> f32 {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     let n = row.len();
-    let maxv = _mm512_set1_ps(max);
-    let mut j = 0;
-    while j + LANES <= n {
-        let p = row.as_mut_ptr().add(j);
-        _mm512_storeu_ps(
-            p,
-            super::simd::exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(p), maxv)),
-        );
-        j += LANES;
-    }
-    for v in &mut row[j..] {
-        *v = (*v - max).exp();
-    }
+    crate::math::exp_shifted_in_place(row, max, isa);
     let mut sum = 0f32;
     for (g, p) in probs.iter_mut().enumerate() {
         let lo = bf16_bits(row[2 * g]);
@@ -358,6 +447,92 @@ impl SendPtr {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Head, LANES};
+    use std::arch::x86_64::*;
+
+    /// Both bf16 halves of 8 pair lanes, widened: (low values, high values).
+    #[inline(always)]
+    unsafe fn unpair8(v: __m256i) -> (__m256, __m256) {
+        (
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v)),
+            _mm256_castsi256_ps(_mm256_and_si256(
+                v,
+                _mm256_set1_epi32(0xFFFF_0000u32 as i32),
+            )),
+        )
+    }
+
+    /// [`super::scores_kernel`] without `vdpbf16ps`: one key tile (two halves of 8) at a time.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::needless_range_loop)]
+    pub(super) unsafe fn scores_avx2<const R: usize>(
+        head: &Head,
+        q: &[u32],
+        hp: usize,
+        s_stride: usize,
+        scores: &mut [f32],
+    ) {
+        let n_tiles = s_stride / LANES;
+        for t in 0..n_tiles {
+            let mut acc = [[_mm256_setzero_ps(); R]; 2];
+            let kt = head.k.as_ptr().add(t * hp * LANES);
+            for g in 0..hp {
+                let (a0l, a0h) = unpair8(_mm256_loadu_si256(kt.add(g * LANES) as *const __m256i));
+                let (a1l, a1h) =
+                    unpair8(_mm256_loadu_si256(kt.add(g * LANES + 8) as *const __m256i));
+                for u in 0..R {
+                    let p = *q.get_unchecked(u * hp + g);
+                    let bl = _mm256_set1_ps(f32::from_bits(p << 16));
+                    let bh = _mm256_set1_ps(f32::from_bits(p & 0xFFFF_0000));
+                    acc[0][u] = _mm256_fmadd_ps(a0h, bh, _mm256_fmadd_ps(a0l, bl, acc[0][u]));
+                    acc[1][u] = _mm256_fmadd_ps(a1h, bh, _mm256_fmadd_ps(a1l, bl, acc[1][u]));
+                }
+            }
+            for u in 0..R {
+                let row = scores.as_mut_ptr().add(u * s_stride + t * LANES);
+                _mm256_storeu_ps(row, acc[0][u]);
+                _mm256_storeu_ps(row.add(8), acc[1][u]);
+            }
+        }
+    }
+
+    /// [`super::values_kernel`] without `vdpbf16ps`: one value tile (two halves of 8) at a time.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::needless_range_loop)]
+    pub(super) unsafe fn values_avx2<const R: usize>(
+        head: &Head,
+        probs: &[u32],
+        n_pairs: usize,
+        hd: usize,
+        c_stride: usize,
+        ctx: &mut [f32],
+    ) {
+        for t in 0..hd.div_ceil(LANES) {
+            let mut acc = [[_mm256_setzero_ps(); R]; 2];
+            let vt = head.v.as_ptr().add(t * n_pairs * LANES);
+            for g in 0..n_pairs {
+                let (v0l, v0h) = unpair8(_mm256_loadu_si256(vt.add(g * LANES) as *const __m256i));
+                let (v1l, v1h) =
+                    unpair8(_mm256_loadu_si256(vt.add(g * LANES + 8) as *const __m256i));
+                for u in 0..R {
+                    let p = *probs.get_unchecked(u * n_pairs + g);
+                    let bl = _mm256_set1_ps(f32::from_bits(p << 16));
+                    let bh = _mm256_set1_ps(f32::from_bits(p & 0xFFFF_0000));
+                    acc[0][u] = _mm256_fmadd_ps(v0h, bh, _mm256_fmadd_ps(v0l, bl, acc[0][u]));
+                    acc[1][u] = _mm256_fmadd_ps(v1h, bh, _mm256_fmadd_ps(v1l, bl, acc[1][u]));
+                }
+            }
+            for u in 0..R {
+                let o = ctx.as_mut_ptr().add(u * c_stride + t * LANES);
+                _mm256_storeu_ps(o, acc[0][u]);
+                _mm256_storeu_ps(o.add(8), acc[1][u]);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -423,10 +598,23 @@ mod tests {
     /// key tiles, an odd token count and head widths that are not whole tiles.
     #[test]
     fn matches_attention_on_bf16_operands() {
-        if !available() {
-            eprintln!("skipped: this CPU has no AVX-512 BF16");
-            return;
+        // Every level, plus the widening code on CPUs whose AVX-512 level has `vdpbf16ps`.
+        let mut codes: Vec<(String, Code)> = cpu::levels_to_test("bf16 attention")
+            .into_iter()
+            .map(|l| {
+                let code = match l.isa() {
+                    Isa::Avx512 if cpu::features().avx512_bf16 => Code::Avx512Bf16,
+                    Isa::Avx512 | Isa::Avx2 => Code::Avx2,
+                    Isa::Neon => Code::Neon,
+                    Isa::Portable => Code::Portable,
+                };
+                (l.name().to_string(), code)
+            })
+            .collect();
+        if Level::Avx512.supported() && !cpu::features().avx512_bf16 {
+            eprintln!("bf16 attention: vdpbf16ps not run, this CPU lacks AVX-512 BF16 (counted as skipped)");
         }
+        codes.dedup_by_key(|c| c.1);
         let max_err =
             |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
         for (n, heads, hd, seed) in [
@@ -435,25 +623,29 @@ mod tests {
             (33, 3, 20, 3),
             (70, 2, 104, 4),
             (256, 1, 32, 5),
+            (1030, 1, 6, 6),
         ] {
             let qkv = values(n * heads * 3 * hd, seed);
-            let mut got = vec![f32::NAN; n * heads * hd];
-            attention(&qkv, n, heads, hd, &mut got);
             let rounded = reference(&qkv, n, heads, hd, true);
-            // Values are in [-3, 3]: |v − out| ≤ 6.
-            let bound = 6.0 / 512.0 * (1.0 + 1.0 / 256.0) + 1e-5;
-            let err = max_err(&got, &rounded);
-            assert!(
+            let exact_ref = reference(&qkv, n, heads, hd, false);
+            for (name, code) in &codes {
+                let mut got = vec![f32::NAN; n * heads * hd];
+                attention_with(&qkv, n, heads, hd, &mut got, *code);
+                // Values are in [-3, 3]: |v − out| ≤ 6.
+                let bound = 6.0 / 512.0 * (1.0 + 1.0 / 256.0) + 1e-5;
+                let err = max_err(&got, &rounded);
+                assert!(
                 err <= bound,
-                "n {n} heads {heads} hd {hd}: {err} off the bf16-operand reference (bound {bound})"
+                "{name} n {n} heads {heads} hd {hd}: {err} off the bf16-operand reference (bound {bound})"
             );
-            // Scores here reach ±20, so bf16's 2⁻⁹ relative rounding moves weights by ~1%, on
-            // values of up to 3.
-            let exact = max_err(&got, &reference(&qkv, n, heads, hd, false));
-            assert!(
-                exact < 0.05,
-                "n {n} heads {heads} hd {hd}: {exact} off exact attention"
-            );
+                // Scores here reach ±20, so bf16's 2⁻⁹ relative rounding moves weights by ~1%, on
+                // values of up to 3.
+                let exact = max_err(&got, &exact_ref);
+                assert!(
+                    exact < 0.05,
+                    "{name} n {n} heads {heads} hd {hd}: {exact} off exact attention"
+                );
+            }
         }
     }
 }

@@ -20,9 +20,16 @@
 //! - q8_0: `w = d·q` per 32 values, `x = d_x·a`; VNNI multiplies unsigned by signed bytes, so the
 //!   weights are stored as `q + 128` and `128·Σa` is subtracted per block.
 
-use candle_core::quantized::GgmlDType;
 use half::f16;
 use rayon::prelude::*;
+
+use crate::cpu::{self, Isa, Level};
+use crate::LargeBuffer;
+
+#[cfg(target_arch = "aarch64")]
+mod neon;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 const QK_K: usize = 256;
 const QK8_0: usize = 32;
@@ -60,18 +67,10 @@ pub enum Format {
 }
 
 impl Format {
-    pub fn from_ggml(g: GgmlDType) -> Option<Self> {
-        match g {
-            GgmlDType::Q4K => Some(Self::Q4K),
-            GgmlDType::Q8_0 => Some(Self::Q8_0),
-            _ => None,
-        }
-    }
-
-    pub fn ggml(self) -> GgmlDType {
+    pub fn name(self) -> &'static str {
         match self {
-            Self::Q4K => GgmlDType::Q4K,
-            Self::Q8_0 => GgmlDType::Q8_0,
+            Self::Q4K => "q4k",
+            Self::Q8_0 => "q8_0",
         }
     }
 
@@ -100,71 +99,6 @@ pub struct CpuQWeight {
     k: usize,
     /// `[n/rows tiles][k/block blocks][tile-block]`; rows past `n` in the last tile are zero.
     tiles: LargeBuffer,
-}
-
-/// Zero-initialised bytes that, on Linux, sit in their own anonymous mapping advised onto
-/// transparent huge pages (`MADV_HUGEPAGE`).
-///
-/// Decoding streams every weight once per token. On 4 KiB pages each page of that stream is a TLB
-/// miss, and in a virtual machine a miss is a two-level page walk; 2 MiB pages make them 512
-/// times rarer. (Most distributions enable THP only where asked, as here.)
-pub struct LargeBuffer {
-    #[cfg(target_os = "linux")]
-    map: Option<memmap2::MmapMut>,
-    heap: Vec<u8>,
-}
-
-impl LargeBuffer {
-    /// Below this a buffer is a plain heap allocation: no huge page would fill.
-    const MAPPED_FROM: usize = 2 << 20;
-
-    pub fn zeroed(len: usize) -> Self {
-        #[cfg(target_os = "linux")]
-        if len >= Self::MAPPED_FROM {
-            if let Ok(map) = memmap2::MmapMut::map_anon(len) {
-                // Advice only: without THP the mapping still works, on small pages.
-                let _ = map.advise(memmap2::Advice::HugePage);
-                return Self {
-                    map: Some(map),
-                    heap: Vec::new(),
-                };
-            }
-        }
-        Self {
-            #[cfg(target_os = "linux")]
-            map: None,
-            heap: vec![0; len],
-        }
-    }
-}
-
-impl std::ops::Deref for LargeBuffer {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        #[cfg(target_os = "linux")]
-        if let Some(m) = &self.map {
-            return m;
-        }
-        &self.heap
-    }
-}
-
-impl std::ops::DerefMut for LargeBuffer {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        #[cfg(target_os = "linux")]
-        if let Some(m) = &mut self.map {
-            return m;
-        }
-        &mut self.heap
-    }
-}
-
-impl Clone for LargeBuffer {
-    fn clone(&self) -> Self {
-        let mut b = Self::zeroed(self.len());
-        b.copy_from_slice(self);
-        b
-    }
 }
 
 impl std::fmt::Debug for CpuQWeight {
@@ -400,34 +334,39 @@ impl CpuQWeight {
 
     /// `out[i·n + j] = x[i] · w[j]` for the `m` rows of `x` (`[m, k]`, row-major).
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        self.matmul_with(x, m, out, None, Kernel::best())
+        self.matmul_at(x, m, out, None, cpu::level())
     }
 
     /// [`Self::matmul`] plus `bias[j]` on every row, added as the results are stored (a separate
     /// broadcast add is another pass over the output, on one thread).
     pub fn matmul_bias(&self, x: &[f32], m: usize, out: &mut [f32], bias: Option<&[f32]>) {
-        self.matmul_with(x, m, out, bias, Kernel::best())
+        self.matmul_at(x, m, out, bias, cpu::level())
     }
 
-    /// [`Self::matmul_bias`] with a chosen kernel (tests compare them).
-    pub fn matmul_with(
+    /// [`Self::matmul_bias`] with the kernels of a chosen level (tests and benches compare them).
+    ///
+    /// # Panics
+    /// If this CPU cannot run `level`, or the shapes do not match.
+    pub fn matmul_at(
         &self,
         x: &[f32],
         m: usize,
         out: &mut [f32],
         bias: Option<&[f32]>,
-        kernel: Kernel,
+        level: Level,
     ) {
+        cpu::assert_supported(level);
+        let isa = level.isa();
         let (n, k) = (self.n, self.k);
         let out = TileOut::new(out, x, (m, n, k), bias);
         if m == 0 || n == 0 {
             return;
         }
         let acts: Vec<Act> = if m == 1 {
-            vec![Act::new(self.format, x)]
+            vec![Act::new(self.format, x, isa)]
         } else {
             x.par_chunks_exact(k)
-                .map(|r| Act::new(self.format, r))
+                .map(|r| Act::new(self.format, r, isa))
                 .collect()
         };
         let rows = self.format.rows();
@@ -445,7 +384,7 @@ impl CpuQWeight {
                     let mut i = i0;
                     while i < i1 {
                         let r = (i1 - i).min(MAX_ROWS);
-                        self.tile_dots(t, &acts[i..i + r], &mut dots[..r], kernel);
+                        self.tile_dots(t, &acts[i..i + r], &mut dots[..r], isa);
                         for (u, d) in dots[..r].iter_mut().enumerate() {
                             // SAFETY: row `i + u < m`, columns `j0..j0 + cols` of its own tiles:
                             // this band alone writes them.
@@ -459,219 +398,120 @@ impl CpuQWeight {
     }
 
     /// `out[u][r] = w[rows·t + r] · acts[u]` for up to [`MAX_ROWS`] activation rows.
-    fn tile_dots(&self, t: usize, acts: &[Act], out: &mut [[f32; MAX_TILE]], kernel: Kernel) {
-        match kernel {
-            Kernel::Portable => {
-                for (a, o) in acts.iter().zip(out.iter_mut()) {
-                    self.tile_dot_portable(t, a, o);
-                }
-            }
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Vnni if self.format == Format::Q4K && acts.len() > Q4K_MAX_ROWS => {
-                for (a, o) in acts.chunks(Q4K_MAX_ROWS).zip(out.chunks_mut(Q4K_MAX_ROWS)) {
-                    self.tile_dots(t, a, o, kernel);
-                }
-            }
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Kernel::Avx512Vnni` is only chosen after the CPU features were detected.
-            Kernel::Avx512Vnni => unsafe {
-                match acts.len() {
-                    1 => self.tile_dots_avx512::<1>(t, acts, out),
-                    2 => self.tile_dots_avx512::<2>(t, acts, out),
-                    3 => self.tile_dots_avx512::<3>(t, acts, out),
-                    4 => self.tile_dots_avx512::<4>(t, acts, out),
-                    5 => self.tile_dots_avx512::<5>(t, acts, out),
-                    6 => self.tile_dots_avx512::<6>(t, acts, out),
-                    7 => self.tile_dots_avx512::<7>(t, acts, out),
-                    _ => self.tile_dots_avx512::<8>(t, acts, out),
-                }
-            },
-        }
-    }
-
-    fn tile_dot_portable(&self, t: usize, a: &Act, out: &mut [f32; MAX_TILE]) {
-        let (bv, _, _) = self.format.block();
-        out.fill(0.0);
-        for b in 0..self.k / bv {
-            let tb = self.tile_block(t, b);
-            for (r, o) in out[..self.format.rows()].iter_mut().enumerate() {
-                let d = f16_at(tb, 2 * r);
-                match self.format {
-                    Format::Q4K => {
-                        let dmin = f16_at(tb, q4k_d_at(r).1);
-                        let da = a.d[b];
-                        for s in 0..8 {
-                            let isum: i32 = (0..32)
-                                .map(|w| {
-                                    let v = s * 32 + w;
-                                    q4k_nibble(tb, r, v) as i32 * a.q[b * QK_K + v] as i8 as i32
-                                })
-                                .sum();
-                            let (sc, m) = (tb[q4k_scale_at(r, s)], tb[q4k_min_at(r, s)]);
-                            *o += isum as f32 * (d * sc as f32) * da;
-                            *o -= dmin * m as f32 * (da * a.sums[b * 8 + s] as f32);
-                        }
-                    }
-                    Format::Q8_0 => {
-                        let isum: i32 = (0..QK8_0)
-                            .map(|v| {
-                                let w = tb[32 + (v / 4) * 64 + r * 4 + v % 4] as i32;
-                                w * a.q[b * QK8_0 + v] as i8 as i32
-                            })
-                            .sum();
-                        let corr = 128 * a.sums[b];
-                        *o += (isum - corr) as f32 * (d * a.d[b]);
-                    }
-                }
-            }
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn tile_dots_avx512<const N: usize>(
-        &self,
-        t: usize,
-        acts: &[Act],
-        out: &mut [[f32; MAX_TILE]],
-    ) {
-        use std::arch::x86_64::*;
+    fn tile_dots(&self, t: usize, acts: &[Act], out: &mut [[f32; MAX_TILE]], isa: Isa) {
         let (bv, _, tbytes) = self.format.block();
         let kb = self.k / bv;
-        let base = self.tiles.as_ptr().add(t * kb * tbytes);
-        let mut facc = [_mm512_setzero_ps(); N];
-        // SAFETY (all pointer reads): a tile-block is `tbytes` long with the layout documented at
-        // the constants; activation rows are `k` bytes long with `kb` scales (q4k: and `kb` split
-        // sums).
-        match self.format {
-            Format::Q4K => {
-                // Per 64-byte chunk: `full` = Σ(16·q_hi + q_lo)·a and `high` = Σ(16·q_hi)·a, so
-                // row r's sum is `full − high` and row r+16's is `high / 16`. Scales and mins are
-                // applied to exact integer sums (scale ≤ 63, |Σ q·a| ≤ 32·15·127, |full| ≤
-                // 32·255·128: no i32 overflow over a block) and converted to float once per block.
-                let mask = _mm512_set1_epi8(0x0F);
-                let mut facc_hi = [_mm512_setzero_ps(); N];
-                for b in 0..kb {
-                    let tb = base.add(b * tbytes);
-                    // The block's header first, in address order: d and dmin of rows 0..16 and
-                    // 16..32, then the mins, applied right away. Reading it after the nibbles,
-                    // 4 KiB behind the stream, halved the rate from memory.
-                    let [d_lo, d_hi, m_lo, m_hi] = [
-                        q4k_d_at(0).0,
-                        q4k_d_at(LANES).0,
-                        q4k_d_at(0).1,
-                        q4k_d_at(LANES).1,
-                    ]
-                    .map(|at| _mm512_cvtph_ps(_mm256_loadu_si256(tb.add(at) as *const __m256i)));
-                    for u in 0..N {
-                        let da = _mm512_set1_ps(*acts[u].d.get_unchecked(b));
-                        let split = acts[u].min_sums.get_unchecked(b);
-                        let mins = _mm512_cvtepi32_ps(q4k_min_dot(tb.add(q4k_min_at(0, 0)), split));
-                        facc[u] = _mm512_fnmadd_ps(mins, _mm512_mul_ps(m_lo, da), facc[u]);
-                        let mins =
-                            _mm512_cvtepi32_ps(q4k_min_dot(tb.add(q4k_min_at(LANES, 0)), split));
-                        facc_hi[u] = _mm512_fnmadd_ps(mins, _mm512_mul_ps(m_hi, da), facc_hi[u]);
-                    }
-                    let mut lo_int = [_mm512_setzero_si512(); N];
-                    let mut hi_int = [_mm512_setzero_si512(); N];
-                    for s in 0..8 {
-                        // Two chains per sum for 1–2 rows: one chain of 8 dependent `vpdpbusd`
-                        // holds back the loads behind it.
-                        let chains = if N <= 2 { 2 } else { 1 };
-                        let mut full = [[_mm512_setzero_si512(); 2]; N];
-                        let mut high = [[_mm512_setzero_si512(); 2]; N];
-                        for p in 0..8 {
-                            let w = _mm512_loadu_si512(
-                                tb.add(Q4K_NIBBLES + (s * 8 + p) * 64) as *const _
-                            );
-                            let h = _mm512_andnot_si512(mask, w);
-                            let c = p % chains;
-                            for u in 0..N {
-                                let ap = acts[u].q.as_ptr().add(b * QK_K + s * 32 + p * 4);
-                                let a = _mm512_set1_epi32((ap as *const i32).read_unaligned());
-                                full[u][c] = _mm512_dpbusd_epi32(full[u][c], w, a);
-                                high[u][c] = _mm512_dpbusd_epi32(high[u][c], h, a);
-                            }
-                        }
-                        let full: [_; N] =
-                            std::array::from_fn(|u| _mm512_add_epi32(full[u][0], full[u][1]));
-                        let high: [_; N] =
-                            std::array::from_fn(|u| _mm512_add_epi32(high[u][0], high[u][1]));
-                        let sc_lo = _mm512_cvtepu8_epi32(_mm_loadu_si128(
-                            tb.add(q4k_scale_at(0, s)) as *const __m128i,
-                        ));
-                        let sc_hi = _mm512_cvtepu8_epi32(_mm_loadu_si128(
-                            tb.add(q4k_scale_at(LANES, s)) as *const __m128i,
-                        ));
-                        for u in 0..N {
-                            let lo = _mm512_sub_epi32(full[u], high[u]);
-                            lo_int[u] = _mm512_add_epi32(lo_int[u], _mm512_mullo_epi32(lo, sc_lo));
-                            // Still 16× the sum: divided once per block, exactly.
-                            hi_int[u] =
-                                _mm512_add_epi32(hi_int[u], _mm512_mullo_epi32(high[u], sc_hi));
-                        }
-                    }
-                    for u in 0..N {
-                        let da = _mm512_set1_ps(*acts[u].d.get_unchecked(b));
-                        let lo = _mm512_cvtepi32_ps(lo_int[u]);
-                        facc[u] = _mm512_fmadd_ps(lo, _mm512_mul_ps(d_lo, da), facc[u]);
-                        let hi = _mm512_cvtepi32_ps(_mm512_srai_epi32(hi_int[u], 4));
-                        facc_hi[u] = _mm512_fmadd_ps(hi, _mm512_mul_ps(d_hi, da), facc_hi[u]);
-                    }
-                }
-                for u in 0..N {
-                    _mm512_storeu_ps(out[u].as_mut_ptr().add(LANES), facc_hi[u]);
-                }
-            }
-            Format::Q8_0 => {
-                for b in 0..kb {
-                    let tb = base.add(b * tbytes);
-                    let dv = _mm512_cvtph_ps(_mm256_loadu_si256(tb as *const __m256i));
-                    let mut iacc = [_mm512_setzero_si512(); N];
-                    for p in 0..8 {
-                        let w = _mm512_loadu_si512(tb.add(32 + p * 64) as *const _);
-                        for u in 0..N {
-                            let ap = acts[u].q.as_ptr().add(b * QK8_0 + p * 4);
-                            let a = _mm512_set1_epi32((ap as *const i32).read_unaligned());
-                            iacc[u] = _mm512_dpbusd_epi32(iacc[u], w, a);
-                        }
-                    }
-                    for u in 0..N {
-                        let corr = _mm512_set1_epi32(128 * *acts[u].sums.get_unchecked(b));
-                        let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(iacc[u], corr));
-                        let scale = _mm512_mul_ps(dv, _mm512_set1_ps(*acts[u].d.get_unchecked(b)));
-                        facc[u] = _mm512_fmadd_ps(v, scale, facc[u]);
+        let tile = &self.tiles[t * kb * tbytes..(t + 1) * kb * tbytes];
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: a level is only used after `cpu::assert_supported`; the tile holds `kb`
+            // tile-blocks and each activation row `k` values.
+            Isa::Avx512 => unsafe { x86::tile_dots_avx512(self.format, tile, kb, acts, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            Isa::Avx2 => unsafe { x86::tile_dots_avx2(self.format, tile, kb, acts, out) },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: as above.
+            Isa::Neon => unsafe { neon::tile_dots(self.format, tile, kb, acts, out) },
+            _ => {
+                for (a, o) in acts.iter().zip(out.iter_mut()) {
+                    match self.format {
+                        Format::Q4K => tile_dot_q4k_portable(tile, kb, a, o),
+                        Format::Q8_0 => tile_dot_q8_0_portable(tile, kb, a, o),
                     }
                 }
             }
-        }
-        for u in 0..N {
-            _mm512_storeu_ps(out[u].as_mut_ptr(), facc[u]);
         }
     }
 }
 
-/// `Σ_s m[r][s]·Σa_s` for 16 rows of a q4k tile-block whose mins start at `mins` (see
-/// [`q4k_min_at`]), exact: two `vpdpbusd` for each byte of the split sums (see
-/// [`Act::min_sums`]). |result| ≤ 8·63·4064.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-#[inline]
-unsafe fn q4k_min_dot(mins: *const u8, split: &[i32; 4]) -> std::arch::x86_64::__m512i {
-    use std::arch::x86_64::*;
-    // SAFETY: 128 bytes of mins start at `mins`.
-    let m0 = _mm512_loadu_si512(mins as *const _);
-    let m1 = _mm512_loadu_si512(mins.add(64) as *const _);
-    let z = _mm512_setzero_si512();
-    let hi = _mm512_dpbusd_epi32(z, m0, _mm512_set1_epi32(split[0]));
-    let hi = _mm512_dpbusd_epi32(hi, m1, _mm512_set1_epi32(split[1]));
-    let lo = _mm512_dpbusd_epi32(z, m0, _mm512_set1_epi32(split[2]));
-    let lo = _mm512_dpbusd_epi32(lo, m1, _mm512_set1_epi32(split[3]));
-    _mm512_add_epi32(_mm512_slli_epi32(hi, 6), lo)
+/// Four activation bytes as signed values.
+fn act4(q: &[u8], at: usize) -> [i32; 4] {
+    [
+        q[at] as i8 as i32,
+        q[at + 1] as i8 as i32,
+        q[at + 2] as i8 as i32,
+        q[at + 3] as i8 as i32,
+    ]
+}
+
+/// The portable q8_0 tile kernel: the same integer sums as the SIMD kernels (lane `r` of each
+/// 64-byte chunk is row `r`), written over fixed 16-lane arrays so that the compiler vectorises
+/// them at the baseline. Floats are combined as the SIMD kernels do, without fused multiply-adds.
+fn tile_dot_q8_0_portable(tile: &[u8], kb: usize, a: &Act, out: &mut [f32; MAX_TILE]) {
+    let mut acc = [0f32; LANES];
+    for (b, tb) in tile.chunks_exact(Q8_0_TILE_BYTES).take(kb).enumerate() {
+        let mut isum = [0i32; LANES];
+        for p in 0..8 {
+            let x = act4(&a.q, b * QK8_0 + p * 4);
+            let chunk: &[u8; 64] = tb[32 + p * 64..32 + p * 64 + 64].try_into().unwrap();
+            for (r, s) in isum.iter_mut().enumerate() {
+                let w = &chunk[4 * r..4 * r + 4];
+                // Weights are stored as q + 128.
+                *s += (w[0] as i32 - 128) * x[0]
+                    + (w[1] as i32 - 128) * x[1]
+                    + (w[2] as i32 - 128) * x[2]
+                    + (w[3] as i32 - 128) * x[3];
+            }
+        }
+        let da = a.d[b];
+        for (r, o) in acc.iter_mut().enumerate() {
+            *o += isum[r] as f32 * (f16_at(tb, 2 * r) * da);
+        }
+    }
+    out[..LANES].copy_from_slice(&acc);
+}
+
+/// The portable q4k tile kernel: per block the exact integer sums `Σ_s sc_s·(q·a)_s` and
+/// `Σ_s m_s·Σa_s` of each row, as the SIMD kernels compute them, then the block's float scales.
+fn tile_dot_q4k_portable(tile: &[u8], kb: usize, a: &Act, out: &mut [f32; MAX_TILE]) {
+    let mut acc = [0f32; MAX_TILE];
+    for (b, tb) in tile.chunks_exact(Q4K_TILE_BYTES).take(kb).enumerate() {
+        let mut lo_int = [0i32; LANES];
+        let mut hi_int = [0i32; LANES];
+        for s in 0..8 {
+            let (mut lo, mut hi) = ([0i32; LANES], [0i32; LANES]);
+            for p in 0..8 {
+                let x = act4(&a.q, b * QK_K + s * 32 + p * 4);
+                let at = Q4K_NIBBLES + (s * 8 + p) * 64;
+                let chunk: &[u8; 64] = tb[at..at + 64].try_into().unwrap();
+                for r in 0..LANES {
+                    let w = &chunk[4 * r..4 * r + 4];
+                    lo[r] += (w[0] & 15) as i32 * x[0]
+                        + (w[1] & 15) as i32 * x[1]
+                        + (w[2] & 15) as i32 * x[2]
+                        + (w[3] & 15) as i32 * x[3];
+                    hi[r] += (w[0] >> 4) as i32 * x[0]
+                        + (w[1] >> 4) as i32 * x[1]
+                        + (w[2] >> 4) as i32 * x[2]
+                        + (w[3] >> 4) as i32 * x[3];
+                }
+            }
+            let sc = &tb[q4k_scale_at(0, s)..q4k_scale_at(0, s) + MAX_TILE];
+            for r in 0..LANES {
+                lo_int[r] += lo[r] * sc[r] as i32;
+                hi_int[r] += hi[r] * sc[LANES + r] as i32;
+            }
+        }
+        let da = a.d[b];
+        let sums = &a.sums[b * 8..b * 8 + 8];
+        for r in 0..MAX_TILE {
+            let mins: i32 = (0..8).map(|s| tb[q4k_min_at(r, s)] as i32 * sums[s]).sum();
+            let (d, dmin) = q4k_d_at(r);
+            let int = if r < LANES {
+                lo_int[r]
+            } else {
+                hi_int[r - LANES]
+            };
+            acc[r] -= mins as f32 * (f16_at(tb, dmin) * da);
+            acc[r] += int as f32 * (f16_at(tb, d) * da);
+        }
+    }
+    *out = acc;
 }
 
 /// The `[m, n]` output of a tiled matmul `y = x·Wᵀ + b`, shared by the threads that compute it:
-/// each writes only the columns of its own tiles (here and in [`super::dense16`]).
+/// each writes only the columns of its own tiles (here and in [`crate::dense16`]).
 #[derive(Clone, Copy)]
 pub(crate) struct TileOut<'a> {
     ptr: *mut f32,
@@ -718,36 +558,8 @@ impl<'a> TileOut<'a> {
     }
 }
 
-/// Which dot-product code runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kernel {
-    Portable,
-    #[cfg(target_arch = "x86_64")]
-    Avx512Vnni,
-}
-
-impl Kernel {
-    /// The fastest kernel this CPU runs.
-    pub fn best() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::sync::OnceLock;
-            static HAS: OnceLock<bool> = OnceLock::new();
-            let has = *HAS.get_or_init(|| {
-                std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("avx512bw")
-                    && std::arch::is_x86_feature_detected!("avx512vnni")
-            });
-            if has {
-                return Kernel::Avx512Vnni;
-            }
-        }
-        Kernel::Portable
-    }
-}
-
 /// One activation row quantized to int8 for a weight format.
-struct Act {
+pub(crate) struct Act {
     /// The signed values.
     q: Vec<u8>,
     /// Per-block scale (q4k: per 256 values; q8_0: per 32).
@@ -756,8 +568,8 @@ struct Act {
     /// sub-block (the portable kernel applies the mins to it).
     sums: Vec<i32>,
     /// q4k: per block, the 8 sub-block sums split as `Σa = 64·h + l` (`h` signed, `0 ≤ l < 64`)
-    /// into bytes `[h0..h3], [h4..h7], [l0..l3], [l4..l7]`: `vpdpbusd` multiplies unsigned mins by
-    /// signed bytes, and `|Σa| ≤ 32·127` does not fit one.
+    /// into bytes `[h0..h3], [h4..h7], [l0..l3], [l4..l7]`: the SIMD kernels multiply unsigned
+    /// mins by signed bytes, and `|Σa| ≤ 32·127` does not fit one.
     min_sums: Vec<[i32; 4]>,
 }
 
@@ -772,7 +584,7 @@ fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
         return if finite { 0.0 } else { f32::NAN };
     }
     let id = 127.0 / amax;
-    // Round to nearest by the 1.5·2²³ trick (|v·id| ≤ 127): `f32::round` is a libm call on
+    // Round to nearest even by the 1.5·2²³ trick (|v·id| ≤ 127): `f32::round` is a libm call on
     // baseline x86-64 and was 1/4 of the quantization time.
     const MAGIC: f32 = 12_582_912.0;
     for (q, v) in q.iter_mut().zip(x) {
@@ -782,28 +594,17 @@ fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
 }
 
 impl Act {
-    fn new(format: Format, x: &[f32]) -> Self {
+    fn new(format: Format, x: &[f32], isa: Isa) -> Self {
         let k = x.len();
         let (bv, _, _) = format.block();
         let mut q = vec![0u8; k];
         let mut d = Vec::with_capacity(k / bv);
         let mut sums = Vec::new();
         let mut min_sums = Vec::new();
-        let simd = Kernel::best() != Kernel::Portable;
         let mut sub = [0i32; QK_K / 32];
         for (xb, qb) in x.chunks_exact(bv).zip(q.chunks_exact_mut(bv)) {
             let sub = &mut sub[..bv / 32];
-            let db = if simd {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `Kernel::Avx512Vnni` is only chosen after AVX-512 was detected.
-                unsafe {
-                    quantize_block_avx512(xb, qb, sub)
-                }
-                #[cfg(not(target_arch = "x86_64"))]
-                unreachable!()
-            } else {
-                quantize_block_sums(xb, qb, sub)
-            };
+            let db = quantize_block_at(isa, xb, qb, sub);
             d.push(db);
             match format {
                 Format::Q4K => {
@@ -829,6 +630,22 @@ impl Act {
     }
 }
 
+/// [`quantize_block_sums`] with the code of `isa` (all give the same bytes, scales and sums).
+fn quantize_block_at(isa: Isa, x: &[f32], q: &mut [u8], sums: &mut [i32]) -> f32 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level was checked by the caller (`cpu::assert_supported`).
+        Isa::Avx512 => unsafe { x86::quantize_block_avx512(x, q, sums) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { x86::quantize_block_avx2(x, q, sums) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above.
+        Isa::Neon => unsafe { neon::quantize_block(x, q, sums) },
+        _ => quantize_block_sums(x, q, sums),
+    }
+}
+
 /// [`quantize_block`] into bytes, with the sum of each 32 quantized values.
 fn quantize_block_sums(x: &[f32], q: &mut [u8], sums: &mut [i32]) -> f32 {
     let mut tmp = [0i8; QK_K];
@@ -843,65 +660,78 @@ fn quantize_block_sums(x: &[f32], q: &mut [u8], sums: &mut [i32]) -> f32 {
     d
 }
 
-/// [`quantize_block_sums`] 16 lanes at a time, with the same results: `vcvtps2dq` rounds to
-/// nearest even like the scalar trick. Blocks holding NaN or ±∞ take the scalar path.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn quantize_block_avx512(x: &[f32], q: &mut [u8], sums: &mut [i32]) -> f32 {
-    use std::arch::x86_64::*;
-    let n = x.len();
-    debug_assert!(n.is_multiple_of(32) && q.len() == n && sums.len() == n / 32);
-    let p = x.as_ptr();
-    let mut amax = _mm512_setzero_ps();
-    let mut unordered = 0u16;
-    for i in (0..n).step_by(16) {
-        let v = _mm512_loadu_ps(p.add(i));
-        amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
-        unordered |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-    }
-    let amax = _mm512_reduce_max_ps(amax);
-    if unordered != 0 || !amax.is_finite() || amax == 0.0 {
-        return quantize_block_sums(x, q, sums);
-    }
-    let id = _mm512_set1_ps(127.0 / amax);
-    for (c, s) in sums.iter_mut().enumerate() {
-        let lo = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(p.add(32 * c)), id));
-        let hi = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(p.add(32 * c + 16)), id));
-        *s = _mm512_reduce_add_epi32(_mm512_add_epi32(lo, hi));
-        _mm_storeu_si128(
-            q.as_mut_ptr().add(32 * c) as *mut __m128i,
-            _mm512_cvtepi32_epi8(lo),
-        );
-        _mm_storeu_si128(
-            q.as_mut_ptr().add(32 * c + 16) as *mut __m128i,
-            _mm512_cvtepi32_epi8(hi),
-        );
-    }
-    amax / 127.0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::QTensor;
-    use candle_core::{Device, Tensor};
+
+    /// Deterministic bytes.
+    fn bytes(seed: u64, len: usize) -> Vec<u8> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 32) as u8
+            })
+            .collect()
+    }
+
+    fn floats(seed: u64, len: usize, scale: f32) -> Vec<f32> {
+        bytes(seed, 4 * len)
+            .chunks_exact(4)
+            .map(|b| {
+                (u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32 / u32::MAX as f32 - 0.5)
+                    * scale
+            })
+            .collect()
+    }
+
+    /// Random GGML blocks with every bit pattern of the quants and scales (q8_0 quants include
+    /// -128), and small positive d / dmin.
+    fn ggml_blocks(format: Format, n: usize, k: usize, seed: u64) -> Vec<u8> {
+        let (bv, bb, _) = format.block();
+        let mut g = bytes(seed, n * (k / bv) * bb);
+        let ds = floats(seed + 1, 2 * n * (k / bv), 0.02);
+        for (i, blk) in g.chunks_exact_mut(bb).enumerate() {
+            blk[0..2].copy_from_slice(&f16::from_f32(ds[2 * i].abs() + 1e-3).to_le_bytes());
+            if format == Format::Q4K {
+                blk[2..4].copy_from_slice(&f16::from_f32(ds[2 * i + 1].abs()).to_le_bytes());
+            }
+        }
+        g
+    }
+
+    /// GGML's own decoding of the blocks (`dequantize_row_q4_K` / `_q8_0`), written from the format.
+    fn ggml_dequantize(format: Format, g: &[u8]) -> Vec<f32> {
+        let (_, bb, _) = format.block();
+        let mut out = Vec::new();
+        for blk in g.chunks_exact(bb) {
+            let d = f16_at(blk, 0);
+            match format {
+                Format::Q8_0 => out.extend(blk[2..].iter().map(|&q| d * q as i8 as f32)),
+                Format::Q4K => {
+                    let dmin = f16_at(blk, 2);
+                    let (sc, m) = q4k_scales(&blk[4..16]);
+                    for j in 0..4 {
+                        let qs = &blk[16 + 32 * j..16 + 32 * j + 32];
+                        for (s, shift) in [(2 * j, 0), (2 * j + 1, 4)] {
+                            out.extend(qs.iter().map(|&q| {
+                                d * sc[s] as f32 * ((q >> shift) & 15) as f32 - dmin * m[s] as f32
+                            }));
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
 
     fn weight(format: Format, n: usize, k: usize, seed: u64) -> (CpuQWeight, Vec<u8>, Vec<f32>) {
-        let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap();
-        // A seed-dependent offset so the weights differ between calls (q4k mins are then used).
-        let w = (w + seed as f64 * 1e-2).unwrap();
-        let q = QTensor::quantize(&w, format.ggml()).unwrap();
-        let ggml = q.data().unwrap().into_owned();
-        let qw = CpuQWeight::from_ggml(format, n, k, &ggml).unwrap();
-        let deq = q
-            .dequantize(&dev)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        (qw, ggml, deq)
+        let g = ggml_blocks(format, n, k, seed);
+        let w = CpuQWeight::from_ggml(format, n, k, &g).unwrap();
+        let deq = ggml_dequantize(format, &g);
+        (w, g, deq)
     }
 
     #[test]
@@ -928,69 +758,113 @@ mod tests {
         }
     }
 
-    /// Both kernels against an f32 product with the dequantized weights: the only difference left
-    /// is the int8 rounding of the activations (≤ 1/254 of each block's largest value).
+    /// Every level against the f32 product with the dequantized weights (the only difference
+    /// left is the int8 rounding of the activations, ≤ 1/254 of each block's largest value),
+    /// and against each other. The integer sums of every level are the same exact numbers: the
+    /// SIMD levels also combine them in the same order with fused multiply-adds, so they agree
+    /// bit for bit; the portable kernel rounds each product and sum separately, which moves a
+    /// result by a few f32 ulps of the largest term per block (bound: 1e-5 of the output scale).
     #[test]
-    fn kernels_match_the_dequantized_product() {
-        let dev = Device::Cpu;
+    fn every_level_matches_the_dequantized_product_and_the_portable_kernel() {
+        let levels = cpu::levels_to_test("quant matmul");
         for format in [Format::Q4K, Format::Q8_0] {
             for (m, k, n) in [
                 (1, 512, 37),
-                (2, 512, 40),
-                (7, 768, 48),
-                (70, 256, 300),
+                (2, 256, 40),
+                (3, 768, 48),
                 (5, 1792, 16),
+                (9, 256, 33),
+                (13, 512, 1),
+                (70, 256, 300),
             ] {
-                let (qw, _, deq) = weight(format, n, k, m as u64);
-                let x: Vec<f32> = Tensor::randn(0f32, 1.0, (m, k), &dev)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
+                let (qw, _, deq) = weight(format, n, k, (m * 31 + n) as u64);
+                let x = floats(m as u64 + 100, m * k, 4.0);
                 let mut reference = vec![0f32; m * n];
                 for i in 0..m {
                     for j in 0..n {
                         reference[i * n + j] = x[i * k..(i + 1) * k]
                             .iter()
                             .zip(&deq[j * k..(j + 1) * k])
-                            .map(|(a, b)| a * b)
-                            .sum();
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum::<f64>() as f32;
                     }
                 }
-                let scale = reference.iter().fold(0f32, |a, v| a.max(v.abs()));
-                let mut portable = vec![0f32; m * n];
-                qw.matmul_with(&x, m, &mut portable, None, Kernel::Portable);
-                let err = portable
-                    .iter()
-                    .zip(&reference)
-                    .fold(0f32, |a, (p, r)| a.max((p - r).abs()));
-                assert!(
-                    err < 0.02 * scale,
-                    "{format:?} {m}x{k}x{n}: max error {err} vs scale {scale}"
-                );
-                let mut best = vec![0f32; m * n];
-                qw.matmul(&x, m, &mut best);
-                // The fused bias is the plain sum.
+                let scale = reference.iter().fold(1e-6f32, |a, v| a.max(v.abs()));
                 let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.25 - 3.0).collect();
-                let mut biased = vec![0f32; m * n];
-                qw.matmul_bias(&x, m, &mut biased, Some(&bias));
-                for (i, (b, p)) in biased.iter().zip(&best).enumerate() {
-                    assert_eq!(*b, p + bias[i % n], "{format:?} {m}x{k}x{n} bias at {i}");
-                }
-                // Same integer sums; only the float summation order differs.
-                for (b, p) in best.iter().zip(&portable) {
+                let mut simd: Option<(Level, Vec<f32>)> = None;
+                let mut portable = vec![0f32; m * n];
+                qw.matmul_at(&x, m, &mut portable, None, Level::Portable);
+                for &level in &levels {
+                    let mut got = vec![f32::NAN; m * n];
+                    qw.matmul_at(&x, m, &mut got, None, level);
+                    let err = got
+                        .iter()
+                        .zip(&reference)
+                        .fold(0f32, |a, (p, r)| a.max((p - r).abs()));
                     assert!(
-                        (b - p).abs() <= 1e-4 * scale,
-                        "{format:?} {m}x{k}x{n}: {:?} kernel {b} vs portable {p}",
-                        Kernel::best()
+                        err < 0.02 * scale,
+                        "{format:?} {level} {m}x{k}x{n}: max error {err} vs scale {scale}"
                     );
+                    for (g, p) in got.iter().zip(&portable) {
+                        assert!(
+                            (g - p).abs() <= 1e-5 * scale,
+                            "{format:?} {level} {m}x{k}x{n}: {g} vs portable {p}"
+                        );
+                    }
+                    // The fused bias is the plain sum.
+                    let mut biased = vec![0f32; m * n];
+                    qw.matmul_at(&x, m, &mut biased, Some(&bias), level);
+                    for (i, (b, p)) in biased.iter().zip(&got).enumerate() {
+                        assert_eq!(*b, p + bias[i % n], "{format:?} {level} bias at {i}");
+                    }
+                    if level != Level::Portable {
+                        match &simd {
+                            Some((other, want)) => assert!(
+                                got == *want,
+                                "{format:?} {m}x{k}x{n}: {level} and {other} differ"
+                            ),
+                            None => simd = Some((level, got)),
+                        }
+                    }
                 }
             }
         }
     }
 
-    /// The largest sums the q4k kernel's integer accumulators can meet: every nibble 15, every
+    /// The AVX-VNNI q8_0 path (the same `vpdpbusd` on 8 lanes), run through its EVEX encoding
+    /// where the CPU has AVX-512 VNNI: bit-identical to the `vpmaddubsw` path.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx_vnni_q8_0_path_is_the_maddubs_path() {
+        let f = cpu::features();
+        if !(Level::Avx512.supported() && f.avx512_vnni) {
+            eprintln!(
+                "avx-vnni q8_0 path: not run, this CPU lacks AVX-512 VNNI (counted as skipped)"
+            );
+            return;
+        }
+        let (k, n) = (1024, 16);
+        let (qw, _, _) = weight(Format::Q8_0, n, k, 9);
+        let x = floats(4, 4 * k, 3.0);
+        let acts: Vec<Act> = x
+            .chunks_exact(k)
+            .map(|r| Act::new(Format::Q8_0, r, Isa::Avx2))
+            .collect();
+        let mut a = [[0f32; MAX_TILE]; 4];
+        let mut b = [[0f32; MAX_TILE]; 4];
+        // SAFETY: AVX2 and AVX-512 VNNI/VL were detected; one whole tile of `k / 32` blocks.
+        unsafe {
+            let tile = &qw.tiles[..k / QK8_0 * Q8_0_TILE_BYTES];
+            x86::tile_dots_avx2(Format::Q8_0, tile, k / QK8_0, &acts, &mut a);
+            x86::q8_0_evex_vnni::<4>(tile, k / QK8_0, &acts, &mut b);
+        }
+        if f.avx_vnni {
+            eprintln!("(this CPU has AVX-VNNI: tile_dots_avx2 itself ran vpdpbusd)");
+        }
+        assert_eq!(a, b);
+    }
+
+    /// The largest sums the q4k kernels' integer accumulators can meet: every nibble 15, every
     /// scale and min 63, every activation ±127, in both nibble halves of a tile.
     #[test]
     fn q4k_extreme_blocks_do_not_overflow() {
@@ -1011,13 +885,13 @@ mod tests {
                 .map(|i| if flip && (i / 32) % 3 == 1 { -1.0 } else { 1.0 })
                 .collect();
             let want: f64 = x.iter().zip(&row).map(|(a, w)| (a * w) as f64).sum();
-            for kernel in [Kernel::Portable, Kernel::best()] {
+            for level in cpu::levels_to_test("q4k extremes") {
                 let mut out = vec![0f32; 2 * n];
-                qw.matmul_with(&x.repeat(2), 2, &mut out, None, kernel);
+                qw.matmul_at(&x.repeat(2), 2, &mut out, None, level);
                 for v in out {
                     assert!(
                         ((v as f64 - want) / want).abs() < 1e-5,
-                        "{kernel:?} flip {flip}: {v} vs {want}"
+                        "{level} flip {flip}: {v} vs {want}"
                     );
                 }
             }
@@ -1026,53 +900,46 @@ mod tests {
 
     #[test]
     fn zero_and_non_finite_activation_blocks() {
-        for format in [Format::Q4K, Format::Q8_0] {
-            let (qw, _, _) = weight(format, 16, 256, 1);
-            let mut out = vec![1f32; 16];
-            qw.matmul(&[0f32; 256], 1, &mut out);
-            assert!(out.iter().all(|v| *v == 0.0), "{format:?} {out:?}");
-            let mut x = [0.5f32; 256];
-            x[3] = f32::NAN;
-            qw.matmul(&x, 1, &mut out);
-            assert!(
-                out.iter().all(|v| v.is_nan()),
-                "{format:?}: a NaN must not vanish: {out:?}"
-            );
+        for level in cpu::levels_to_test("quant non-finite") {
+            for format in [Format::Q4K, Format::Q8_0] {
+                let (qw, _, _) = weight(format, 16, 256, 1);
+                let mut out = vec![1f32; 16];
+                qw.matmul_at(&[0f32; 256], 1, &mut out, None, level);
+                assert!(out.iter().all(|v| *v == 0.0), "{level} {format:?} {out:?}");
+                let mut x = [0.5f32; 256];
+                x[3] = f32::NAN;
+                qw.matmul_at(&x, 1, &mut out, None, level);
+                assert!(
+                    out.iter().all(|v| v.is_nan()),
+                    "{level} {format:?}: a NaN must not vanish: {out:?}"
+                );
+            }
         }
     }
 
-    /// The AVX-512 activation quantizer gives the scalar one's bytes, scales and sums, ties and
+    /// Every level's activation quantizer gives the scalar one's bytes, scales and sums, ties and
     /// non-finite blocks included.
     #[test]
     fn vector_activation_quantization_is_the_scalar_one() {
-        if Kernel::best() == Kernel::Portable {
-            eprintln!("skipped: no AVX-512 VNNI");
-            return;
-        }
-        let dev = Device::Cpu;
-        for (bv, seed) in [(32usize, 0u64), (256, 1), (32, 2), (256, 3)] {
-            let mut x: Vec<f32> = Tensor::randn(0f32, 1.0 + seed as f32, (64 * bv,), &dev)
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            // Exact ties of the rounding: with a block maximum of 127, v·id is v itself.
-            x[0] = 127.0;
-            for (i, v) in x[1..bv].iter_mut().enumerate() {
-                *v = (i as f32 - 15.0) + 0.5;
-            }
-            x[5 * bv + 3] = f32::NAN;
-            x[7 * bv] = f32::INFINITY;
-            x[9 * bv..10 * bv].fill(0.0);
-            for xb in x.chunks_exact(bv) {
-                let (mut qa, mut qb) = (vec![0u8; bv], vec![0u8; bv]);
-                let (mut sa, mut sb) = (vec![0i32; bv / 32], vec![0i32; bv / 32]);
-                let da = quantize_block_sums(xb, &mut qa, &mut sa);
-                #[cfg(target_arch = "x86_64")]
-                let db = unsafe { quantize_block_avx512(xb, &mut qb, &mut sb) };
-                #[cfg(not(target_arch = "x86_64"))]
-                let db = quantize_block_sums(xb, &mut qb, &mut sb);
-                assert_eq!(da.to_bits(), db.to_bits());
-                assert_eq!((qa, sa), (qb, sb));
+        for level in cpu::levels_to_test("activation quantization") {
+            for (bv, seed) in [(32usize, 0u64), (256, 1), (32, 2), (256, 3)] {
+                let mut x = floats(seed, 64 * bv, 2.0 + seed as f32);
+                // Exact ties of the rounding: with a block maximum of 127, v·id is v itself.
+                x[0] = 127.0;
+                for (i, v) in x[1..bv].iter_mut().enumerate() {
+                    *v = (i as f32 - 15.0) + 0.5;
+                }
+                x[5 * bv + 3] = f32::NAN;
+                x[7 * bv] = f32::INFINITY;
+                x[9 * bv..10 * bv].fill(0.0);
+                for xb in x.chunks_exact(bv) {
+                    let (mut qa, mut qb) = (vec![0u8; bv], vec![0u8; bv]);
+                    let (mut sa, mut sb) = (vec![0i32; bv / 32], vec![0i32; bv / 32]);
+                    let da = quantize_block_sums(xb, &mut qa, &mut sa);
+                    let db = quantize_block_at(level.isa(), xb, &mut qb, &mut sb);
+                    assert_eq!(da.to_bits(), db.to_bits(), "{level}");
+                    assert_eq!((qa, sa), (qb, sb), "{level}");
+                }
             }
         }
     }

@@ -1,0 +1,1 @@
+//! The aarch64 tile kernels (filled in below).
