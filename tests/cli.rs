@@ -53,9 +53,14 @@ fn run_case(model: &Path, case: &Value, extra: &[&str]) -> Run {
 }
 
 fn run_cli(model: &Path, case: &Value, args: &[&str]) -> Run {
+    run_cli_env(model, case, args, &[])
+}
+
+fn run_cli_env(model: &Path, case: &Value, args: &[&str], env: &[(&str, &str)]) -> Run {
     let dir = conversation_dir(case);
     let logits_path = dir.path().join("logits.safetensors");
     let out = Command::new(env!("CARGO_BIN_EXE_qwenvl"))
+        .envs(env.iter().copied())
         .arg("run")
         .arg("--model")
         .arg(model)
@@ -143,6 +148,123 @@ fn every_case_matches_the_reference_through_the_cli() {
         }
         check_against_reference(c, &run, &logits[c["logits_key"].as_str().unwrap()]);
     }
+}
+
+/// The golden cases (one text, one image, one grounding) under every CPU kernel level this CPU
+/// runs, forced with `QWENVL_CPU`. f32 weights: every level against the reference (prompt ids,
+/// logits, greedy ids and text). 16-bit and quantized weights: every level against the portable
+/// level, which the SIMD kernels are tested against kernel by kernel (kernels::*::tests).
+///
+/// Tolerances, from what separates the levels: bf16 has no activation rounding, so the levels
+/// differ by float summation order only (measured ≤ 5e-5 on these logits; bound 5e-4). q8_0 and
+/// q4k round every activation row to int8 before each matmul; a few-ulp difference in a layer's
+/// output (another summation order in attention, GELU or the block scales) can move one value
+/// across an int8 rounding boundary, which shifts later logits by an amount of the order of the
+/// weight type's own error. So a level must be no further from the portable run than the portable
+/// run is from the exact f32 reference (measured: 0.06–0.12 apart vs 0.12–0.14 for q8_0; 0.14
+/// vs 1.8 for q4k), plus 1e-3; a wrong kernel is off by far more.
+#[test]
+fn every_cpu_level_gives_the_reference_results() {
+    let logits = expected_tensors("logits.safetensors");
+    let levels = kernels::cpu::levels_to_test("CLI golden cases");
+    let base = levels[0];
+    assert_eq!(base, kernels::Level::Portable);
+    for id in ["text_only_en", "one_image", "grounding_en"] {
+        let c = case(id);
+        let reference = &logits[c["logits_key"].as_str().unwrap()];
+        let mut portable: Vec<(&str, Run)> = Vec::new();
+        for &level in &levels {
+            let env = [("QWENVL_CPU", level.name())];
+            let run = run_cli_env(
+                &tiny_a(),
+                c,
+                &["--greedy", "--max-new-tokens", "24", "--quant", "f32"],
+                &env,
+            );
+            assert_eq!(
+                run.json["timings"]["cpu"],
+                level.name(),
+                "{id}: timings name the level"
+            );
+            check_against_reference(c, &run, reference);
+            for wt in ["bf16", "q8_0", "q4k"] {
+                let args = ["--greedy", "--max-new-tokens", "24", "--quant", wt];
+                let run = run_cli_env(&tiny_a(), c, &args, &env);
+                let Some((_, first)) = portable.iter().find(|(w, _)| *w == wt) else {
+                    portable.push((wt, run));
+                    continue;
+                };
+                assert_eq!(
+                    run.json["prompt_ids"], first.json["prompt_ids"],
+                    "{id} {wt} at {level}: prompt ids"
+                );
+                let d = max_abs_diff(&run.logits, &first.logits);
+                let bound = if wt == "bf16" {
+                    5e-4
+                } else {
+                    max_abs_diff(&first.logits, reference) + 1e-3
+                };
+                eprintln!("{id} {wt}: {level} vs {base}: max |Δlogit| {d} (bound {bound})");
+                assert!(
+                    d <= bound,
+                    "{id} {wt} at {level}: logits differ by {d} from {base} (bound {bound})"
+                );
+                if wt == "bf16" {
+                    assert_eq!(
+                        run.json["generated_ids"], first.json["generated_ids"],
+                        "{id} {wt} at {level}: greedy ids"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// An unknown word, or a level this CPU lacks, is refused before anything runs (exit 2), with
+/// the accepted words and what this CPU has; never a SIGILL.
+#[test]
+fn bad_cpu_levels_are_refused_at_start() {
+    let lacking = [
+        kernels::Level::Neon,
+        kernels::Level::Avx2,
+        kernels::Level::Amx,
+    ]
+    .into_iter()
+    .find(|l| !l.supported())
+    .expect("no CPU runs both x86 and Arm levels");
+    for (word, why) in [
+        ("sse9", "not a kernel level"),
+        (lacking.name(), "cannot run that level"),
+    ] {
+        for args in [&["run", "--help"][..], &["bench", "--kernels"][..]] {
+            let out = Command::new(env!("CARGO_BIN_EXE_qwenvl"))
+                .env("QWENVL_CPU", word)
+                .args(args)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(2),
+                "QWENVL_CPU={word} {args:?}: {err}"
+            );
+            assert!(err.contains(why), "{err}");
+            assert!(err.contains("portable, avx2, avx512, amx, neon"), "{err}");
+            assert!(err.contains("this CPU runs: portable"), "{err}");
+        }
+    }
+    // Any case is accepted, as is the level this CPU runs.
+    let best = kernels::cpu::detected().name().to_uppercase();
+    let out = Command::new(env!("CARGO_BIN_EXE_qwenvl"))
+        .env("QWENVL_CPU", &best)
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

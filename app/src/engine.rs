@@ -36,6 +36,9 @@ pub struct Timings {
     pub cached_images: usize,
     pub generated_tokens: usize,
     pub decode_tokens_per_s: f64,
+    /// The CPU kernel level these timings ran at (`portable`, `avx2`, `avx512`, `amx`, `neon`),
+    /// or `None` when the model runs on a GPU.
+    pub cpu: Option<&'static str>,
 }
 
 /// A decoded input picture and where it came from.
@@ -568,6 +571,7 @@ impl Engine {
             } else {
                 0.0
             },
+            cpu: self.device.is_cpu().then(|| ::kernels::cpu::level().name()),
         };
         Ok(Reply {
             prompt,

@@ -168,13 +168,13 @@ fn tune_allocator() {
 
 fn main() {
     tune_allocator();
-    let cli = Cli::parse();
-    // A bad QWENVL_CPU is refused before anything runs: a kernel level this CPU lacks would
-    // fault (SIGILL) the first time it ran.
+    // A bad QWENVL_CPU is refused before anything runs (even `--help`): a kernel level this CPU
+    // lacks would fault (SIGILL) the first time it ran.
     if let Err(e) = kernels::cpu::level_from_env() {
         eprintln!("error: {e}");
         std::process::exit(2);
     }
+    let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Run(args)) => run(args),
         Some(Command::Bench(args)) => run_bench(args),

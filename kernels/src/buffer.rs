@@ -14,6 +14,7 @@ pub struct LargeBuffer {
 
 impl LargeBuffer {
     /// Below this a buffer is a plain heap allocation: no huge page would fill.
+    #[cfg(target_os = "linux")]
     const MAPPED_FROM: usize = 2 << 20;
 
     pub fn zeroed(len: usize) -> Self {

@@ -343,11 +343,15 @@ mod tests {
     }
 
     #[test]
-    fn levels_are_ordered_on_x86() {
+    fn levels_are_ordered_and_this_cpu_is_described() {
         let s = supported_levels();
         assert!(s.windows(2).all(|w| w[0] < w[1]), "{s:?}");
         if s.contains(&Level::Avx512) {
             assert!(s.contains(&Level::Avx2));
         }
+        // CI logs say which CPU (and, under qemu, which emulated one) the kernel tests ran on.
+        let d = describe_features();
+        eprintln!("kernel tests on {d}; levels {s:?}");
+        assert!(d.starts_with(std::env::consts::ARCH), "{d}");
     }
 }

@@ -293,6 +293,59 @@ mod x86 {
     }
 }
 
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use super::{softmax_in_place, KvElem};
+    use std::arch::aarch64::*;
+
+    #[inline(always)]
+    unsafe fn load4<T: KvElem>(p: *const T) -> float32x4_t {
+        if T::F16 {
+            crate::arm::load_f16x4(p as *const u16)
+        } else {
+            vld1q_f32(p as *const f32)
+        }
+    }
+
+    /// One query row over `scores.len()` keys; `q.len()` is a multiple of 4.
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn row<T: KvElem>(
+        q: &[f32],
+        k: &[T],
+        v: &[T],
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let d = q.len();
+        let lanes = d / 4;
+        for (j, s) in scores.iter_mut().enumerate() {
+            let kj = k.as_ptr().add(j * d);
+            // Four chains so the FMA latency overlaps.
+            let mut acc = [vdupq_n_f32(0.0); 4];
+            for c in 0..lanes {
+                acc[c % 4] = vfmaq_f32(
+                    acc[c % 4],
+                    vld1q_f32(q.as_ptr().add(4 * c)),
+                    load4(kj.add(4 * c)),
+                );
+            }
+            let a = vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3]));
+            *s = vaddvq_f32(a) / scale;
+        }
+        let sum = softmax_in_place(scores);
+        out.fill(0.0);
+        for (j, &e) in scores.iter().enumerate() {
+            let p = e / sum;
+            let vj = v.as_ptr().add(j * d);
+            for c in 0..lanes {
+                let o = out.as_mut_ptr().add(4 * c);
+                vst1q_f32(o, vfmaq_n_f32(vld1q_f32(o), load4(vj.add(4 * c)), p));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -368,6 +368,86 @@ mod x86 {
     }
 }
 
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use super::{Half, ROWS, TILE};
+    use crate::arm::f16x4_to_f32;
+    use std::arch::aarch64::*;
+
+    /// # Safety
+    /// The CPU must run NEON; `tile` holds `k` inputs, `xs` `r` rows of `k`.
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn tile_dots(
+        half: Half,
+        tile: &[u8],
+        k: usize,
+        xs: &[f32],
+        r: usize,
+        dots: &mut [[f32; TILE]; ROWS],
+    ) {
+        // A tile is two halves of 8 lanes (rows 0–7 with 16–23, and 8–15 with 24–31); each half
+        // with 6 activation rows keeps 24 accumulators in the 32 registers.
+        for h in 0..2 {
+            match r {
+                1 => rows::<1>(half, tile, k, xs, h, dots),
+                2 => rows::<2>(half, tile, k, xs, h, dots),
+                3 => rows::<3>(half, tile, k, xs, h, dots),
+                4 => rows::<4>(half, tile, k, xs, h, dots),
+                5 => rows::<5>(half, tile, k, xs, h, dots),
+                _ => rows::<ROWS>(half, tile, k, xs, h, dots),
+            }
+        }
+    }
+
+    /// Low and high 16-bit values of 4 lanes, widened.
+    #[inline(always)]
+    unsafe fn widen(half: Half, v: uint32x4_t) -> (float32x4_t, float32x4_t) {
+        match half {
+            Half::Bf16 => crate::arm::unpair_bf16(v),
+            Half::F16 => (
+                f16x4_to_f32(vmovn_u32(v)),
+                f16x4_to_f32(vshrn_n_u32::<16>(v)),
+            ),
+        }
+    }
+
+    #[target_feature(enable = "neon")]
+    // Register blocks read clearest as indexed loops over their rows.
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn rows<const R: usize>(
+        half: Half,
+        tile: &[u8],
+        k: usize,
+        xs: &[f32],
+        h: usize,
+        dots: &mut [[f32; TILE]; ROWS],
+    ) {
+        debug_assert!(tile.len() >= k * 64 && xs.len() >= R * k);
+        let zero = vdupq_n_f32(0.0);
+        let mut lo = [[zero; 2]; R];
+        let mut hi = [[zero; 2]; R];
+        let (tp, xp) = (tile.as_ptr().add(32 * h) as *const u32, xs.as_ptr());
+        for kk in 0..k {
+            let (w0l, w0h) = widen(half, vld1q_u32(tp.add(kk * 16)));
+            let (w1l, w1h) = widen(half, vld1q_u32(tp.add(kk * 16 + 4)));
+            for u in 0..R {
+                let x = *xp.add(u * k + kk);
+                lo[u][0] = vfmaq_n_f32(lo[u][0], w0l, x);
+                lo[u][1] = vfmaq_n_f32(lo[u][1], w1l, x);
+                hi[u][0] = vfmaq_n_f32(hi[u][0], w0h, x);
+                hi[u][1] = vfmaq_n_f32(hi[u][1], w1h, x);
+            }
+        }
+        for u in 0..R {
+            let d = dots[u].as_mut_ptr();
+            vst1q_f32(d.add(8 * h), lo[u][0]);
+            vst1q_f32(d.add(8 * h + 4), lo[u][1]);
+            vst1q_f32(d.add(16 + 8 * h), hi[u][0]);
+            vst1q_f32(d.add(16 + 8 * h + 4), hi[u][1]);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,6 +6,8 @@
 //! autovectorised; the reference the others are tested against), AVX2, AVX-512 and NEON, chosen
 //! at run time. `lm` and `vision` both use this crate and stay independent of each other.
 
+#[cfg(target_arch = "aarch64")]
+mod arm;
 mod buffer;
 pub mod cpu;
 pub mod decode_attention;

@@ -246,6 +246,78 @@ pub(crate) mod x86 {
     }
 }
 
+#[cfg(target_arch = "aarch64")]
+pub(crate) mod neon {
+    use super::*;
+    use std::arch::aarch64::*;
+
+    /// `e^x` for `x ≤ 0` on 4 lanes; `2^n` in two normal halves, as on AVX2.
+    #[inline(always)]
+    pub unsafe fn exp_nonpositive4(x: float32x4_t) -> float32x4_t {
+        let t = vmulq_n_f32(vmaxq_f32(x, vdupq_n_f32(EXP_MIN)), std::f32::consts::LOG2_E);
+        // `frintn`: round to nearest, ties to even.
+        let n = vrndnq_f32(t);
+        let f = vsubq_f32(t, n);
+        let mut p = vdupq_n_f32(EXP2_POLY[0]);
+        for &c in &EXP2_POLY[1..] {
+            p = vfmaq_f32(vdupq_n_f32(c), p, f);
+        }
+        let n = vcvtq_s32_f32(n);
+        let n1 = vshrq_n_s32::<1>(n);
+        let n2 = vsubq_s32(n, n1);
+        let pow =
+            |e: int32x4_t| vreinterpretq_f32_s32(vshlq_n_s32::<23>(vaddq_s32(e, vdupq_n_s32(127))));
+        vmulq_f32(vmulq_f32(p, pow(n1)), pow(n2))
+    }
+
+    /// GELU on 4 lanes.
+    #[inline(always)]
+    pub unsafe fn gelu4(x: float32x4_t) -> float32x4_t {
+        let z = vmulq_n_f32(x, std::f32::consts::FRAC_1_SQRT_2);
+        let a = vabsq_f32(z);
+        let one = vdupq_n_f32(1.0);
+        let t = vdivq_f32(one, vfmaq_n_f32(one, a, ERF_P));
+        let mut p = vdupq_n_f32(ERF_POLY[0]);
+        for &c in &ERF_POLY[1..] {
+            p = vfmaq_f32(vdupq_n_f32(c), p, t);
+        }
+        p = vmulq_f32(p, t);
+        let e = exp_nonpositive4(vnegq_f32(vmulq_f32(a, a)));
+        let erf_abs = vfmsq_f32(one, p, e);
+        // The sign of z on |erf|.
+        let sign = vandq_u32(vreinterpretq_u32_f32(z), vdupq_n_u32(0x8000_0000));
+        let erf = vreinterpretq_f32_u32(vorrq_u32(vreinterpretq_u32_f32(erf_abs), sign));
+        vmulq_f32(vmulq_n_f32(x, 0.5), vaddq_f32(one, erf))
+    }
+
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn gelu(c: &mut [f32]) {
+        let mut chunks = c.chunks_exact_mut(4);
+        for v in &mut chunks {
+            let p = v.as_mut_ptr();
+            vst1q_f32(p, gelu4(vld1q_f32(p)));
+        }
+        chunks
+            .into_remainder()
+            .iter_mut()
+            .for_each(|x| *x = gelu_erf(*x));
+    }
+
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn exp_shifted(row: &mut [f32], max: f32) {
+        let m = vdupq_n_f32(max);
+        let mut chunks = row.chunks_exact_mut(4);
+        for v in &mut chunks {
+            let p = v.as_mut_ptr();
+            vst1q_f32(p, exp_nonpositive4(vsubq_f32(vld1q_f32(p), m)));
+        }
+        chunks
+            .into_remainder()
+            .iter_mut()
+            .for_each(|v| *v = exp_nonpositive(*v - max));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

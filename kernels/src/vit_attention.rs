@@ -533,6 +533,82 @@ mod x86 {
     }
 }
 
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use super::{Head, LANES};
+    use crate::arm::unpair_bf16;
+    use std::arch::aarch64::*;
+
+    /// [`super::scores_kernel`] on NEON: one key tile (four vectors of 4 lanes) at a time,
+    /// bf16 pairs widened and multiplied in f32.
+    #[target_feature(enable = "neon")]
+    #[allow(clippy::needless_range_loop)]
+    pub(super) unsafe fn scores<const R: usize>(
+        head: &Head,
+        q: &[u32],
+        hp: usize,
+        s_stride: usize,
+        scores: &mut [f32],
+    ) {
+        let n_tiles = s_stride / LANES;
+        for t in 0..n_tiles {
+            let mut acc = [[vdupq_n_f32(0.0); R]; 4];
+            let kt = head.k.as_ptr().add(t * hp * LANES);
+            for g in 0..hp {
+                let k: [(float32x4_t, float32x4_t); 4] =
+                    std::array::from_fn(|c| unpair_bf16(vld1q_u32(kt.add(g * LANES + 4 * c))));
+                for u in 0..R {
+                    let p = *q.get_unchecked(u * hp + g);
+                    let (bl, bh) = (f32::from_bits(p << 16), f32::from_bits(p & 0xFFFF_0000));
+                    for c in 0..4 {
+                        acc[c][u] = vfmaq_n_f32(vfmaq_n_f32(acc[c][u], k[c].0, bl), k[c].1, bh);
+                    }
+                }
+            }
+            for u in 0..R {
+                let row = scores.as_mut_ptr().add(u * s_stride + t * LANES);
+                for c in 0..4 {
+                    vst1q_f32(row.add(4 * c), acc[c][u]);
+                }
+            }
+        }
+    }
+
+    /// [`super::values_kernel`] on NEON: one value tile at a time.
+    #[target_feature(enable = "neon")]
+    #[allow(clippy::needless_range_loop)]
+    pub(super) unsafe fn values<const R: usize>(
+        head: &Head,
+        probs: &[u32],
+        n_pairs: usize,
+        hd: usize,
+        c_stride: usize,
+        ctx: &mut [f32],
+    ) {
+        for t in 0..hd.div_ceil(LANES) {
+            let mut acc = [[vdupq_n_f32(0.0); R]; 4];
+            let vt = head.v.as_ptr().add(t * n_pairs * LANES);
+            for g in 0..n_pairs {
+                let v: [(float32x4_t, float32x4_t); 4] =
+                    std::array::from_fn(|c| unpair_bf16(vld1q_u32(vt.add(g * LANES + 4 * c))));
+                for u in 0..R {
+                    let p = *probs.get_unchecked(u * n_pairs + g);
+                    let (bl, bh) = (f32::from_bits(p << 16), f32::from_bits(p & 0xFFFF_0000));
+                    for c in 0..4 {
+                        acc[c][u] = vfmaq_n_f32(vfmaq_n_f32(acc[c][u], v[c].0, bl), v[c].1, bh);
+                    }
+                }
+            }
+            for u in 0..R {
+                let o = ctx.as_mut_ptr().add(u * c_stride + t * LANES);
+                for c in 0..4 {
+                    vst1q_f32(o.add(4 * c), acc[c][u]);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

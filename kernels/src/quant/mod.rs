@@ -51,7 +51,9 @@ const Q4K_NIBBLES: usize = 640;
 /// One q8_0 tile-block: d (16 f16), then 8 chunks of 64 bytes in which bytes `4r..4r+4` hold
 /// values `4p..4p+4` of row `r`, offset by +128 (unsigned, as `vpdpbusd` wants its first operand).
 const Q8_0_TILE_BYTES: usize = 32 + 512;
-/// Activation rows the q4k kernel takes at once: it keeps 6 accumulators per row in registers.
+/// Activation rows the AVX-512 q4k kernel takes at once: it keeps 6 accumulators per row in
+/// registers.
+#[cfg(target_arch = "x86_64")]
 const Q4K_MAX_ROWS: usize = 4;
 /// Activation rows a weight tile is reused for before the next tile: keeps the chunk's quantized
 /// activations in L2 (64 rows × 11008 bytes for the LM's down projection).
@@ -827,6 +829,39 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// The NEON kernels without dotprod (widening multiplies) give the `sdot` kernels' results
+    /// bit for bit; run where the CPU has dotprod (qemu `-cpu max`), else said and counted.
+    #[cfg(target_arch = "aarch64")]
+    #[test]
+    fn neon_base_path_is_the_sdot_path() {
+        if !cpu::features().dotprod {
+            eprintln!("neon sdot vs base: this CPU lacks dotprod; the base path ran alone");
+            return;
+        }
+        for format in [Format::Q4K, Format::Q8_0] {
+            let (n, k, m) = (40, 768, 5);
+            let (qw, _, _) = weight(format, n, k, 7);
+            let x = floats(3, m * k, 4.0);
+            let acts: Vec<Act> = x
+                .chunks_exact(k)
+                .map(|r| Act::new(format, r, Isa::Neon))
+                .collect();
+            let (bv, _, tb) = format.block();
+            let kb = k / bv;
+            for t in 0..n.div_ceil(format.rows()) {
+                let tile = &qw.tiles[t * kb * tb..(t + 1) * kb * tb];
+                let mut a = vec![[0f32; MAX_TILE]; m];
+                let mut b = vec![[0f32; MAX_TILE]; m];
+                // SAFETY: NEON is the aarch64 baseline; dotprod was checked above.
+                unsafe {
+                    neon::tile_dots_with(format, tile, kb, &acts, &mut a, true);
+                    neon::tile_dots_with(format, tile, kb, &acts, &mut b, false);
+                }
+                assert_eq!(a, b, "{format:?} tile {t}");
             }
         }
     }
