@@ -174,7 +174,7 @@ impl HalfWeight {
 /// f16 bits to f32 without F16C, branch-free so that it vectorises: normal numbers by moving
 /// the exponent, subnormals through one float multiply, infinities and NaNs kept.
 #[inline(always)]
-fn f16_to_f32(h: u32) -> f32 {
+pub(crate) fn f16_to_f32(h: u32) -> f32 {
     let sign = (h & 0x8000) << 16;
     let em = h & 0x7FFF;
     // Normal: rebias the exponent (2^112 = 2^(127 − 15)).

@@ -29,6 +29,8 @@ use crate::LargeBuffer;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 #[cfg(target_arch = "x86_64")]
+mod sse2;
+#[cfg(target_arch = "x86_64")]
 mod x86;
 
 const QK_K: usize = 256;
@@ -107,6 +109,12 @@ impl std::fmt::Debug for CpuQWeight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "CpuQWeight({:?}, [{}, {}])", self.format, self.n, self.k)
     }
+}
+
+/// [`f16_at`] by the branch-free conversion, for loops the compiler vectorises.
+#[inline(always)]
+fn f16_lanes(b: &[u8], at: usize) -> f32 {
+    crate::dense16::f16_to_f32(u16::from_le_bytes([b[at], b[at + 1]]) as u32)
 }
 
 fn f16_at(b: &[u8], at: usize) -> f32 {
@@ -415,50 +423,59 @@ impl CpuQWeight {
             #[cfg(target_arch = "aarch64")]
             // SAFETY: as above.
             Isa::Neon => unsafe { neon::tile_dots(self.format, tile, kb, acts, out) },
-            _ => {
-                for (a, o) in acts.iter().zip(out.iter_mut()) {
-                    match self.format {
-                        Format::Q4K => tile_dot_q4k_portable(tile, kb, a, o),
-                        Format::Q8_0 => tile_dot_q8_0_portable(tile, kb, a, o),
-                    }
-                }
-            }
+            #[cfg(target_arch = "x86_64")]
+            _ => sse2::tile_dots(self.format, tile, kb, acts, out),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => tile_dots_plain(self.format, tile, kb, acts, out),
         }
     }
 }
 
-/// Four activation bytes as signed values.
-fn act4(q: &[u8], at: usize) -> [i32; 4] {
-    [
-        q[at] as i8 as i32,
-        q[at + 1] as i8 as i32,
-        q[at + 2] as i8 as i32,
-        q[at + 3] as i8 as i32,
-    ]
+/// The portable q8_0 tile kernel: the same integer sums as the SIMD kernels, written over fixed
+/// arrays of 16-bit products so that the compiler vectorises them at the baseline (the pattern of
+/// SSE2's `pmaddwd`: two i16 products summed into an i32 lane). Floats are combined as the SIMD
+/// kernels do, but without fused multiply-adds.
+/// The portable kernels in plain Rust: what a CPU that is neither x86-64 nor aarch64 runs, and
+/// what the x86-64 portable level's SSE2 code is tested against.
+#[cfg_attr(target_arch = "x86_64", allow(dead_code))]
+fn tile_dots_plain(
+    format: Format,
+    tile: &[u8],
+    kb: usize,
+    acts: &[Act],
+    out: &mut [[f32; MAX_TILE]],
+) {
+    for (a, o) in acts.iter().zip(out.iter_mut()) {
+        match format {
+            Format::Q4K => tile_dot_q4k_portable(tile, kb, a, o),
+            Format::Q8_0 => tile_dot_q8_0_portable(tile, kb, a, o),
+        }
+    }
 }
 
-/// The portable q8_0 tile kernel: the same integer sums as the SIMD kernels (lane `r` of each
-/// 64-byte chunk is row `r`), written over fixed 16-lane arrays so that the compiler vectorises
-/// them at the baseline. Floats are combined as the SIMD kernels do, without fused multiply-adds.
 fn tile_dot_q8_0_portable(tile: &[u8], kb: usize, a: &Act, out: &mut [f32; MAX_TILE]) {
     let mut acc = [0f32; LANES];
     for (b, tb) in tile.chunks_exact(Q8_0_TILE_BYTES).take(kb).enumerate() {
-        let mut isum = [0i32; LANES];
+        // Lane `2r + h` sums values `2h, 2h + 1` of each chunk's 4 for row `r`.
+        let mut pairs = [0i32; 2 * LANES];
         for p in 0..8 {
-            let x = act4(&a.q, b * QK8_0 + p * 4);
+            let x = &a.q[b * QK8_0 + p * 4..][..4];
+            let xs: [i16; 4 * LANES] = std::array::from_fn(|i| x[i % 4] as i8 as i16);
             let chunk: &[u8; 64] = tb[32 + p * 64..32 + p * 64 + 64].try_into().unwrap();
-            for (r, s) in isum.iter_mut().enumerate() {
-                let w = &chunk[4 * r..4 * r + 4];
-                // Weights are stored as q + 128.
-                *s += (w[0] as i32 - 128) * x[0]
-                    + (w[1] as i32 - 128) * x[1]
-                    + (w[2] as i32 - 128) * x[2]
-                    + (w[3] as i32 - 128) * x[3];
+            // Weights are stored as q + 128.
+            let ws: [i16; 4 * LANES] = std::array::from_fn(|i| (chunk[i] ^ 0x80) as i8 as i16);
+            for (j, s) in pairs.iter_mut().enumerate() {
+                *s += ws[2 * j] as i32 * xs[2 * j] as i32
+                    + ws[2 * j + 1] as i32 * xs[2 * j + 1] as i32;
             }
         }
         let da = a.d[b];
+        // The branch-free f16 conversion vectorises; `half`'s software one (no F16C at the
+        // baseline) is a call per value.
+        let d: [f32; LANES] = std::array::from_fn(|r| f16_lanes(tb, 2 * r));
         for (r, o) in acc.iter_mut().enumerate() {
-            *o += isum[r] as f32 * (f16_at(tb, 2 * r) * da);
+            let isum = pairs[2 * r] + pairs[2 * r + 1];
+            *o += isum as f32 * (d[r] * da);
         }
     }
     out[..LANES].copy_from_slice(&acc);
@@ -466,47 +483,47 @@ fn tile_dot_q8_0_portable(tile: &[u8], kb: usize, a: &Act, out: &mut [f32; MAX_T
 
 /// The portable q4k tile kernel: per block the exact integer sums `Σ_s sc_s·(q·a)_s` and
 /// `Σ_s m_s·Σa_s` of each row, as the SIMD kernels compute them, then the block's float scales.
+/// Nibble products (≤ 15·127) are summed in i16 lanes, one per row and position in a chunk's 4
+/// values: 8 chunks a sub-block give at most 8·1905 < 2¹⁵, so plain 16-bit vector multiplies and
+/// adds (SSE2's `pmullw`/`paddw`) do the work.
 fn tile_dot_q4k_portable(tile: &[u8], kb: usize, a: &Act, out: &mut [f32; MAX_TILE]) {
     let mut acc = [0f32; MAX_TILE];
     for (b, tb) in tile.chunks_exact(Q4K_TILE_BYTES).take(kb).enumerate() {
         let mut lo_int = [0i32; LANES];
         let mut hi_int = [0i32; LANES];
         for s in 0..8 {
-            let (mut lo, mut hi) = ([0i32; LANES], [0i32; LANES]);
+            let (mut lo, mut hi) = ([0i16; 4 * LANES], [0i16; 4 * LANES]);
             for p in 0..8 {
-                let x = act4(&a.q, b * QK_K + s * 32 + p * 4);
+                let x = &a.q[b * QK_K + s * 32 + p * 4..][..4];
+                let xs: [i16; 4 * LANES] = std::array::from_fn(|i| x[i % 4] as i8 as i16);
                 let at = Q4K_NIBBLES + (s * 8 + p) * 64;
                 let chunk: &[u8; 64] = tb[at..at + 64].try_into().unwrap();
-                for r in 0..LANES {
-                    let w = &chunk[4 * r..4 * r + 4];
-                    lo[r] += (w[0] & 15) as i32 * x[0]
-                        + (w[1] & 15) as i32 * x[1]
-                        + (w[2] & 15) as i32 * x[2]
-                        + (w[3] & 15) as i32 * x[3];
-                    hi[r] += (w[0] >> 4) as i32 * x[0]
-                        + (w[1] >> 4) as i32 * x[1]
-                        + (w[2] >> 4) as i32 * x[2]
-                        + (w[3] >> 4) as i32 * x[3];
+                for i in 0..4 * LANES {
+                    lo[i] += (chunk[i] & 15) as i16 * xs[i];
+                    hi[i] += (chunk[i] >> 4) as i16 * xs[i];
                 }
             }
             let sc = &tb[q4k_scale_at(0, s)..q4k_scale_at(0, s) + MAX_TILE];
             for r in 0..LANES {
-                lo_int[r] += lo[r] * sc[r] as i32;
-                hi_int[r] += hi[r] * sc[LANES + r] as i32;
+                let l: i32 = lo[4 * r..4 * r + 4].iter().map(|&v| v as i32).sum();
+                let h: i32 = hi[4 * r..4 * r + 4].iter().map(|&v| v as i32).sum();
+                lo_int[r] += l * sc[r] as i32;
+                hi_int[r] += h * sc[LANES + r] as i32;
             }
         }
         let da = a.d[b];
         let sums = &a.sums[b * 8..b * 8 + 8];
+        let d: [f32; MAX_TILE] = std::array::from_fn(|r| f16_lanes(tb, q4k_d_at(r).0));
+        let dmin: [f32; MAX_TILE] = std::array::from_fn(|r| f16_lanes(tb, q4k_d_at(r).1));
         for r in 0..MAX_TILE {
             let mins: i32 = (0..8).map(|s| tb[q4k_min_at(r, s)] as i32 * sums[s]).sum();
-            let (d, dmin) = q4k_d_at(r);
             let int = if r < LANES {
                 lo_int[r]
             } else {
                 hi_int[r - LANES]
             };
-            acc[r] -= mins as f32 * (f16_at(tb, dmin) * da);
-            acc[r] += int as f32 * (f16_at(tb, d) * da);
+            acc[r] -= mins as f32 * (dmin[r] * da);
+            acc[r] += int as f32 * (d[r] * da);
         }
     }
     *out = acc;
@@ -833,8 +850,55 @@ mod tests {
         }
     }
 
+    type TileKernel<'a> = &'a dyn Fn(Format, &[u8], usize, &[Act], &mut [[f32; MAX_TILE]]);
+
+    /// Runs two tile kernels over every tile of random weights and asserts the same bits.
+    fn same_tile_results(
+        isa: Isa,
+        shapes: &[(usize, usize, usize)],
+        one: TileKernel,
+        other: TileKernel,
+    ) {
+        for format in [Format::Q4K, Format::Q8_0] {
+            for &(n, k, m) in shapes {
+                let (qw, _, _) = weight(format, n, k, (n + k) as u64);
+                let mut x = floats(9, m * k, 4.0);
+                x[3] = 0.0;
+                let acts: Vec<Act> = x
+                    .chunks_exact(k)
+                    .map(|r| Act::new(format, r, isa))
+                    .collect();
+                let (bv, _, tb) = format.block();
+                let kb = k / bv;
+                for t in 0..n.div_ceil(format.rows()) {
+                    let tile = &qw.tiles[t * kb * tb..(t + 1) * kb * tb];
+                    let mut a = vec![[0f32; MAX_TILE]; m];
+                    let mut b = vec![[0f32; MAX_TILE]; m];
+                    one(format, tile, kb, &acts, &mut a);
+                    other(format, tile, kb, &acts, &mut b);
+                    for u in 0..m {
+                        let (a, b) = (&a[u][..format.rows()], &b[u][..format.rows()]);
+                        assert!(
+                            a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits()),
+                            "{format:?} {n}x{k} tile {t} row {u}: {a:?} vs {b:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// x86-64's portable level runs SSE2 code; it gives the plain-Rust kernels' results bit for
+    /// bit (same integer sums, same float operations in the same order).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn sse2_portable_kernels_are_the_plain_ones() {
+        let shapes = [(40, 768, 5), (16, 256, 1), (33, 1792, 3)];
+        same_tile_results(Isa::Portable, &shapes, &sse2::tile_dots, &tile_dots_plain);
+    }
+
     /// The NEON kernels without dotprod (widening multiplies) give the `sdot` kernels' results
-    /// bit for bit; run where the CPU has dotprod (qemu `-cpu max`), else said and counted.
+    /// bit for bit; run where the CPU has dotprod (qemu `-cpu max`), else said on stderr.
     #[cfg(target_arch = "aarch64")]
     #[test]
     fn neon_base_path_is_the_sdot_path() {
@@ -842,28 +906,18 @@ mod tests {
             eprintln!("neon sdot vs base: this CPU lacks dotprod; the base path ran alone");
             return;
         }
-        for format in [Format::Q4K, Format::Q8_0] {
-            let (n, k, m) = (40, 768, 5);
-            let (qw, _, _) = weight(format, n, k, 7);
-            let x = floats(3, m * k, 4.0);
-            let acts: Vec<Act> = x
-                .chunks_exact(k)
-                .map(|r| Act::new(format, r, Isa::Neon))
-                .collect();
-            let (bv, _, tb) = format.block();
-            let kb = k / bv;
-            for t in 0..n.div_ceil(format.rows()) {
-                let tile = &qw.tiles[t * kb * tb..(t + 1) * kb * tb];
-                let mut a = vec![[0f32; MAX_TILE]; m];
-                let mut b = vec![[0f32; MAX_TILE]; m];
-                // SAFETY: NEON is the aarch64 baseline; dotprod was checked above.
-                unsafe {
-                    neon::tile_dots_with(format, tile, kb, &acts, &mut a, true);
-                    neon::tile_dots_with(format, tile, kb, &acts, &mut b, false);
-                }
-                assert_eq!(a, b, "{format:?} tile {t}");
+        // SAFETY: NEON is the aarch64 baseline; dotprod was checked above.
+        let with = |dotprod| {
+            move |f: Format, t: &[u8], kb: usize, a: &[Act], o: &mut [[f32; MAX_TILE]]| unsafe {
+                neon::tile_dots_with(f, t, kb, a, o, dotprod)
             }
-        }
+        };
+        same_tile_results(
+            Isa::Neon,
+            &[(40, 768, 5), (16, 256, 1)],
+            &with(true),
+            &with(false),
+        );
     }
 
     /// The AVX-VNNI q8_0 path (the same `vpdpbusd` on 8 lanes), run through its EVEX encoding
