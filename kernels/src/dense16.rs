@@ -306,16 +306,22 @@ mod x86 {
         r: usize,
         dots: &mut [[f32; TILE]; ROWS],
     ) {
-        // A tile is two halves of 8 lanes (rows 0–7 with 16–23, and 8–15 with 24–31); each half
-        // with 6 activation rows keeps 12 accumulators in the 16 registers.
-        for h in 0..2 {
-            match r {
-                1 => rows256::<1>(half, tile, k, xs, h, dots),
-                2 => rows256::<2>(half, tile, k, xs, h, dots),
-                3 => rows256::<3>(half, tile, k, xs, h, dots),
-                4 => rows256::<4>(half, tile, k, xs, h, dots),
-                5 => rows256::<5>(half, tile, k, xs, h, dots),
-                _ => rows256::<ROWS>(half, tile, k, xs, h, dots),
+        // A tile is two halves of 8 lanes (rows 0–7 with 16–23, and 8–15 with 24–31). Up to 3
+        // activation rows take both halves in one pass over the tile (12 accumulators), so that
+        // a matvec reads each cache line of weights once; more rows go half by half (each half
+        // with 6 rows keeps 12 accumulators in the 16 registers).
+        match r {
+            1 => rows256::<1, 2>(half, tile, k, xs, 0, dots),
+            2 => rows256::<2, 2>(half, tile, k, xs, 0, dots),
+            3 => rows256::<3, 2>(half, tile, k, xs, 0, dots),
+            _ => {
+                for h in 0..2 {
+                    match r {
+                        4 => rows256::<4, 1>(half, tile, k, xs, h, dots),
+                        5 => rows256::<5, 1>(half, tile, k, xs, h, dots),
+                        _ => rows256::<ROWS, 1>(half, tile, k, xs, h, dots),
+                    }
+                }
             }
         }
     }
@@ -329,41 +335,47 @@ mod x86 {
         _mm256_cvtph_ps(_mm256_castsi256_si128(packed))
     }
 
+    /// `HS` lane-halves from half `h0` on, for `R` activation rows.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn rows256<const R: usize>(
+    unsafe fn rows256<const R: usize, const HS: usize>(
         half: Half,
         tile: &[u8],
         k: usize,
         xs: &[f32],
-        h: usize,
+        h0: usize,
         dots: &mut [[f32; TILE]; ROWS],
     ) {
-        debug_assert!(tile.len() >= k * 64 && xs.len() >= R * k);
-        let mut lo = [_mm256_setzero_ps(); R];
-        let mut hi = [_mm256_setzero_ps(); R];
+        debug_assert!(tile.len() >= k * 64 && xs.len() >= R * k && h0 + HS <= 2);
+        let mut lo = [[_mm256_setzero_ps(); R]; HS];
+        let mut hi = [[_mm256_setzero_ps(); R]; HS];
         let high_mask = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
-        let (tp, xp) = (tile.as_ptr().add(32 * h), xs.as_ptr());
+        let (tp, xp) = (tile.as_ptr().add(32 * h0), xs.as_ptr());
         for kk in 0..k {
-            let v = _mm256_loadu_si256(tp.add(kk * 64) as *const __m256i);
-            let (wl, wh) = match half {
-                Half::Bf16 => (
-                    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v)),
-                    _mm256_castsi256_ps(_mm256_and_si256(v, high_mask)),
-                ),
-                Half::F16 => (
-                    f16_low_halves(v),
-                    f16_low_halves(_mm256_srli_epi32::<16>(v)),
-                ),
-            };
-            for u in 0..R {
-                let xb = _mm256_broadcast_ss(&*xp.add(u * k + kk));
-                lo[u] = _mm256_fmadd_ps(wl, xb, lo[u]);
-                hi[u] = _mm256_fmadd_ps(wh, xb, hi[u]);
+            for hh in 0..HS {
+                let v = _mm256_loadu_si256(tp.add(kk * 64 + 32 * hh) as *const __m256i);
+                let (wl, wh) = match half {
+                    Half::Bf16 => (
+                        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v)),
+                        _mm256_castsi256_ps(_mm256_and_si256(v, high_mask)),
+                    ),
+                    Half::F16 => (
+                        f16_low_halves(v),
+                        f16_low_halves(_mm256_srli_epi32::<16>(v)),
+                    ),
+                };
+                for u in 0..R {
+                    let xb = _mm256_broadcast_ss(&*xp.add(u * k + kk));
+                    lo[hh][u] = _mm256_fmadd_ps(wl, xb, lo[hh][u]);
+                    hi[hh][u] = _mm256_fmadd_ps(wh, xb, hi[hh][u]);
+                }
             }
         }
-        for u in 0..R {
-            _mm256_storeu_ps(dots[u].as_mut_ptr().add(8 * h), lo[u]);
-            _mm256_storeu_ps(dots[u].as_mut_ptr().add(16 + 8 * h), hi[u]);
+        for hh in 0..HS {
+            let h = h0 + hh;
+            for u in 0..R {
+                _mm256_storeu_ps(dots[u].as_mut_ptr().add(8 * h), lo[hh][u]);
+                _mm256_storeu_ps(dots[u].as_mut_ptr().add(16 + 8 * h), hi[hh][u]);
+            }
         }
     }
 }
@@ -385,16 +397,21 @@ mod neon {
         r: usize,
         dots: &mut [[f32; TILE]; ROWS],
     ) {
-        // A tile is two halves of 8 lanes (rows 0–7 with 16–23, and 8–15 with 24–31); each half
-        // with 6 activation rows keeps 24 accumulators in the 32 registers.
-        for h in 0..2 {
-            match r {
-                1 => rows::<1>(half, tile, k, xs, h, dots),
-                2 => rows::<2>(half, tile, k, xs, h, dots),
-                3 => rows::<3>(half, tile, k, xs, h, dots),
-                4 => rows::<4>(half, tile, k, xs, h, dots),
-                5 => rows::<5>(half, tile, k, xs, h, dots),
-                _ => rows::<ROWS>(half, tile, k, xs, h, dots),
+        // A tile is two halves of 8 lanes (rows 0–7 with 16–23, and 8–15 with 24–31). Up to 3
+        // activation rows take both halves in one pass over the tile (24 accumulators), so a
+        // matvec reads each cache line once; more rows go half by half.
+        match r {
+            1 => rows::<1, 2>(half, tile, k, xs, 0, dots),
+            2 => rows::<2, 2>(half, tile, k, xs, 0, dots),
+            3 => rows::<3, 2>(half, tile, k, xs, 0, dots),
+            _ => {
+                for h in 0..2 {
+                    match r {
+                        4 => rows::<4, 1>(half, tile, k, xs, h, dots),
+                        5 => rows::<5, 1>(half, tile, k, xs, h, dots),
+                        _ => rows::<ROWS, 1>(half, tile, k, xs, h, dots),
+                    }
+                }
             }
         }
     }
@@ -411,39 +428,46 @@ mod neon {
         }
     }
 
+    /// `HS` lane-halves from half `h0` on, for `R` activation rows.
     #[target_feature(enable = "neon")]
     // Register blocks read clearest as indexed loops over their rows.
     #[allow(clippy::needless_range_loop)]
-    unsafe fn rows<const R: usize>(
+    unsafe fn rows<const R: usize, const HS: usize>(
         half: Half,
         tile: &[u8],
         k: usize,
         xs: &[f32],
-        h: usize,
+        h0: usize,
         dots: &mut [[f32; TILE]; ROWS],
     ) {
-        debug_assert!(tile.len() >= k * 64 && xs.len() >= R * k);
+        debug_assert!(tile.len() >= k * 64 && xs.len() >= R * k && h0 + HS <= 2);
         let zero = vdupq_n_f32(0.0);
-        let mut lo = [[zero; 2]; R];
-        let mut hi = [[zero; 2]; R];
-        let (tp, xp) = (tile.as_ptr().add(32 * h) as *const u32, xs.as_ptr());
+        let mut lo = [[[zero; 2]; R]; HS];
+        let mut hi = [[[zero; 2]; R]; HS];
+        let (tp, xp) = (tile.as_ptr().add(32 * h0) as *const u32, xs.as_ptr());
         for kk in 0..k {
-            let (w0l, w0h) = widen(half, vld1q_u32(tp.add(kk * 16)));
-            let (w1l, w1h) = widen(half, vld1q_u32(tp.add(kk * 16 + 4)));
-            for u in 0..R {
-                let x = *xp.add(u * k + kk);
-                lo[u][0] = vfmaq_n_f32(lo[u][0], w0l, x);
-                lo[u][1] = vfmaq_n_f32(lo[u][1], w1l, x);
-                hi[u][0] = vfmaq_n_f32(hi[u][0], w0h, x);
-                hi[u][1] = vfmaq_n_f32(hi[u][1], w1h, x);
+            for hh in 0..HS {
+                let at = tp.add(kk * 16 + 8 * hh);
+                let (w0l, w0h) = widen(half, vld1q_u32(at));
+                let (w1l, w1h) = widen(half, vld1q_u32(at.add(4)));
+                for u in 0..R {
+                    let x = *xp.add(u * k + kk);
+                    lo[hh][u][0] = vfmaq_n_f32(lo[hh][u][0], w0l, x);
+                    lo[hh][u][1] = vfmaq_n_f32(lo[hh][u][1], w1l, x);
+                    hi[hh][u][0] = vfmaq_n_f32(hi[hh][u][0], w0h, x);
+                    hi[hh][u][1] = vfmaq_n_f32(hi[hh][u][1], w1h, x);
+                }
             }
         }
-        for u in 0..R {
-            let d = dots[u].as_mut_ptr();
-            vst1q_f32(d.add(8 * h), lo[u][0]);
-            vst1q_f32(d.add(8 * h + 4), lo[u][1]);
-            vst1q_f32(d.add(16 + 8 * h), hi[u][0]);
-            vst1q_f32(d.add(16 + 8 * h + 4), hi[u][1]);
+        for hh in 0..HS {
+            let h = h0 + hh;
+            for u in 0..R {
+                let d = dots[u].as_mut_ptr();
+                vst1q_f32(d.add(8 * h), lo[hh][u][0]);
+                vst1q_f32(d.add(8 * h + 4), lo[hh][u][1]);
+                vst1q_f32(d.add(16 + 8 * h), hi[hh][u][0]);
+                vst1q_f32(d.add(16 + 8 * h + 4), hi[hh][u][1]);
+            }
         }
     }
 }

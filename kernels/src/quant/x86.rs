@@ -327,10 +327,11 @@ unsafe fn q8_0_avx2<const N: usize, D: Q8Dot>(
     out: &mut [[f32; MAX_TILE]],
 ) {
     debug_assert!(tile.len() >= kb * Q8_0_TILE_BYTES && acts.len() == N);
-    for h in 0..2 {
-        let mut facc = [_mm256_setzero_ps(); N];
-        for b in 0..kb {
-            let tb = tile.as_ptr().add(b * Q8_0_TILE_BYTES);
+    // Both halves of a block before the next one: each chunk is read from memory in one pass.
+    let mut facc = [[_mm256_setzero_ps(); N]; 2];
+    for b in 0..kb {
+        let tb = tile.as_ptr().add(b * Q8_0_TILE_BYTES);
+        for (h, facc) in facc.iter_mut().enumerate() {
             let dv = _mm256_cvtph_ps(_mm_loadu_si128(tb.add(16 * h) as *const __m128i));
             let mut iacc = [_mm256_setzero_si256(); N];
             for p in 0..8 {
@@ -353,6 +354,8 @@ unsafe fn q8_0_avx2<const N: usize, D: Q8Dot>(
                 facc[u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), scale, facc[u]);
             }
         }
+    }
+    for (h, facc) in facc.iter().enumerate() {
         for u in 0..N {
             _mm256_storeu_ps(out[u].as_mut_ptr().add(8 * h), facc[u]);
         }
@@ -395,11 +398,15 @@ unsafe fn q4k_avx2<const N: usize>(
         let s = _mm256_cvtepu8_epi32(_mm_loadl_epi64(sc as *const __m128i));
         _mm256_or_si256(s, _mm256_slli_epi32(s, 16))
     };
-    for h in 0..2 {
-        let mut facc = [_mm256_setzero_ps(); N];
-        let mut facc_hi = [_mm256_setzero_ps(); N];
-        for b in 0..kb {
-            let tb = tile.as_ptr().add(b * Q4K_TILE_BYTES);
+    // Both lane-halves of a block before the next block: each 64-byte chunk is read from memory
+    // once, in one pass (a pass per half streamed memory at ~70 % of the AVX-512 kernel's rate).
+    let mut facc_all = [[_mm256_setzero_ps(); N]; 2];
+    let mut facc_hi_all = [[_mm256_setzero_ps(); N]; 2];
+    for b in 0..kb {
+        let tb = tile.as_ptr().add(b * Q4K_TILE_BYTES);
+        for h in 0..2 {
+            let facc = &mut facc_all[h];
+            let facc_hi = &mut facc_hi_all[h];
             let f16x8 = |at: usize| _mm256_cvtph_ps(_mm_loadu_si128(tb.add(at) as *const __m128i));
             let (d_lo, d_hi) = (f16x8(q4k_d_at(8 * h).0), f16x8(q4k_d_at(LANES + 8 * h).0));
             let (m_lo, m_hi) = (f16x8(q4k_d_at(8 * h).1), f16x8(q4k_d_at(LANES + 8 * h).1));
@@ -446,9 +453,11 @@ unsafe fn q4k_avx2<const N: usize>(
                 facc_hi[u] = _mm256_fmadd_ps(hi, _mm256_mul_ps(d_hi, da), facc_hi[u]);
             }
         }
+    }
+    for h in 0..2 {
         for u in 0..N {
-            _mm256_storeu_ps(out[u].as_mut_ptr().add(8 * h), facc[u]);
-            _mm256_storeu_ps(out[u].as_mut_ptr().add(LANES + 8 * h), facc_hi[u]);
+            _mm256_storeu_ps(out[u].as_mut_ptr().add(8 * h), facc_all[h][u]);
+            _mm256_storeu_ps(out[u].as_mut_ptr().add(LANES + 8 * h), facc_hi_all[h][u]);
         }
     }
 }
