@@ -159,6 +159,9 @@ impl HalfWeight {
                     #[cfg(target_arch = "aarch64")]
                     // SAFETY: as above.
                     Isa::Neon => unsafe { neon::tile_dots(self.half, tile, k, xs, r, &mut dots) },
+                    #[cfg(target_arch = "x86_64")]
+                    _ => sse2::tile_dots(self.half, tile, k, xs, r, &mut dots),
+                    #[cfg(not(target_arch = "x86_64"))]
                     _ => tile_dots_portable(self.half, tile, k, xs, r, &mut dots),
                 }
                 for (u, d) in dots[..r].iter_mut().enumerate() {
@@ -193,6 +196,7 @@ pub(crate) fn f16_to_f32(h: u32) -> f32 {
 
 /// `dots[u][c] = Σ_k xs[u·k + kk] · w[c][kk]` for one tile and `r ≤ ROWS` activation rows,
 /// written over fixed 16-lane arrays that the compiler vectorises at the baseline.
+#[cfg_attr(all(target_arch = "x86_64", not(test)), allow(dead_code))]
 fn tile_dots_portable(
     half: Half,
     tile: &[u8],
@@ -226,6 +230,124 @@ fn tile_dots_portable(
             for l in 0..16 {
                 dl[l] += xv * lo[l];
                 dh[l] += xv * hi[l];
+            }
+        }
+    }
+}
+
+/// The portable level on x86-64: SSE2 is the baseline, so every x86-64 CPU runs this. The
+/// compiler's vectorisation of [`tile_dots_portable`] spills its 32 accumulators to memory on
+/// every input (16 xmm registers); here a matvec keeps all 32 rows in 8 registers and reads each
+/// cache line of weights once. Same conversions, the same multiply then add in the same order:
+/// the plain kernel's results bit for bit.
+#[cfg(target_arch = "x86_64")]
+mod sse2 {
+    use std::arch::x86_64::*;
+
+    use super::{Half, ROWS, TILE};
+
+    pub(super) fn tile_dots(
+        half: Half,
+        tile: &[u8],
+        k: usize,
+        xs: &[f32],
+        r: usize,
+        dots: &mut [[f32; TILE]; ROWS],
+    ) {
+        assert!(tile.len() >= k * 64 && xs.len() >= r * k && r <= ROWS);
+        // A tile's 16 lanes are 4 groups of 4 (16 bytes each); `G` groups × `R` rows × 2 halves
+        // accumulators stay within the 16 registers.
+        // SAFETY: SSE2 is part of x86-64; sizes were checked above.
+        unsafe {
+            match r {
+                1 => rows::<1, 4>(half, tile, k, xs, 0, dots),
+                2 | 3 => {
+                    for g in [0, 2] {
+                        if r == 2 {
+                            rows::<2, 2>(half, tile, k, xs, g, dots)
+                        } else {
+                            rows::<3, 2>(half, tile, k, xs, g, dots)
+                        }
+                    }
+                }
+                _ => {
+                    for g in 0..4 {
+                        match r {
+                            4 => rows::<4, 1>(half, tile, k, xs, g, dots),
+                            5 => rows::<5, 1>(half, tile, k, xs, g, dots),
+                            _ => rows::<ROWS, 1>(half, tile, k, xs, g, dots),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`super::f16_to_f32`] on 4 lanes: the same three cases chosen by masks.
+    #[inline(always)]
+    unsafe fn f16_lanes(h: __m128i) -> __m128 {
+        let sign = _mm_slli_epi32::<16>(_mm_and_si128(h, _mm_set1_epi32(0x8000)));
+        let em = _mm_and_si128(h, _mm_set1_epi32(0x7FFF));
+        let normal = _mm_add_epi32(_mm_slli_epi32::<13>(em), _mm_set1_epi32(112 << 23));
+        let sub = _mm_castps_si128(_mm_mul_ps(
+            _mm_cvtepi32_ps(em),
+            _mm_castsi128_ps(_mm_set1_epi32(0x3380_0000)),
+        ));
+        let special = _mm_or_si128(_mm_slli_epi32::<13>(em), _mm_set1_epi32(0x7F80_0000));
+        let is_sub = _mm_cmplt_epi32(em, _mm_set1_epi32(0x0400));
+        let is_special = _mm_cmpgt_epi32(em, _mm_set1_epi32(0x7BFF));
+        let v = _mm_or_si128(
+            _mm_and_si128(is_sub, sub),
+            _mm_andnot_si128(
+                is_sub,
+                _mm_or_si128(
+                    _mm_and_si128(is_special, special),
+                    _mm_andnot_si128(is_special, normal),
+                ),
+            ),
+        );
+        _mm_castsi128_ps(_mm_or_si128(v, sign))
+    }
+
+    /// Groups `g0..g0 + G` of 4 lanes for `R` activation rows.
+    #[inline(always)]
+    unsafe fn rows<const R: usize, const G: usize>(
+        half: Half,
+        tile: &[u8],
+        k: usize,
+        xs: &[f32],
+        g0: usize,
+        dots: &mut [[f32; TILE]; ROWS],
+    ) {
+        let mut lo = [[_mm_setzero_ps(); R]; G];
+        let mut hi = [[_mm_setzero_ps(); R]; G];
+        let high_mask = _mm_set1_epi32(0xFFFF_0000u32 as i32);
+        let (tp, xp) = (tile.as_ptr().add(16 * g0), xs.as_ptr());
+        for kk in 0..k {
+            for g in 0..G {
+                let v = _mm_loadu_si128(tp.add(kk * 64 + 16 * g) as *const __m128i);
+                let (wl, wh) = match half {
+                    Half::Bf16 => (
+                        _mm_castsi128_ps(_mm_slli_epi32::<16>(v)),
+                        _mm_castsi128_ps(_mm_and_si128(v, high_mask)),
+                    ),
+                    Half::F16 => (
+                        f16_lanes(_mm_and_si128(v, _mm_set1_epi32(0xFFFF))),
+                        f16_lanes(_mm_srli_epi32::<16>(v)),
+                    ),
+                };
+                for u in 0..R {
+                    let xb = _mm_set1_ps(*xp.add(u * k + kk));
+                    lo[g][u] = _mm_add_ps(lo[g][u], _mm_mul_ps(xb, wl));
+                    hi[g][u] = _mm_add_ps(hi[g][u], _mm_mul_ps(xb, wh));
+                }
+            }
+        }
+        for g in 0..G {
+            let l = 4 * (g0 + g);
+            for u in 0..R {
+                _mm_storeu_ps(dots[u].as_mut_ptr().add(l), lo[g][u]);
+                _mm_storeu_ps(dots[u].as_mut_ptr().add(16 + l), hi[g][u]);
             }
         }
     }
@@ -519,6 +641,37 @@ mod tests {
                                 "{half:?} n={n} k={k} m={m} {level}: {o} vs {w}"
                             );
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The SSE2 portable kernel is the plain one bit for bit: both types, every row count, inputs
+    /// that are not a multiple of anything, f16 subnormals and the largest finite values.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn sse2_portable_kernel_is_the_plain_one() {
+        for half in [Half::Bf16, Half::F16] {
+            for k in [1, 3, 17, 130] {
+                let mut w = lcg(k as u64 + 7, TILE * k);
+                // f16 subnormals, the largest finite f16 and zeros of both signs.
+                for (i, v) in w.iter_mut().enumerate().step_by(5) {
+                    *v = [3.0e-6, -6.0e-8, 65504.0, -0.0, 0.0][i / 5 % 5];
+                }
+                let hw = HalfWeight::from_rows(half, TILE, k, &w);
+                for r in 1..=ROWS {
+                    let xs = lcg(r as u64, r * k);
+                    let mut want = [[0f32; TILE]; ROWS];
+                    let mut got = [[f32::NAN; TILE]; ROWS];
+                    tile_dots_portable(half, &hw.tiles, k, &xs, r, &mut want);
+                    sse2::tile_dots(half, &hw.tiles, k, &xs, r, &mut got);
+                    for u in 0..r {
+                        let (g, w): (Vec<u32>, Vec<u32>) = (
+                            got[u].iter().map(|v| v.to_bits()).collect(),
+                            want[u].iter().map(|v| v.to_bits()).collect(),
+                        );
+                        assert_eq!(g, w, "{half:?} k={k} rows={r} row {u}");
                     }
                 }
             }
