@@ -498,3 +498,74 @@ fn a_model_too_big_for_memory_is_refused_before_loading() {
     assert!(err.contains("as f32"), "{err}");
     assert!(err.contains("--quant q4k"), "{err}");
 }
+
+/// Temperature 0 is greedy decoding whatever the seed, with or without a repetition penalty, and
+/// the penalty (applied in greedy decoding, as the reference `generate` does) changes the answer.
+#[test]
+fn temperature_zero_is_greedy_and_keeps_the_repetition_penalty() {
+    let c = case("text_only_en");
+    let ids = |args: &[&str]| {
+        let args = [&["--max-new-tokens", "24"], args].concat();
+        u64s(&run_cli(&tiny_a(), c, &args).json["generated_ids"])
+    };
+    let mut plain = None;
+    for penalty in [None, Some("1.1"), Some("1.5")] {
+        let extra: Vec<&str> = penalty
+            .map(|p| vec!["--repetition-penalty", p])
+            .unwrap_or_default();
+        let greedy = ids(&[&["--greedy"], &extra[..]].concat());
+        for seed in ["1", "2"] {
+            let t0 = ids(&[&["--temperature", "0", "--seed", seed], &extra[..]].concat());
+            assert_eq!(t0, greedy, "--temperature 0 --seed {seed} {extra:?}");
+        }
+        plain.get_or_insert_with(|| greedy.clone());
+        if penalty == Some("1.5") {
+            assert_ne!(
+                Some(&greedy),
+                plain.as_ref(),
+                "a repetition penalty of 1.5 changes the greedy answer"
+            );
+        }
+    }
+}
+
+/// `serve` and `ocr` take `--device` like `run`; a device this build lacks is refused by name.
+#[test]
+fn every_model_command_takes_a_device_and_refuses_a_missing_one() {
+    let bin = env!("CARGO_BIN_EXE_qwenvl");
+    for cmd in ["run", "serve", "ocr", "bench"] {
+        let out = Command::new(bin).args([cmd, "--help"]).output().unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(help.contains("--device"), "{cmd} --help: {help}");
+    }
+    if candle_core::utils::cuda_is_available() {
+        return;
+    }
+    let image = tiny_a().join("images").join(
+        std::fs::read_dir(tiny_a().join("images"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .file_name(),
+    );
+    let runs: [Vec<std::ffi::OsString>; 2] = [
+        vec!["serve".into(), "--port".into(), "0".into()],
+        vec!["ocr".into(), image.into()],
+    ];
+    for args in runs {
+        let out = Command::new(bin)
+            .args(&args)
+            .arg("--model")
+            .arg(tiny_a())
+            .args(["--device", "cuda:0"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {err}");
+        assert!(
+            err.contains("--device cuda:0") && err.contains("without CUDA"),
+            "{args:?}: {err}"
+        );
+    }
+}

@@ -405,8 +405,8 @@ fn app_harness<'a>(app: qwenvl::gui::QwenApp) -> egui_kittest::Harness<'a, qwenv
 #[test]
 fn the_first_run_screen_downloads_resumes_and_loads_the_model() {
     use egui_kittest::kittest::Queryable;
-    use qwenvl::gui::app::ModelState;
     use qwenvl::gui::backend::{EngineBackend, ModelSource};
+    use qwenvl::gui::model::ModelState;
     use qwenvl::gui::{AppOptions, QwenApp};
     use std::time::{Duration, Instant};
 

@@ -17,6 +17,7 @@ fn greedy(n: usize) -> GenerateOptions {
     GenerateOptions {
         max_new_tokens: n,
         decoding: Decoding::Greedy,
+        repetition_penalty: None,
         stop_ids: CHAT_STOP_IDS.to_vec(),
     }
 }

@@ -136,6 +136,7 @@ fn final_logits_and_greedy_generation_match_reference_for_every_case() {
         let opts = GenerateOptions {
             max_new_tokens: greedy_steps,
             decoding: Decoding::Greedy,
+            repetition_penalty: None,
             stop_ids: CHAT_STOP_IDS.to_vec(),
         };
         let gen = generate::generate(

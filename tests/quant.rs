@@ -84,6 +84,7 @@ fn evaluate(wt: WeightType, max_len: usize) -> Outcome {
         let opts = GenerateOptions {
             max_new_tokens: 24,
             decoding: Decoding::Greedy,
+            repetition_penalty: None,
             stop_ids: CHAT_STOP_IDS.to_vec(),
         };
         let gen = generate::generate(

@@ -411,6 +411,44 @@ fn stop_strings_and_seeded_sampling() {
     assert_eq!(a, cli_sample["text"].as_str().unwrap());
 }
 
+#[test]
+fn temperature_zero_is_run_greedy_with_or_without_a_repetition_penalty() {
+    let server = Server::start(&[]);
+    let chat = format!("{}/v1/chat/completions", server.url);
+    let c = case("one_image");
+    let conv: lm::prompt::Conversation = serde_json::from_value(c["conversation"].clone()).unwrap();
+    let served = |extra: Value| {
+        let (code, body) = curl(&chat, None, Some(&chat_body(&c["conversation"], extra)));
+        assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+        let r: Value = serde_json::from_slice(&body).unwrap();
+        (
+            r["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+            r["usage"]["completion_tokens"].as_u64().unwrap(),
+        )
+    };
+    let run = |extra: &[&str]| {
+        let v = server_support::cli_with(&conv, &tiny_a(), MAX_TOKENS as usize, extra);
+        let ids = v["generated_ids"].as_array().unwrap().len() as u64;
+        (v["text"].as_str().unwrap().trim_end().to_string(), ids)
+    };
+    let plain = served(json!({"seed": 5}));
+    assert_eq!(
+        plain,
+        run(&[]),
+        "temperature 0 is `run --greedy`, whatever the seed"
+    );
+    // The penalty is applied in greedy decoding too, by both front ends alike.
+    let penalized = served(json!({"repetition_penalty": 1.5, "seed": 6}));
+    assert_eq!(penalized, run(&["--repetition-penalty", "1.5"]));
+    assert_ne!(
+        penalized.0, plain.0,
+        "a penalty of 1.5 changes this greedy answer"
+    );
+}
+
 /// Sends a streaming request over a raw socket, reads `events` events, then hangs up.
 fn stream_then_hang_up(base: &str, body: &[u8], events: usize) -> Vec<String> {
     let addr = base.strip_prefix("http://").unwrap();

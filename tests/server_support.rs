@@ -83,6 +83,11 @@ impl Drop for Server {
 
 /// `qwenvl run --greedy --json` on `conv` (image paths relative to `base`).
 pub fn cli(conv: &Conversation, base: &Path, max_tokens: usize) -> Value {
+    cli_with(conv, base, max_tokens, &[])
+}
+
+/// [`cli`] with more `qwenvl run` flags.
+pub fn cli_with(conv: &Conversation, base: &Path, max_tokens: usize, extra: &[&str]) -> Value {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.json");
     // Absolute image paths, so the file can live anywhere.
@@ -105,6 +110,7 @@ pub fn cli(conv: &Conversation, base: &Path, max_tokens: usize) -> Value {
         .arg("--conversation")
         .arg(&path)
         .args(["--max-new-tokens", &max_tokens.to_string()])
+        .args(extra)
         .output()
         .unwrap();
     assert!(

@@ -15,24 +15,17 @@ use lm::checkpoint::LoadProgress;
 use lm::quant::WeightType;
 
 use crate::engine::Engine;
-use crate::model_dir::{check_memory, choose_weights, weights_bytes};
 
-/// Loads `dir` as `requested` (else [`choose_weights`]'s default for `device`), refusing up front
+/// Loads `dir` as `requested` (else the default for `device`, see [`crate::session::plan_load`]), refusing up front
 /// a model that cannot fit. Prints one line naming the weight type, and on a terminal a bar of
 /// the bytes loaded.
 pub fn load(dir: &Path, requested: Option<WeightType>, device: &Device) -> Result<Engine> {
-    // A broken folder is left to the engine, whose errors name the missing or broken file.
-    let bytes = weights_bytes(dir);
-    let wt = match requested {
-        Some(wt) => wt,
-        None => choose_weights(bytes, device)?,
-    };
-    check_memory(bytes, wt, device)?;
+    let (wt, bytes) = crate::session::plan_load(dir, requested, device)?;
     eprintln!("loading {} as {wt}…", dir.display());
 
     let progress = Arc::new(LoadProgress::default());
     let engine = with_bar(bytes, &progress, || {
-        Engine::load_with(dir, wt, device, Some(progress.clone()))
+        crate::session::load(dir, wt, device, progress.clone())
     })?;
     let source = match &engine.quant_cache {
         Some((_, true)) => " from the quantized-model cache",

@@ -144,7 +144,7 @@ pub fn select_files(names: &[String], all: bool) -> Vec<String> {
 /// The hub cache folder: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`
 /// (the same folder the desktop app looks for models in).
 pub fn hub_cache() -> Result<PathBuf> {
-    crate::gui::settings::hf_hub_cache()
+    crate::model_dir::hf_hub_cache()
         .context("no home folder to put the Hugging Face cache in (set HF_HOME)")
 }
 

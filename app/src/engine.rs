@@ -236,17 +236,18 @@ fn warm_up(lm: &QwenLm, visual: &vision::VisualEncoder, cfg: &vision::Config) ->
     let s = cfg.image_size;
     let pixels = Tensor::zeros((1, 3, s, s), visual.dtype(), lm.device())?;
     let features = visual.forward(&pixels)?.get(0)?;
-    let start = cfg.image_start_id;
-    let mut ids = vec![start];
-    ids.extend(std::iter::repeat_n(start + 2, vision::N_QUERIES));
-    ids.extend([start + 1, 198]);
+    // A prompt's shape: `<img>`, one pad per feature, `</img>`, a newline; then one decode step.
+    use lm::tokenizer::{IMG_END, IMG_PAD, IMG_START, NEWLINE};
+    let mut ids = vec![IMG_START];
+    ids.extend(std::iter::repeat_n(IMG_PAD, cfg.n_queries));
+    ids.extend([IMG_END, NEWLINE]);
     let images = [lm::model::ImageFeatures {
         first_position: 1,
         features,
     }];
     let mut cache = lm.new_cache();
     lm.forward(&ids, &images, &mut cache)?;
-    lm.forward(&[198], &[], &mut cache)?.to_vec1::<f32>()?;
+    lm.forward(&[NEWLINE], &[], &mut cache)?.to_vec1::<f32>()?;
     Ok(())
 }
 
@@ -286,6 +287,13 @@ impl Engine {
             .context("config.json has no `visual` section: this is not a Qwen-VL checkpoint")?;
         let visual_config: vision::Config = serde_json::from_value(visual_value)
             .context("config.json: invalid `visual` section")?;
+        // The prompt reserves one position per visual feature between `<img>` and `</img>`.
+        anyhow::ensure!(
+            visual_config.n_queries == lm::tokenizer::IMG_SPAN,
+            "config.json: visual.n_queries is {}, but the Qwen-VL prompt holds {} features per image",
+            visual_config.n_queries,
+            lm::tokenizer::IMG_SPAN
+        );
         let dtype = wt.compute_dtype(device);
         let mut q = quantizer_for(dir, wt)?;
         let vb = match progress {

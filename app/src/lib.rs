@@ -13,6 +13,7 @@ pub mod openai;
 pub mod random_checkpoint;
 pub mod remote;
 pub mod serve;
+pub mod session;
 
 /// `--quant` and friends: a weight type by name, or the list of names.
 pub fn parse_weight_type(s: &str) -> std::result::Result<lm::quant::WeightType, String> {

@@ -5,14 +5,15 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Parser, Subcommand, ValueEnum};
-use lm::generate::{Decoding, GenerateOptions, SamplingOverrides, SamplingParams};
+use lm::generate::GenerateOptions;
 use lm::prompt::Conversation;
 
 use lm::quant::WeightType;
 use qwenvl::engine::{Engine, Reply};
+use qwenvl::session::{parse_device, GenerateRequest};
 use qwenvl::{bench, gui, parse_weight_type};
 
 #[derive(Parser)]
@@ -128,18 +129,23 @@ struct RunArgs {
     /// Most new tokens (default: the checkpoint's max_new_tokens).
     #[arg(long)]
     max_new_tokens: Option<usize>,
-    /// Argmax at every step (ties to the lowest id).
-    #[arg(long, conflicts_with_all = ["temperature", "top_p", "top_k", "seed", "repetition_penalty"])]
+    /// Argmax at every step (ties to the lowest id), after the repetition penalty if any; the
+    /// same as `--temperature 0`.
+    #[arg(long, conflicts_with_all = ["temperature", "top_p", "top_k", "seed"])]
     greedy: bool,
+    /// In [0, 2]; 0 is greedy decoding.
     #[arg(long)]
     temperature: Option<f64>,
+    /// In (0, 1]; 1 disables top-p.
     #[arg(long)]
     top_p: Option<f64>,
     /// 0 disables top-k.
     #[arg(long)]
-    top_k: Option<usize>,
+    top_k: Option<u64>,
+    /// Finite and > 0 (1 disables it); applies to greedy decoding too.
     #[arg(long)]
     repetition_penalty: Option<f64>,
+    /// The sampler's seed (default 0: runs are reproducible).
     #[arg(long)]
     seed: Option<u64>,
     /// Print one JSON object (ids, text, boxes, timings) instead of streaming the reply.
@@ -198,37 +204,19 @@ fn main() {
 }
 
 fn generate_options(args: &RunArgs, engine: &Engine) -> Result<GenerateOptions> {
-    let gen_cfg = &engine.checkpoint.generation;
-    let mut opts = GenerateOptions::from_generation_config(gen_cfg);
-    if let Some(n) = args.max_new_tokens {
-        opts.max_new_tokens = n;
-    }
-    let o = SamplingOverrides {
+    let request = GenerateRequest {
+        max_new_tokens: args.max_new_tokens.map(|n| n as u64),
+        greedy: args.greedy,
         temperature: args.temperature,
         top_p: args.top_p,
         top_k: args.top_k,
         repetition_penalty: args.repetition_penalty,
         seed: args.seed,
+        ignore_eos: false,
     };
-    if let Some(t) = o.temperature.filter(|t| !(*t >= 0.0 && t.is_finite())) {
-        bail!("--temperature must be a finite number >= 0, got {t}");
-    }
-    if let Some(p) = o.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
-        bail!("--top-p must be in (0, 1], got {p}");
-    }
-    if let Some(r) = o
-        .repetition_penalty
-        .filter(|r| !(*r > 0.0 && r.is_finite()))
-    {
-        bail!("--repetition-penalty must be a finite number > 0, got {r}");
-    }
-    if args.greedy {
-        opts.decoding = Decoding::Greedy;
-    } else if o.any() {
-        opts.decoding =
-            Decoding::Sample(SamplingParams::from_generation_config(gen_cfg).with_overrides(&o));
-    }
-    Ok(opts)
+    request
+        .resolve(&engine.checkpoint.generation, 0)
+        .map_err(|e| anyhow!(e.message_for_flags()))
 }
 
 /// Conversation files larger than this are refused (1 MB of text is already far beyond any
@@ -305,17 +293,14 @@ fn write_logits(path: &Path, logits: &Tensor) -> Result<()> {
 }
 
 fn json_output(engine: &Engine, reply: &Reply) -> serde_json::Value {
-    // Boxes refer to the latest picture of the conversation, as the reference draws them.
-    let latest = reply.pictures.last();
-    let boxes: Vec<serde_json::Value> = lm::grounding::boxes(&reply.text)
+    let boxes: Vec<serde_json::Value> = qwenvl::session::reply_boxes(reply, &reply.text)
         .into_iter()
         .map(|b| {
-            let px = latest.map(|p| lm::grounding::grid_to_pixels(b.grid, p.width, p.height));
             serde_json::json!({
                 "ref": b.label,
                 "box": b.grid,
-                "image": latest.map(|p| p.path.clone()),
-                "box_px": px,
+                "image": b.picture.map(|i| reply.pictures[i].path.clone()),
+                "box_px": b.px,
             })
         })
         .collect();
@@ -375,35 +360,6 @@ fn cache_command(action: &str) -> Result<()> {
         _ => println!("{}", dir.display()),
     }
     Ok(())
-}
-
-/// `--device`: `cpu`, `cuda[:N]`, `metal[:N]` or `auto`.
-fn parse_device(spec: &str) -> Result<Device> {
-    let (kind, index) = match spec.split_once(':') {
-        Some((k, i)) => (
-            k,
-            i.parse::<usize>()
-                .with_context(|| format!("--device {spec}: `{i}` is not a device number"))?,
-        ),
-        None => (spec, 0),
-    };
-    match kind {
-        "cpu" => Ok(Device::Cpu),
-        "auto" if candle_core::utils::cuda_is_available() => Ok(Device::new_cuda(index)?),
-        "auto" if candle_core::utils::metal_is_available() => Ok(Device::new_metal(index)?),
-        "auto" => Ok(Device::Cpu),
-        "cuda" if !candle_core::utils::cuda_is_available() => bail!(
-            "--device {spec}: this qwenvl was built without CUDA support (rebuild with `--features cuda`)"
-        ),
-        "cuda" => Device::new_cuda(index)
-            .with_context(|| format!("--device {spec}: no usable CUDA GPU or driver")),
-        "metal" if !candle_core::utils::metal_is_available() => bail!(
-            "--device {spec}: this qwenvl was built without Metal support (rebuild with `--features metal` on macOS)"
-        ),
-        "metal" => Device::new_metal(index)
-            .with_context(|| format!("--device {spec}: no usable Metal device")),
-        other => bail!("--device {other}: expected cpu, cuda, cuda:N, metal or auto"),
-    }
 }
 
 fn random_checkpoint(

@@ -1,11 +1,84 @@
-//! A model folder as the app and the server see it before loading: is it a model, how big are its
-//! weights, which in-memory weight type suits this machine, and does it fit.
+//! A model folder as the app and the server see it before loading: where one is found without
+//! asking (`$QWENVL_MODEL`, the last used, the Hugging Face cache), is it a model, how big are
+//! its weights, which in-memory weight type suits this machine, and does it fit.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use lm::quant::WeightType;
+
+/// The Hugging Face repository the app is made for.
+pub const MODEL_REPO: &str = "Qwen/Qwen-VL-Chat";
+
+/// Where a model folder was found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    EnvVar(PathBuf),
+    LastUsed(PathBuf),
+    HfCache(PathBuf),
+}
+
+impl Found {
+    pub fn path(&self) -> &Path {
+        match self {
+            Found::EnvVar(p) | Found::LastUsed(p) | Found::HfCache(p) => p,
+        }
+    }
+}
+
+/// A folder that looks like a checkpoint (enough to try loading it).
+pub fn looks_like_model(dir: &Path) -> bool {
+    dir.join("config.json").is_file() && dir.join("qwen.tiktoken").is_file()
+}
+
+/// The Hugging Face hub cache: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
+/// `~/.cache/huggingface/hub`.
+pub fn hf_hub_cache() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("HF_HUB_CACHE") {
+        return Some(PathBuf::from(p));
+    }
+    if let Some(p) = std::env::var_os("HF_HOME") {
+        return Some(PathBuf::from(p).join("hub"));
+    }
+    directories::BaseDirs::new().map(|b| b.home_dir().join(".cache/huggingface/hub"))
+}
+
+/// Snapshots of Qwen-VL-Chat in a hub cache, newest first.
+pub fn hf_snapshots(hub: &Path) -> Vec<PathBuf> {
+    let dir = hub.join("models--Qwen--Qwen-VL-Chat").join("snapshots");
+    let mut snaps: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| looks_like_model(p))
+                .map(|p| {
+                    let t = p
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .unwrap_or(std::time::UNIX_EPOCH);
+                    (t, p)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    snaps.sort_by_key(|s| std::cmp::Reverse(s.0));
+    snaps.into_iter().map(|(_, p)| p).collect()
+}
+
+/// The first model folder found: `$QWENVL_MODEL`, the last used one, the HF cache.
+pub fn discover(last_model: Option<&Path>) -> Option<Found> {
+    if let Some(p) = std::env::var_os("QWENVL_MODEL") {
+        // Named explicitly: try it even if it looks wrong, so the error is shown.
+        return Some(Found::EnvVar(PathBuf::from(p)));
+    }
+    if let Some(p) = last_model.filter(|p| looks_like_model(p)) {
+        return Some(Found::LastUsed(p.to_path_buf()));
+    }
+    hf_hub_cache()
+        .and_then(|hub| hf_snapshots(&hub).into_iter().next())
+        .map(Found::HfCache)
+}
 
 /// Weights of a model folder in bytes: what must fit in memory, and the loading bar's total.
 pub fn weights_bytes(dir: &Path) -> u64 {

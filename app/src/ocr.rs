@@ -10,8 +10,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
-use lm::generate::{Decoding, GenerateOptions};
+use lm::generate::GenerateOptions;
 use lm::prompt::{Conversation, Item, DEFAULT_SYSTEM};
 use lm::quant::WeightType;
 use serde_json::{json, Value};
@@ -19,7 +18,7 @@ use serde_json::{json, Value};
 use crate::engine::Engine;
 
 /// The question asked when `--prompt` is not given.
-pub const DEFAULT_PROMPT: &str = "What is the text in the image? Write it out exactly.";
+pub const DEFAULT_PROMPT: &str = crate::session::OCR_PROMPT;
 
 /// File extensions taken from a folder given among the inputs.
 const IMAGE_EXTENSIONS: [&str; 8] = ["png", "jpg", "jpeg", "gif", "webp", "bmp", "tif", "tiff"];
@@ -47,7 +46,11 @@ pub struct OcrArgs {
     pub quant: Option<WeightType>,
     /// Most new tokens per image (default: the checkpoint's max_new_tokens).
     #[arg(long)]
-    pub max_new_tokens: Option<usize>,
+    pub max_new_tokens: Option<u64>,
+    /// cpu, cuda, cuda:N, metal, metal:N, or auto (a GPU when this build supports one and it is
+    /// there).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 /// The inputs in order, folders replaced by their image files sorted by name. Paths that do not
@@ -157,12 +160,9 @@ fn answer(
         let cancel = AtomicBool::new(false);
         let reply = engine.reply(&conv, Path::new("/"), opts, &cancel, |_| {})?;
         let picture = reply.pictures.last();
-        let boxes: Vec<Value> = lm::grounding::boxes(&reply.text)
+        let boxes: Vec<Value> = crate::session::reply_boxes(&reply, &reply.text)
             .into_iter()
-            .map(|b| {
-                let px = picture.map(|p| lm::grounding::grid_to_pixels(b.grid, p.width, p.height));
-                json!({"ref": b.label, "box": b.grid, "box_px": px})
-            })
+            .map(|b| json!({"ref": b.label, "box": b.grid, "box_px": b.px}))
             .collect();
         Ok(json!({
             "text": reply.text,
@@ -197,6 +197,7 @@ pub fn run(args: OcrArgs) -> Result<()> {
     use indicatif::{ProgressBar, ProgressStyle};
 
     // Everything that can be refused is refused before the model loads.
+    let device = crate::session::parse_device(&args.device)?;
     let inputs = expand_inputs(&args.files)?;
     let (mut out, done): (Box<dyn Write>, HashSet<(String, String)>) = match &args.out {
         Some(p) => {
@@ -243,12 +244,14 @@ pub fn run(args: OcrArgs) -> Result<()> {
         .expect("valid template")
         .progress_chars("=> "),
     );
-    let engine = bar.suspend(|| crate::cli_load::load(&args.model, args.quant, &Device::Cpu))?;
-    let mut opts = GenerateOptions::from_generation_config(&engine.checkpoint.generation);
-    opts.decoding = Decoding::Greedy;
-    if let Some(n) = args.max_new_tokens {
-        opts.max_new_tokens = n;
+    let engine = bar.suspend(|| crate::cli_load::load(&args.model, args.quant, &device))?;
+    let opts = crate::session::GenerateRequest {
+        greedy: true,
+        max_new_tokens: args.max_new_tokens,
+        ..Default::default()
     }
+    .resolve(&engine.checkpoint.generation, 0)
+    .map_err(|e| anyhow::anyhow!(e.message_for_flags()))?;
     bar.reset_eta();
 
     let mut failed = Vec::new();

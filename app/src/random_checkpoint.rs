@@ -155,8 +155,8 @@ pub fn tensor_specs(cfg: &QwenConfig) -> Result<Vec<(String, Vec<usize>)>> {
         add(format!("{b}.mlp.c_proj.bias"), &[w]);
     }
     let a = format!("{p}.attn_pool");
-    add(format!("{a}.pos_embed"), &[vision::N_QUERIES, e]);
-    add(format!("{a}.query"), &[vision::N_QUERIES, e]);
+    add(format!("{a}.pos_embed"), &[vc.n_queries, e]);
+    add(format!("{a}.query"), &[vc.n_queries, e]);
     // Upstream's resampler uses an identity instead of `kv_proj` when the widths agree.
     if w != e {
         add(format!("{a}.kv_proj.weight"), &[e, w]);

@@ -13,7 +13,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::cpu::{self, Isa, Level};
-use crate::quant::TileOut;
+use crate::tile::{f16_to_f32, TileOut};
 use crate::LargeBuffer;
 
 /// Rows per tile.
@@ -174,26 +174,6 @@ impl HalfWeight {
     }
 }
 
-/// f16 bits to f32 without F16C, branch-free so that it vectorises: normal numbers by moving
-/// the exponent, subnormals through one float multiply, infinities and NaNs kept.
-#[inline(always)]
-pub(crate) fn f16_to_f32(h: u32) -> f32 {
-    let sign = (h & 0x8000) << 16;
-    let em = h & 0x7FFF;
-    // Normal: rebias the exponent (2^112 = 2^(127 − 15)).
-    let normal = f32::from_bits((em << 13) + (112 << 23));
-    // Subnormal (exponent 0): mantissa · 2^-24, exact in f32.
-    let sub = em as f32 * f32::from_bits(0x3380_0000);
-    let v = if em < 0x0400 {
-        sub
-    } else if em >= 0x7C00 {
-        f32::from_bits((em << 13) | 0x7F80_0000)
-    } else {
-        normal
-    };
-    f32::from_bits(v.to_bits() | sign)
-}
-
 /// `dots[u][c] = Σ_k xs[u·k + kk] · w[c][kk]` for one tile and `r ≤ ROWS` activation rows,
 /// written over fixed 16-lane arrays that the compiler vectorises at the baseline.
 #[cfg_attr(all(target_arch = "x86_64", not(test)), allow(dead_code))]
@@ -283,7 +263,7 @@ mod sse2 {
         }
     }
 
-    /// [`super::f16_to_f32`] on 4 lanes: the same three cases chosen by masks.
+    /// [`crate::tile::f16_to_f32`] on 4 lanes: the same three cases chosen by masks.
     #[inline(always)]
     unsafe fn f16_lanes(h: __m128i) -> __m128 {
         let sign = _mm_slli_epi32::<16>(_mm_and_si128(h, _mm_set1_epi32(0x8000)));

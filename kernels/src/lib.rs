@@ -14,6 +14,7 @@ pub mod decode_attention;
 pub mod dense16;
 pub mod math;
 pub mod quant;
+mod tile;
 pub mod vit_attention;
 
 pub use buffer::LargeBuffer;

@@ -2,7 +2,8 @@
 //! a per-token callback for streaming, and cancellation.
 //!
 //! Sampling follows the Hugging Face processors the reference uses, in their order: repetition
-//! penalty, temperature, top-k, top-p.
+//! penalty, temperature, top-k, top-p. The repetition penalty is a logits processor, not a sampling
+//! setting: the reference `generate` applies it before the argmax of greedy decoding too.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -23,7 +24,6 @@ pub struct SamplingParams {
     pub temperature: f64,
     pub top_p: Option<f64>,
     pub top_k: Option<usize>,
-    pub repetition_penalty: Option<f64>,
     pub seed: u64,
 }
 
@@ -34,47 +34,8 @@ impl SamplingParams {
             temperature: g.temperature.unwrap_or(1.0),
             top_p: Some(g.top_p).filter(|p| *p > 0.0 && *p < 1.0),
             top_k: Some(g.top_k).filter(|k| *k > 0),
-            repetition_penalty: g.repetition_penalty.filter(|p| *p != 1.0),
             seed: 0,
         }
-    }
-
-    /// These settings with a caller's overrides (CLI flags, API fields), `None` keeping the
-    /// default: a `top_p` of 1, a `top_k` of 0 and a repetition penalty of 1 switch those off.
-    pub fn with_overrides(mut self, o: &SamplingOverrides) -> Self {
-        if let Some(t) = o.temperature {
-            self.temperature = t;
-        }
-        if let Some(p) = o.top_p {
-            self.top_p = Some(p).filter(|p| *p < 1.0);
-        }
-        if let Some(k) = o.top_k {
-            self.top_k = Some(k).filter(|k| *k > 0);
-        }
-        if let Some(r) = o.repetition_penalty {
-            self.repetition_penalty = Some(r).filter(|r| *r != 1.0);
-        }
-        if let Some(s) = o.seed {
-            self.seed = s;
-        }
-        self
-    }
-}
-
-/// Sampling settings a caller asked for; `None` leaves the checkpoint's default.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct SamplingOverrides {
-    pub temperature: Option<f64>,
-    pub top_p: Option<f64>,
-    pub top_k: Option<usize>,
-    pub repetition_penalty: Option<f64>,
-    pub seed: Option<u64>,
-}
-
-impl SamplingOverrides {
-    /// Whether any setting was given.
-    pub fn any(&self) -> bool {
-        *self != Self::default()
     }
 }
 
@@ -89,6 +50,9 @@ pub enum Decoding {
 pub struct GenerateOptions {
     pub max_new_tokens: usize,
     pub decoding: Decoding,
+    /// Divides positive (multiplies negative) logits of every id seen so far, in greedy and
+    /// sampled decoding alike; `None` (or 1) is off.
+    pub repetition_penalty: Option<f64>,
     pub stop_ids: Vec<u32>,
 }
 
@@ -102,6 +66,17 @@ impl GenerateOptions {
             } else {
                 Decoding::Greedy
             },
+            repetition_penalty: g.repetition_penalty.filter(|p| *p != 1.0),
+            stop_ids: CHAT_STOP_IDS.to_vec(),
+        }
+    }
+
+    /// Plain argmax decoding with the chat stop tokens.
+    pub fn greedy(max_new_tokens: usize) -> Self {
+        Self {
+            max_new_tokens,
+            decoding: Decoding::Greedy,
+            repetition_penalty: None,
             stop_ids: CHAT_STOP_IDS.to_vec(),
         }
     }
@@ -158,43 +133,38 @@ pub fn argmax(values: &[f32]) -> u32 {
 /// Chooses the next token from `logits` given every id seen so far (prompt and reply).
 pub struct Sampler {
     decoding: Decoding,
+    repetition_penalty: Option<f64>,
     rng: StdRng,
 }
 
 impl Sampler {
-    pub fn new(decoding: Decoding) -> Self {
+    pub fn new(decoding: Decoding, repetition_penalty: Option<f64>) -> Self {
         let seed = match &decoding {
             Decoding::Sample(p) => p.seed,
             Decoding::Greedy => 0,
         };
         Self {
             decoding,
+            repetition_penalty: repetition_penalty.filter(|p| *p != 1.0),
             rng: StdRng::seed_from_u64(seed),
         }
     }
 
     pub fn next(&mut self, logits: &[f32], seen: &[u32]) -> u32 {
+        let penalized;
+        let logits = match self.repetition_penalty {
+            Some(penalty) => {
+                penalized = apply_repetition_penalty(logits, seen, penalty);
+                &penalized[..]
+            }
+            None => logits,
+        };
         let p = match &self.decoding {
             Decoding::Greedy => return argmax(logits),
-            Decoding::Sample(p) => p.clone(),
+            Decoding::Sample(p) => p,
         };
-        let mut logits = logits.to_vec();
-        if let Some(penalty) = p.repetition_penalty {
-            let mut done = std::collections::HashSet::new();
-            for &id in seen {
-                if let Some(l) = logits.get_mut(id as usize) {
-                    if done.insert(id) {
-                        *l = if *l < 0.0 {
-                            *l * penalty as f32
-                        } else {
-                            *l / penalty as f32
-                        };
-                    }
-                }
-            }
-        }
         if p.temperature <= 0.0 {
-            return argmax(&logits);
+            return argmax(logits);
         }
         let t = p.temperature as f32;
         // Candidates sorted by logit, best first (stable: ties keep the lower id first).
@@ -202,7 +172,7 @@ impl Sampler {
             .filter(|&i| logits[i as usize].is_finite())
             .collect();
         if order.is_empty() {
-            return argmax(&logits);
+            return argmax(logits);
         }
         order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
         if let Some(k) = p.top_k {
@@ -242,6 +212,25 @@ impl Sampler {
     }
 }
 
+/// Hugging Face's `RepetitionPenaltyLogitsProcessor`: each id seen (once, however often it
+/// occurs) has its logit divided by `penalty` when positive and multiplied when negative.
+pub fn apply_repetition_penalty(logits: &[f32], seen: &[u32], penalty: f64) -> Vec<f32> {
+    let mut out = logits.to_vec();
+    let mut done = std::collections::HashSet::new();
+    for &id in seen {
+        if let Some(l) = out.get_mut(id as usize) {
+            if done.insert(id) {
+                *l = if *l < 0.0 {
+                    *l * penalty as f32
+                } else {
+                    *l / penalty as f32
+                };
+            }
+        }
+    }
+    out
+}
+
 /// Generates after a prefill: `logits` are those of the last prompt position, `cache` holds the
 /// prompt. `on_token` is called with every new id (the stop token included) and may stop early.
 pub fn generate(
@@ -253,7 +242,7 @@ pub fn generate(
     cancel: &AtomicBool,
     mut on_token: impl FnMut(u32) -> Flow,
 ) -> Result<Generation> {
-    let mut sampler = Sampler::new(opts.decoding.clone());
+    let mut sampler = Sampler::new(opts.decoding.clone(), opts.repetition_penalty);
     let mut seen = prompt_ids.to_vec();
     let mut ids = Vec::new();
     let mut logits = logits;

@@ -43,6 +43,8 @@ pub const IMG_END: u32 = 151858;
 pub const IMG_PAD: u32 = 151859;
 /// Ids the tokenizer knows (ranks + specials). The model's embedding table is larger (151936).
 pub const VOCAB_SIZE: usize = 151860;
+/// The token of `"\n"` (byte-level BPE rank of the newline byte), which ends every chat line.
+pub const NEWLINE: u32 = 198;
 /// Positions between `<img>` and `</img>`: one per visual feature.
 pub const IMG_SPAN: usize = 256;
 

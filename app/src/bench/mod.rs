@@ -310,7 +310,7 @@ fn vision_flop(v: &vision::Config, lm_hidden: usize) -> f64 {
     let n = (v.image_size / v.patch_size).pow(2) as f64;
     let (w, mlp, e) = (v.width as f64, v.mlp_width() as f64, lm_hidden as f64);
     let per_layer = 2.0 * n * (3.0 * w * w + w * w + 2.0 * w * mlp) + 4.0 * n * n * w;
-    let q = vision::N_QUERIES as f64;
+    let q = v.n_queries as f64;
     let patch = 2.0 * n * w * 3.0 * (v.patch_size * v.patch_size) as f64;
     let resampler = 2.0 * (n * w * e + q * e * e + 2.0 * n * e * e + q * e * e)
         + 4.0 * q * n * e

@@ -1,5 +1,6 @@
-//! The app's state and everything it does in response to the user or the worker; drawing lives
-//! in `view/`. One `QwenApp::ui` call is one frame, the same in the window and in tests.
+//! What the app does in response to the user (the views' [`Action`]s, handled in one place:
+//! [`QwenApp::apply`]) and to the worker; the state it works on is [`AppState`], drawing lives in
+//! `view/`. One `QwenApp::ui` call is one frame, the same in the window and in tests.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -9,18 +10,17 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use egui::{Rect, TextureHandle};
 use lm::checkpoint::LoadProgress;
 use lm::prompt::Item;
 
-use super::backend::{Backend, ModelInfo, ModelSource, Params, ReplyStats};
-use super::settings::{self, Dirs, Found, Settings};
-use super::state::{Chat, ChatStore, Stored, Turn, TurnStatus};
+use super::action::Action;
+use super::backend::{Backend, ModelInfo, ModelSource, ReplyStats};
+use super::model::{AppState, Composer, Download, ModelState, Pending};
+use super::settings::{Dirs, Settings};
+use super::state::{Chat, ChatStore, Turn, TurnStatus};
 use super::worker::{Command, Event, Worker};
 use crate::download::{DownloadOptions, DownloadProgress, DownloadStage};
-
-/// The text-reading prompt of the "Read text" button.
-pub const OCR_PROMPT: &str = "Read all the text in this picture, line by line.";
+use crate::model_dir::{self, Found};
 
 /// Reads an image from the system clipboard: `(width, height, rgba)`, `None` if it holds none.
 pub type ClipboardImage = Box<dyn FnMut() -> Result<Option<(u32, u32, Vec<u8>)>>>;
@@ -75,55 +75,6 @@ impl AppOptions {
     }
 }
 
-impl ModelState {
-    /// Fraction of the load done, when known: the stage's own, else weight bytes read.
-    pub fn load_fraction(&self) -> Option<f32> {
-        match self {
-            ModelState::Loading {
-                fraction,
-                counter,
-                total,
-                ..
-            } => fraction.or_else(|| {
-                let read = counter.bytes.load(Ordering::Relaxed);
-                (read > 0 && *total > 0).then(|| (read as f32 / *total as f32).min(1.0))
-            }),
-            _ => None,
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub enum ModelState {
-    None,
-    Loading {
-        source: ModelSource,
-        stage: String,
-        /// Known progress of a stage; `None`: see `counter`.
-        fraction: Option<f32>,
-        /// Weight bytes read so far, of `total` (polled every frame).
-        counter: Arc<LoadProgress>,
-        total: u64,
-        since: Instant,
-    },
-    Ready(ModelInfo),
-    Failed {
-        source: ModelSource,
-        error: String,
-    },
-}
-
-/// A model download in progress (first-run screen).
-pub struct Download {
-    /// The latest report; `None` until the hub answered.
-    pub progress: Option<DownloadProgress>,
-    pub cancel: Arc<AtomicBool>,
-    pub since: Instant,
-    /// Bytes already in the cache when the transfer started (not counted in the speed).
-    pub start_bytes: Option<u64>,
-    events: Receiver<DownloadEvent>,
-}
-
 enum DownloadEvent {
     Progress(DownloadProgress),
     End(DownloadEnd),
@@ -136,156 +87,13 @@ enum DownloadEnd {
     Cancelled,
 }
 
-impl Download {
-    /// Bytes per second of this transfer, once measurable.
-    pub fn speed(&self) -> Option<f64> {
-        let p = self.progress.as_ref()?;
-        let moved = p.bytes_done.saturating_sub(self.start_bytes?);
-        let secs = self.since.elapsed().as_secs_f64();
-        (moved > 0 && secs > 0.5).then(|| moved as f64 / secs)
-    }
-}
-
-/// The reply being written.
-pub struct Pending {
-    pub id: u64,
-    pub chat_id: String,
-    pub cancel: Arc<AtomicBool>,
-    pub started: Instant,
-    pub first_piece: Option<Instant>,
-    pub pieces: usize,
-}
-
-impl Pending {
-    /// Live speed: pieces after the first per second since the first.
-    pub fn pieces_per_s(&self) -> f64 {
-        match self.first_piece {
-            Some(t) if self.pieces > 1 => {
-                let s = t.elapsed().as_secs_f64();
-                if s > 0.0 {
-                    (self.pieces - 1) as f64 / s
-                } else {
-                    0.0
-                }
-            }
-            _ => 0.0,
-        }
-    }
-}
-
-/// A region dragged on an attached picture.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Region {
-    /// Index into `Composer::images`.
-    pub image: usize,
-    pub grid: [i64; 4],
-}
-
-#[derive(Default)]
-pub struct Composer {
-    pub text: String,
-    pub images: Vec<Stored>,
-    pub regions: Vec<Region>,
-    /// The attached picture shown large for dragging a region.
-    pub selecting: Option<usize>,
-    pub drag_start: Option<egui::Pos2>,
-}
-
-impl Composer {
-    /// The message's items: pictures first ("Picture 1", ...), then the text, then the regions.
-    pub fn items(&self) -> Vec<Item> {
-        let mut items: Vec<Item> = self
-            .images
-            .iter()
-            .map(|s| Item::Image {
-                image: s.rel.clone(),
-            })
-            .collect();
-        let text = self.text.trim();
-        if !text.is_empty() {
-            items.push(Item::Text {
-                text: text.to_string(),
-            });
-        }
-        for r in &self.regions {
-            items.push(Item::Box {
-                reference: None,
-                boxes: vec![r.grid],
-            });
-        }
-        items
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.text.trim().is_empty() && self.images.is_empty() && self.regions.is_empty()
-    }
-
-    pub fn remove_image(&mut self, i: usize) {
-        if i < self.images.len() {
-            self.images.remove(i);
-            self.regions.retain(|r| r.image != i);
-            for r in &mut self.regions {
-                if r.image > i {
-                    r.image -= 1;
-                }
-            }
-            self.selecting = None;
-        }
-    }
-}
-
-/// A shape drawn over a picture in the last frame (what tests assert on).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Drawn {
-    pub turn: usize,
-    pub object: usize,
-    pub label: Option<String>,
-    /// Screen rectangle of the picture.
-    pub image_rect: Rect,
-    /// Outline points on screen (4 corners).
-    pub outline: Vec<egui::Pos2>,
-    pub highlighted: bool,
-}
-
-/// A decoded picture on the GPU, with the original size.
-#[derive(Clone)]
-pub struct Tex {
-    pub handle: TextureHandle,
-    pub width: u32,
-    pub height: u32,
-}
-
+/// The app: its plain state ([`AppState`], what the views see, reachable through `Deref`) and
+/// what does the work: the worker thread, a download, the clipboard.
 pub struct QwenApp {
-    pub dirs: Dirs,
-    pub settings: Settings,
-    pub store: ChatStore,
-    pub chats: Vec<Chat>,
-    pub current: usize,
-    pub model: ModelState,
-    pub params: Params,
-    pub model_defaults: Params,
-    /// Settings changed but not yet saved.
-    pub params_dirty: bool,
-    pub pending: Option<Pending>,
-    pub composer: Composer,
-    /// Messages shown as dismissable banners.
-    pub errors: Vec<String>,
-    pub notice: Option<String>,
-    pub show_settings: bool,
-    /// Object under the pointer last frame / this frame: (turn, object).
-    pub hovered: Option<(usize, usize)>,
-    pub hover_next: Option<(usize, usize)>,
-    pub drawn: Vec<Drawn>,
-    /// The first frame's discovery result (shown on the welcome screen).
-    pub found: Option<Found>,
-    pub(crate) textures: HashMap<String, Option<Tex>>,
+    pub state: AppState,
     pub(crate) clipboard: ClipboardImage,
-    pub download: Option<Download>,
+    download_events: Option<Receiver<DownloadEvent>>,
     download_opts: DownloadOptions,
-    /// The "Connect to a server" form.
-    pub server_url: String,
-    pub server_key: String,
-    pub show_connect: bool,
     /// The model that was ready when a server connection was tried: it is still loaded if the
     /// connection fails.
     previous: Option<ModelInfo>,
@@ -294,6 +102,19 @@ pub struct QwenApp {
     next_id: u64,
     /// A `Paste` event came since the last V key release (the image check ran then).
     pasted: bool,
+}
+
+impl std::ops::Deref for QwenApp {
+    type Target = AppState;
+    fn deref(&self) -> &AppState {
+        &self.state
+    }
+}
+
+impl std::ops::DerefMut for QwenApp {
+    fn deref_mut(&mut self) -> &mut AppState {
+        &mut self.state
+    }
 }
 
 impl QwenApp {
@@ -336,7 +157,7 @@ impl QwenApp {
         if chats.is_empty() {
             chats.push(Chat::new(&params.system));
         }
-        let mut app = Self {
+        let state = AppState {
             dirs: opts.dirs,
             settings,
             store,
@@ -356,21 +177,28 @@ impl QwenApp {
             drawn: Vec::new(),
             found: None,
             textures: HashMap::new(),
-            clipboard: opts.clipboard,
+            download: None,
+            download_repo: opts.download.repo.clone(),
             server_url: String::new(),
             server_key: String::new(),
             show_connect: false,
+            outbox: Vec::new(),
+        };
+        let mut app = Self {
+            state,
+            clipboard: opts.clipboard,
+            download_events: None,
             previous: None,
-            download: None,
             download_opts: opts.download,
             worker,
             waker_ctx,
             next_id: 0,
             pasted: false,
         };
-        if let Some(ModelSource::Server { url, api_key }) = &app.settings.server {
-            app.server_url = url.clone();
-            app.server_key = api_key.clone().unwrap_or_default();
+        let st = &mut app.state;
+        if let Some(ModelSource::Server { url, api_key }) = &st.settings.server {
+            st.server_url = url.clone();
+            st.server_key = api_key.clone().unwrap_or_default();
         }
         let last_server = app
             .settings
@@ -386,7 +214,7 @@ impl QwenApp {
         }
         let start = opts.model.map(Found::EnvVar).or_else(|| {
             if opts.discover_model {
-                settings::discover(&app.settings)
+                model_dir::discover(app.settings.last_model.as_deref())
             } else {
                 None
             }
@@ -396,32 +224,6 @@ impl QwenApp {
             app.found = Some(found);
         }
         app
-    }
-
-    pub fn chat(&self) -> &Chat {
-        &self.chats[self.current.min(self.chats.len() - 1)]
-    }
-
-    fn chat_mut(&mut self) -> &mut Chat {
-        let i = self.current.min(self.chats.len() - 1);
-        &mut self.chats[i]
-    }
-
-    pub fn is_generating(&self) -> bool {
-        self.pending.is_some()
-    }
-
-    /// The model folder loaded, loading or failed to load (not a server).
-    pub fn model_folder(&self) -> Option<&Path> {
-        let source = match &self.model {
-            ModelState::Loading { source, .. } | ModelState::Failed { source, .. } => source,
-            ModelState::Ready(info) => &info.source,
-            ModelState::None => return None,
-        };
-        match source {
-            ModelSource::Folder { path, .. } => Some(path),
-            ModelSource::Server { .. } => None,
-        }
     }
 
     /// Chooses the weight type for model folders (`None`: this machine's default), remembers
@@ -437,11 +239,25 @@ impl QwenApp {
         }
     }
 
-    /// Loads a model folder with the weight type chosen in the settings.
+    /// Chooses the device model folders run on (`None`: the CPU), remembers it, and loads the
+    /// current folder again there.
+    pub fn set_device(&mut self, device: Option<String>) {
+        if device == self.settings.device {
+            return;
+        }
+        self.settings.device = device;
+        self.save_settings();
+        if let Some(dir) = self.model_folder().map(Path::to_path_buf) {
+            self.load_model(dir);
+        }
+    }
+
+    /// Loads a model folder with the weight type and device chosen in the settings.
     pub fn load_model(&mut self, dir: PathBuf) {
         self.load_source(ModelSource::Folder {
             path: dir,
             weights: self.settings.weights,
+            device: self.settings.device.clone(),
         });
     }
 
@@ -536,8 +352,8 @@ impl QwenApp {
             cancel,
             since: Instant::now(),
             start_bytes: None,
-            events,
         });
+        self.download_events = Some(events);
     }
 
     pub fn cancel_download(&mut self) {
@@ -546,17 +362,12 @@ impl QwenApp {
         }
     }
 
-    /// The repository the Download button fetches.
-    pub fn download_repo(&self) -> &str {
-        &self.download_opts.repo
-    }
-
     fn poll_download(&mut self) {
-        let Some(d) = self.download.as_mut() else {
+        let (Some(d), Some(events)) = (self.state.download.as_mut(), &self.download_events) else {
             return;
         };
         let mut end = None;
-        while let Ok(ev) = d.events.try_recv() {
+        while let Ok(ev) = events.try_recv() {
             match ev {
                 DownloadEvent::Progress(p) => {
                     if p.stage == DownloadStage::Downloading && d.start_bytes.is_none() {
@@ -724,17 +535,6 @@ impl QwenApp {
         }
     }
 
-    /// Why a message cannot be sent now, if it cannot.
-    pub fn send_blocked(&self) -> Option<&'static str> {
-        if self.pending.is_some() {
-            Some("Wait for the reply to finish, or press Stop.")
-        } else if !matches!(self.model, ModelState::Ready(_)) {
-            Some("Open a model first.")
-        } else {
-            None
-        }
-    }
-
     /// Sends the composer's message.
     pub fn send_composer(&mut self) {
         if self.composer.is_empty() {
@@ -839,7 +639,8 @@ impl QwenApp {
             self.chat_mut().system = self.params.system.clone();
             return;
         }
-        self.chats.insert(0, Chat::new(&self.params.system));
+        let st = &mut self.state;
+        st.chats.insert(0, Chat::new(&st.params.system));
         self.current = 0;
         self.composer = Composer::default();
         self.save_settings();
@@ -849,7 +650,8 @@ impl QwenApp {
         if i < self.chats.len() && i != self.current {
             // An unused empty chat is dropped when leaving it.
             if self.chat().turns.is_empty() {
-                self.chats.remove(self.current);
+                let st = &mut self.state;
+                st.chats.remove(st.current);
                 self.current = if i > self.current { i - 1 } else { i };
             } else {
                 self.current = i;
@@ -920,23 +722,6 @@ impl QwenApp {
         }
     }
 
-    /// The texture of a stored picture (decoded once; `None` if unreadable).
-    pub fn texture(&mut self, ctx: &egui::Context, rel: &str) -> Option<Tex> {
-        if let Some(t) = self.textures.get(rel) {
-            return t.clone();
-        }
-        let path = self.store.dir.join(rel);
-        let tex = match load_texture(ctx, &path, rel) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                self.errors.push(format!("{e:#}"));
-                None
-            }
-        };
-        self.textures.insert(rel.to_string(), tex.clone());
-        tex
-    }
-
     /// Writes the picture of reply `turn` with its boxes drawn to `dest` (PNG).
     pub fn export_annotated(&self, turn: usize, dest: &Path) -> Result<()> {
         let chat = self.chat();
@@ -958,6 +743,52 @@ impl QwenApp {
         super::state::write_atomic(dest, md.as_bytes())
     }
 
+    /// Does what a view asked for.
+    pub fn apply(&mut self, action: Action) {
+        match action {
+            Action::LoadModel(dir) => self.load_model(dir),
+            Action::ConnectServer => self.connect_server(),
+            Action::StartDownload => self.start_download(),
+            Action::CancelDownload => self.cancel_download(),
+            Action::NewChat => self.new_chat(),
+            Action::OpenChat(i) => self.open_chat(i),
+            Action::SetWeights(w) => self.set_weights(w),
+            Action::SetDevice(d) => self.set_device(d),
+            Action::SaveSettings => self.save_settings(),
+            Action::Send(items) => {
+                self.send_items(items);
+            }
+            Action::SendComposer => self.send_composer(),
+            Action::ReadText(i) => {
+                let Some(image) = self.composer.images.get(i).map(|s| s.rel.clone()) else {
+                    return;
+                };
+                let items = vec![
+                    Item::Image { image },
+                    Item::Text {
+                        text: crate::session::OCR_PROMPT.into(),
+                    },
+                ];
+                if self.send_items(items) {
+                    self.composer.remove_image(i);
+                }
+            }
+            Action::Stop => self.stop(),
+            Action::Regenerate => self.regenerate(),
+            Action::AttachFiles(paths) => self.attach_files(&paths),
+            Action::ExportMarkdown(dest) => {
+                if let Err(e) = self.export_markdown(&dest) {
+                    self.errors.push(format!("{e:#}"));
+                }
+            }
+            Action::ExportAnnotated { turn, dest } => {
+                if let Err(e) = self.export_annotated(turn, &dest) {
+                    self.errors.push(format!("{e:#}"));
+                }
+            }
+        }
+    }
+
     /// One frame.
     pub fn ui(&mut self, ctx: &egui::Context) {
         let _ = self.waker_ctx.set(ctx.clone());
@@ -965,7 +796,10 @@ impl QwenApp {
         self.handle_input(ctx);
         self.hovered = self.hover_next.take();
         self.drawn.clear();
-        super::view::frame(self, ctx);
+        super::view::frame(&mut self.state, ctx);
+        for a in std::mem::take(&mut self.state.outbox) {
+            self.apply(a);
+        }
         if self.pending.is_some()
             || self.download.is_some()
             || matches!(self.model, ModelState::Loading { .. })
@@ -974,27 +808,6 @@ impl QwenApp {
             ctx.request_repaint_after(std::time::Duration::from_millis(100));
         }
     }
-}
-
-/// Decodes a picture into a texture, downscaled for display (the original size is kept for
-/// geometry).
-fn load_texture(ctx: &egui::Context, path: &Path, name: &str) -> Result<Tex> {
-    let img =
-        vision::image::open(path).with_context(|| format!("cannot show {}", path.display()))?;
-    let (width, height) = (img.width(), img.height());
-    let img = if width.max(height) > 1600 {
-        img.thumbnail(1600, 1600)
-    } else {
-        img
-    };
-    let rgba = img.to_rgba8();
-    let size = [rgba.width() as usize, rgba.height() as usize];
-    let color = egui::ColorImage::from_rgba_unmultiplied(size, rgba.as_raw());
-    Ok(Tex {
-        handle: ctx.load_texture(name, color, egui::TextureOptions::LINEAR),
-        width,
-        height,
-    })
 }
 
 /// Brings a chat file from elsewhere (`--open-chat`): its pictures are imported into the store

@@ -8,9 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use lm::checkpoint::LoadProgress;
-use lm::generate::{Decoding, Finish, GenerateOptions, SamplingParams};
+use lm::generate::Finish;
 use lm::prompt::Conversation;
 use lm::quant::WeightType;
 use serde::{Deserialize, Serialize};
@@ -19,6 +18,7 @@ use crate::engine::Engine;
 pub use crate::model_dir::{check_memory, check_model_dir, choose_weights, weights_bytes};
 use crate::openai::ChatRequest;
 use crate::remote::RemoteClient;
+use crate::session::GenerateRequest;
 
 /// User-adjustable generation settings; defaults come from the checkpoint's
 /// `generation_config.json`.
@@ -60,22 +60,20 @@ impl Params {
         }
     }
 
-    /// The engine's options; `seed` varies per request so Regenerate gives a new answer.
-    pub fn generate_options(&self, seed: u64) -> GenerateOptions {
-        let mut opts = GenerateOptions::from_generation_config(&lm::GenerationConfig::default());
-        opts.max_new_tokens = self.max_new_tokens.max(1);
-        opts.decoding = if self.do_sample && self.temperature > 0.0 {
-            Decoding::Sample(SamplingParams {
-                temperature: self.temperature,
-                top_p: Some(self.top_p).filter(|p| *p > 0.0 && *p < 1.0),
-                top_k: Some(self.top_k).filter(|k| *k > 0),
-                repetition_penalty: Some(self.repetition_penalty).filter(|r| *r > 0.0 && *r != 1.0),
-                seed,
-            })
-        } else {
-            Decoding::Greedy
-        };
-        opts
+    /// These settings as a request, by the rules every front end shares
+    /// ([`crate::session::options`]); `seed` varies per request so Regenerate gives a new answer.
+    pub fn request(&self, seed: u64) -> GenerateRequest {
+        let sample = self.do_sample && self.temperature > 0.0;
+        GenerateRequest {
+            max_new_tokens: Some(self.max_new_tokens.max(1) as u64),
+            greedy: !sample,
+            temperature: sample.then_some(self.temperature),
+            top_p: sample.then_some(self.top_p),
+            top_k: sample.then_some(self.top_k as u64),
+            repetition_penalty: Some(self.repetition_penalty),
+            seed: Some(seed),
+            ignore_eos: false,
+        }
     }
 }
 
@@ -89,6 +87,9 @@ pub enum ModelSource {
         path: PathBuf,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         weights: Option<WeightType>,
+        /// A `--device` word (`cpu`, `cuda:0`, `metal:0`); `None`: the CPU.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        device: Option<String>,
     },
     /// An OpenAI-compatible server serving Qwen-VL-Chat (`qwenvl serve`, vLLM).
     Server {
@@ -117,6 +118,7 @@ impl ModelSource {
         ModelSource::Folder {
             path: path.into(),
             weights: None,
+            device: None,
         }
     }
 
@@ -225,25 +227,26 @@ impl Backend for EngineBackend {
         progress: Progress<'_>,
         counter: &Arc<LoadProgress>,
     ) -> Result<ModelInfo> {
-        let (dir, weights) = match source {
-            ModelSource::Folder { path, weights } => (path.as_path(), *weights),
+        let (dir, weights, device) = match source {
+            ModelSource::Folder {
+                path,
+                weights,
+                device,
+            } => (path.as_path(), *weights, device.as_deref().unwrap_or("cpu")),
             ModelSource::Server { url, api_key } => {
                 return self.connect(url.as_str(), api_key.clone(), progress)
             }
         };
         progress("Checking the folder", None);
         check_model_dir(dir)?;
+        // A device that is not there is an error, never a quiet fall back to the CPU.
+        let device = crate::session::parse_device(device)?;
         // Free the previous model first: two large models may not fit together.
         self.engine = None;
         self.remote = None;
-        let bytes = weights_bytes(dir);
-        let wt = match weights {
-            Some(wt) => wt,
-            None => choose_weights(bytes, &Device::Cpu)?,
-        };
-        check_memory(bytes, wt, &Device::Cpu)?;
+        let (wt, _) = crate::session::plan_load(dir, weights, &device)?;
         progress(&format!("Loading the weights as {wt}"), None);
-        let engine = Engine::load_with(dir, wt, &Device::Cpu, Some(counter.clone()))?;
+        let engine = crate::session::load(dir, wt, &device, counter.clone())?;
         let cfg = &engine.checkpoint.config;
         let info = ModelInfo {
             source: source.clone(),
@@ -267,16 +270,16 @@ impl Backend for EngineBackend {
         on_text: &mut dyn FnMut(&str),
     ) -> Result<ReplyStats> {
         self.requests += 1;
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0)
-            ^ self.requests;
+        let request = params.request(crate::session::fresh_seed());
+        // The settings are checked here, the same for a local model and a server.
+        request.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
         if let Some((client, model)) = &self.remote {
-            return remote_reply(client, model, conv, base_dir, params, seed, cancel, on_text);
+            return remote_reply(client, model, conv, base_dir, &request, cancel, on_text);
         }
         let engine = self.engine.as_ref().context("no model is loaded")?;
-        let opts = params.generate_options(seed);
+        let opts = request
+            .resolve(&engine.checkpoint.generation, 0)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let reply = engine.reply(conv, base_dir, &opts, cancel, on_text)?;
         Ok(ReplyStats {
             tokens: reply.timings.generated_tokens,
@@ -324,28 +327,30 @@ impl EngineBackend {
 }
 
 /// One reply from the server: the conversation goes as OpenAI messages with the images inline.
-#[allow(clippy::too_many_arguments)]
 fn remote_reply(
     client: &RemoteClient,
     model: &str,
     conv: &Conversation,
     base_dir: &Path,
-    params: &Params,
-    seed: u64,
+    request: &GenerateRequest,
     cancel: &AtomicBool,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<ReplyStats> {
-    let sample = params.do_sample && params.temperature > 0.0;
+    // The server applies the same rules (`temperature: 0` is greedy), so it answers as the
+    // local engine would.
     let req = ChatRequest {
         model: model.to_string(),
         messages: crate::openai::to_messages(conv, base_dir)?,
-        temperature: Some(if sample { params.temperature } else { 0.0 }),
-        top_p: sample.then_some(params.top_p),
-        top_k: (sample && params.top_k > 0).then_some(params.top_k as i64),
-        repetition_penalty: (sample && params.repetition_penalty != 1.0)
-            .then_some(params.repetition_penalty),
-        seed: sample.then_some((seed >> 1) as i64),
-        max_tokens: Some(params.max_new_tokens.max(1) as u64),
+        temperature: Some(if request.greedy {
+            0.0
+        } else {
+            request.temperature.unwrap_or(1.0)
+        }),
+        top_p: request.top_p,
+        top_k: request.top_k.map(|k| k as i64),
+        repetition_penalty: request.repetition_penalty.filter(|r| *r != 1.0),
+        seed: request.seed.map(|s| (s >> 1) as i64),
+        max_tokens: request.max_new_tokens,
         ..ChatRequest::default()
     };
     let out = client.chat(&req, cancel, on_text)?;

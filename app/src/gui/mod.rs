@@ -2,9 +2,11 @@
 //! `worker` runs inference on its own thread behind a [`backend::Backend`], `state` keeps chats
 //! on disk, `geometry` maps grounding boxes to the screen, `settings` finds folders and models.
 
+pub mod action;
 pub mod app;
 pub mod backend;
 pub mod geometry;
+pub mod model;
 pub mod settings;
 pub mod state;
 pub mod view;

@@ -1,5 +1,6 @@
 //! Where things live: the app's folders (platform config/data dirs via `directories`, overridable
-//! for tests), the small settings file, and finding a model folder without asking.
+//! for tests) and the small settings file. Finding a model folder without asking is model
+//! discovery, in [`crate::model_dir`].
 
 use std::path::{Path, PathBuf};
 
@@ -8,9 +9,6 @@ use serde::{Deserialize, Serialize};
 
 use super::backend::{ModelSource, Params};
 use super::state::write_atomic;
-
-/// The Hugging Face repository the app is made for.
-pub const MODEL_REPO: &str = "Qwen/Qwen-VL-Chat";
 
 /// The app's own folders.
 #[derive(Debug, Clone)]
@@ -73,6 +71,9 @@ pub struct Settings {
     /// Weight type in memory for model folders; `None`: the default for this machine.
     #[serde(default, deserialize_with = "weights_or_automatic")]
     pub weights: Option<lm::quant::WeightType>,
+    /// Where model folders run, as a `--device` word; `None`: the CPU.
+    #[serde(default)]
+    pub device: Option<String>,
 }
 
 /// A weight type this version does not know (a hand edit, a newer version's) reads as
@@ -107,75 +108,6 @@ impl Settings {
         let bytes = serde_json::to_vec_pretty(self)?;
         write_atomic(&Self::path(dirs), &bytes)
     }
-}
-
-/// Where a model folder was found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Found {
-    EnvVar(PathBuf),
-    LastUsed(PathBuf),
-    HfCache(PathBuf),
-}
-
-impl Found {
-    pub fn path(&self) -> &Path {
-        match self {
-            Found::EnvVar(p) | Found::LastUsed(p) | Found::HfCache(p) => p,
-        }
-    }
-}
-
-/// A folder that looks like a checkpoint (enough to try loading it).
-pub fn looks_like_model(dir: &Path) -> bool {
-    dir.join("config.json").is_file() && dir.join("qwen.tiktoken").is_file()
-}
-
-/// The Hugging Face hub cache: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
-/// `~/.cache/huggingface/hub`.
-pub fn hf_hub_cache() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("HF_HUB_CACHE") {
-        return Some(PathBuf::from(p));
-    }
-    if let Some(p) = std::env::var_os("HF_HOME") {
-        return Some(PathBuf::from(p).join("hub"));
-    }
-    directories::BaseDirs::new().map(|b| b.home_dir().join(".cache/huggingface/hub"))
-}
-
-/// Snapshots of Qwen-VL-Chat in a hub cache, newest first.
-pub fn hf_snapshots(hub: &Path) -> Vec<PathBuf> {
-    let dir = hub.join("models--Qwen--Qwen-VL-Chat").join("snapshots");
-    let mut snaps: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&dir)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.path())
-                .filter(|p| looks_like_model(p))
-                .map(|p| {
-                    let t = p
-                        .metadata()
-                        .and_then(|m| m.modified())
-                        .unwrap_or(std::time::UNIX_EPOCH);
-                    (t, p)
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    snaps.sort_by_key(|s| std::cmp::Reverse(s.0));
-    snaps.into_iter().map(|(_, p)| p).collect()
-}
-
-/// The first model folder found: `$QWENVL_MODEL`, the last used one, the HF cache.
-pub fn discover(settings: &Settings) -> Option<Found> {
-    if let Some(p) = std::env::var_os("QWENVL_MODEL") {
-        // Named explicitly: try it even if it looks wrong, so the error is shown.
-        return Some(Found::EnvVar(PathBuf::from(p)));
-    }
-    if let Some(p) = settings.last_model.as_ref().filter(|p| looks_like_model(p)) {
-        return Some(Found::LastUsed(p.clone()));
-    }
-    hf_hub_cache()
-        .and_then(|hub| hf_snapshots(&hub).into_iter().next())
-        .map(Found::HfCache)
 }
 
 #[cfg(test)]

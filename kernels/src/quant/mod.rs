@@ -24,6 +24,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::cpu::{self, Isa, Level};
+use crate::tile::TileOut;
 use crate::LargeBuffer;
 
 #[cfg(target_arch = "aarch64")]
@@ -114,7 +115,7 @@ impl std::fmt::Debug for CpuQWeight {
 /// [`f16_at`] by the branch-free conversion, for loops the compiler vectorises.
 #[inline(always)]
 fn f16_lanes(b: &[u8], at: usize) -> f32 {
-    crate::dense16::f16_to_f32(u16::from_le_bytes([b[at], b[at + 1]]) as u32)
+    crate::tile::f16_to_f32(u16::from_le_bytes([b[at], b[at + 1]]) as u32)
 }
 
 fn f16_at(b: &[u8], at: usize) -> f32 {
@@ -527,54 +528,6 @@ fn tile_dot_q4k_portable(tile: &[u8], kb: usize, a: &Act, out: &mut [f32; MAX_TI
         }
     }
     *out = acc;
-}
-
-/// The `[m, n]` output of a tiled matmul `y = x·Wᵀ + b`, shared by the threads that compute it:
-/// each writes only the columns of its own tiles (here and in [`crate::dense16`]).
-#[derive(Clone, Copy)]
-pub(crate) struct TileOut<'a> {
-    ptr: *mut f32,
-    n: usize,
-    bias: Option<&'a [f32]>,
-}
-// SAFETY: writes go through `store`, whose callers keep their column ranges disjoint.
-unsafe impl Send for TileOut<'_> {}
-unsafe impl Sync for TileOut<'_> {}
-
-impl<'a> TileOut<'a> {
-    /// Checks the shapes of `x` (`m` rows of `k`), `out` and `bias` for an `[n, k]` weight.
-    pub(crate) fn new(
-        out: &'a mut [f32],
-        x: &[f32],
-        (m, n, k): (usize, usize, usize),
-        bias: Option<&'a [f32]>,
-    ) -> Self {
-        assert_eq!(x.len(), m * k, "activation shape");
-        assert_eq!(out.len(), m * n, "output shape");
-        if let Some(b) = bias {
-            assert_eq!(b.len(), n, "bias shape");
-        }
-        Self {
-            ptr: out.as_mut_ptr(),
-            n,
-            bias,
-        }
-    }
-
-    /// Writes `dots` (row `i`, columns `j0..j0 + dots.len()`), adding the bias as it stores
-    /// (a separate broadcast add is another pass over the output, on one thread).
-    ///
-    /// # Safety
-    /// `i` and the columns must lie inside the output, and no other thread may write them.
-    pub(crate) unsafe fn store(self, i: usize, j0: usize, dots: &mut [f32]) {
-        let cols = dots.len();
-        if let Some(b) = self.bias {
-            for (v, b) in dots.iter_mut().zip(&b[j0..j0 + cols]) {
-                *v += b;
-            }
-        }
-        std::ptr::copy_nonoverlapping(dots.as_ptr(), self.ptr.add(i * self.n + j0), cols);
-    }
 }
 
 /// One activation row quantized to int8 for a weight format.

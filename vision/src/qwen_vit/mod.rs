@@ -24,9 +24,6 @@ pub use vit::{
     LN_EPS,
 };
 
-/// Number of resampler queries (fixed by the architecture, not part of the config).
-pub const N_QUERIES: usize = 256;
-
 /// Rows of the stored ViT position table (a 16x16 grid, fixed upstream).
 pub const VIT_POS_ROWS: usize = 256;
 
@@ -49,6 +46,15 @@ pub struct Config {
     pub patch_size: usize,
     /// ViT width.
     pub width: usize,
+    /// Resampler queries: visual features per image. Qwen-VL's `config.json` leaves it out (the
+    /// upstream code fixes it at 256), so that is the default.
+    #[serde(default = "default_n_queries")]
+    pub n_queries: usize,
+}
+
+/// Upstream's `n_queries` (`VisionTransformer(n_queries=256)`).
+fn default_n_queries() -> usize {
+    256
 }
 
 impl Config {
@@ -95,6 +101,14 @@ impl Config {
         }
         if !(c.mlp_ratio.is_finite() && c.mlp_ratio > 0.0) || c.mlp_width() == 0 {
             return Err(format!("invalid mlp_ratio {}", c.mlp_ratio));
+        }
+        // The queries' position table is a square grid, resized like the ViT's.
+        let side = (c.n_queries as f64).sqrt().round() as usize;
+        if c.n_queries == 0 || side * side != c.n_queries {
+            return Err(format!(
+                "n_queries {} must be a positive square number",
+                c.n_queries
+            ));
         }
         Ok(())
     }
@@ -166,7 +180,7 @@ impl VisualEncoder {
                 ResidualAttentionBlock::new(w, cfg.heads, cfg.mlp_width(), vb_blocks.pp(i), linear)
             })
             .collect::<Result<Vec<_>>>()?;
-        let attn_pool = Resampler::new(N_QUERIES, e, w, vb.pp("attn_pool"), linear)?;
+        let attn_pool = Resampler::new(cfg.n_queries, e, w, vb.pp("attn_pool"), linear)?;
         let key_pos = resize_square_table(attn_pool.pos_embed(), grid)?;
         let ln_post = LayerNorm::new(e, LN_EPS, vb.pp("ln_post"))?;
         let proj = vb.get((e, e), "proj")?;
@@ -336,6 +350,16 @@ mod tests {
         }
         .validate()
         .is_err());
+        assert_eq!(
+            cfg.n_queries, 256,
+            "absent from config.json: upstream's 256"
+        );
+        assert!(Config {
+            n_queries: 255,
+            ..cfg.clone()
+        }
+        .validate()
+        .is_err());
     }
 
     #[test]
@@ -346,7 +370,7 @@ mod tests {
         let enc = VisualEncoder::new(&cfg, vb).map_err(candle_core::Error::wrap)?;
         let px = Tensor::randn(0f32, 1.0, (3, 3, 56, 56), &Device::Cpu)?;
         let batch = enc.forward(&px)?;
-        assert_eq!(batch.dims(), &[3, N_QUERIES, 128]);
+        assert_eq!(batch.dims(), &[3, cfg.n_queries, 128]);
         let one = enc.forward(&px.narrow(0, 1, 1)?)?;
         let d = (batch.narrow(0, 1, 1)? - one)?
             .abs()?
@@ -355,7 +379,7 @@ mod tests {
         assert!(d < 1e-5, "{d}");
         // Another grid than the configured one resizes the tables on the fly.
         let (out, debug) = enc.forward_debug(&px.narrow(2, 0, 28)?.narrow(3, 0, 28)?)?;
-        assert_eq!(out.dims(), &[3, N_QUERIES, 128]);
+        assert_eq!(out.dims(), &[3, cfg.n_queries, 128]);
         assert_eq!(
             debug.get("vit_pos_interp").map(|t| t.dims().to_vec()),
             Some(vec![4, 32])

@@ -1,18 +1,20 @@
 //! The conversation: user messages with their numbered pictures, replies with grounding markup
 //! as chips and the boxes drawn over the latest picture, and per-reply actions.
 
+use super::super::action::Action;
 use egui::{Align2, Color32, FontId, RichText, Sense, Stroke};
 use lm::grounding::{self, Piece};
 use lm::prompt::Item;
 
-use super::super::app::{Drawn, QwenApp, OCR_PROMPT};
 use super::super::geometry::{self, colour, fit, shape_on_screen};
+use super::super::model::{AppState, Drawn};
 use super::super::state::TurnStatus;
+use crate::session::OCR_PROMPT;
 
 /// Regions the user marked (one colour: they are questions, not answers).
 const REGION_COLOUR: Color32 = Color32::from_rgb(90, 160, 255);
 
-pub fn show(app: &mut QwenApp, ui: &mut egui::Ui) {
+pub fn show(app: &mut AppState, ui: &mut egui::Ui) {
     let n = app.chat().turns.len();
     if n == 0 {
         ui.vertical_centered(|ui| {
@@ -42,7 +44,7 @@ pub fn show(app: &mut QwenApp, ui: &mut egui::Ui) {
         });
 }
 
-fn user_message(app: &mut QwenApp, ui: &mut egui::Ui, t: usize) {
+fn user_message(app: &mut AppState, ui: &mut egui::Ui, t: usize) {
     let items = app.chat().turns[t].user.clone();
     let mut ocr = None;
     let n_pictures = items
@@ -130,18 +132,18 @@ fn user_message(app: &mut QwenApp, ui: &mut egui::Ui, t: usize) {
             });
         });
     if let Some(image) = ocr {
-        app.send_items(vec![
+        app.ask(Action::Send(vec![
             Item::Image { image },
             Item::Text {
                 text: OCR_PROMPT.into(),
             },
-        ]);
+        ]));
     }
 }
 
 /// Text with `<ref>`/`<box>`/`<quad>` shown as chips; `grounded` links chips to this turn's
 /// drawn objects (replies only).
-fn rich_text(app: &mut QwenApp, ui: &mut egui::Ui, t: usize, text: &str, grounded: bool) {
+fn rich_text(app: &mut AppState, ui: &mut egui::Ui, t: usize, text: &str, grounded: bool) {
     let pieces = geometry::pieces(text);
     let objs = geometry::piece_objects(&pieces);
     let mut box_no = 0;
@@ -204,7 +206,7 @@ fn rich_text(app: &mut QwenApp, ui: &mut egui::Ui, t: usize, text: &str, grounde
     }
 }
 
-fn reply(app: &mut QwenApp, ui: &mut egui::Ui, t: usize) {
+fn reply(app: &mut AppState, ui: &mut egui::Ui, t: usize) {
     let turn = app.chat().turns[t].clone();
     let last = t + 1 == app.chat().turns.len();
     let pending = last && app.is_generating() && turn.status == TurnStatus::Pending;
@@ -279,7 +281,7 @@ fn reply(app: &mut QwenApp, ui: &mut egui::Ui, t: usize) {
                     .copy_text(super::super::state::readable(&turn.reply));
             }
             if last && ui.small_button("Regenerate").clicked() {
-                app.regenerate();
+                app.ask(Action::Regenerate);
             }
             if !objects.is_empty()
                 && picture.is_some()
@@ -290,9 +292,7 @@ fn reply(app: &mut QwenApp, ui: &mut egui::Ui, t: usize) {
                     .set_file_name("annotated.png")
                     .save_file()
                 {
-                    if let Err(e) = app.export_annotated(t, &dest) {
-                        app.errors.push(format!("{e:#}"));
-                    }
+                    app.ask(Action::ExportAnnotated { turn: t, dest });
                 }
             }
         });
@@ -304,7 +304,7 @@ fn reply(app: &mut QwenApp, ui: &mut egui::Ui, t: usize) {
 
 /// The latest picture with the reply's objects drawn over it, scaled to the space available.
 fn annotated_picture(
-    app: &mut QwenApp,
+    app: &mut AppState,
     ui: &mut egui::Ui,
     t: usize,
     rel: &str,

@@ -1,13 +1,13 @@
 //! The message being written: attached pictures (removable, region picking, Read text), region
 //! chips, the text field and Send/Stop.
 
+use super::super::action::Action;
 use egui::{Color32, Key, RichText, Sense, Stroke};
 
-use super::super::app::{QwenApp, Region, OCR_PROMPT};
 use super::super::geometry::{self, box_on_screen, colour, fit};
-use lm::prompt::Item;
+use super::super::model::{AppState, Region};
 
-pub fn show(app: &mut QwenApp, ctx: &egui::Context) {
+pub fn show(app: &mut AppState, ctx: &egui::Context) {
     egui::TopBottomPanel::bottom("composer")
         .resizable(false)
         .show(ctx, |ui| {
@@ -25,7 +25,7 @@ pub fn show(app: &mut QwenApp, ctx: &egui::Context) {
         });
 }
 
-fn thumbnails(app: &mut QwenApp, ui: &mut egui::Ui) {
+fn thumbnails(app: &mut AppState, ui: &mut egui::Ui) {
     if app.composer.images.is_empty() {
         return;
     }
@@ -72,22 +72,12 @@ fn thumbnails(app: &mut QwenApp, ui: &mut egui::Ui) {
         app.composer.remove_image(i);
     }
     if let Some(i) = ocr {
-        let items = vec![
-            Item::Image {
-                image: images[i].rel.clone(),
-            },
-            Item::Text {
-                text: OCR_PROMPT.into(),
-            },
-        ];
-        if app.send_items(items) {
-            app.composer.remove_image(i);
-        }
+        app.ask(Action::ReadText(i));
     }
 }
 
 /// The picture shown large; dragging a rectangle adds a region to the message.
-fn region_picker(app: &mut QwenApp, ui: &mut egui::Ui, i: usize) {
+fn region_picker(app: &mut AppState, ui: &mut egui::Ui, i: usize) {
     let Some(stored) = app.composer.images.get(i).cloned() else {
         app.composer.selecting = None;
         return;
@@ -145,7 +135,7 @@ fn region_picker(app: &mut QwenApp, ui: &mut egui::Ui, i: usize) {
     }
 }
 
-fn region_chips(app: &mut QwenApp, ui: &mut egui::Ui) {
+fn region_chips(app: &mut AppState, ui: &mut egui::Ui) {
     if app.composer.regions.is_empty() {
         return;
     }
@@ -181,7 +171,7 @@ fn region_chips(app: &mut QwenApp, ui: &mut egui::Ui) {
     }
 }
 
-fn input_row(app: &mut QwenApp, ui: &mut egui::Ui) {
+fn input_row(app: &mut AppState, ui: &mut egui::Ui) {
     ui.horizontal(|ui| {
         if ui
             .button("Attach images…")
@@ -195,7 +185,7 @@ fn input_row(app: &mut QwenApp, ui: &mut egui::Ui) {
                 )
                 .pick_files()
             {
-                app.attach_files(&paths);
+                app.ask(Action::AttachFiles(paths));
             }
         }
         let generating = app.is_generating();
@@ -217,7 +207,7 @@ fn input_row(app: &mut QwenApp, ui: &mut egui::Ui) {
                 .add_sized([button_w, 30.0], egui::Button::new("Stop"))
                 .clicked()
             {
-                app.stop();
+                app.ask(Action::Stop);
             }
             if enter {
                 app.notice = app.send_blocked().map(String::from);
@@ -231,7 +221,7 @@ fn input_row(app: &mut QwenApp, ui: &mut egui::Ui) {
                 )
                 .clicked();
             if send || (enter && can) {
-                app.send_composer();
+                app.ask(Action::SendComposer);
                 resp.request_focus();
             }
         }

@@ -1,4 +1,4 @@
-//! Drawing: one function per area of the window. They read and change `QwenApp` directly; the
+//! Drawing: one function per area of the window. They read and change `AppState` directly; the
 //! logic they trigger lives in `app.rs`.
 
 mod chat;
@@ -7,11 +7,12 @@ mod settings;
 mod sidebar;
 mod welcome;
 
+use super::action::Action;
 use egui::{Align2, Color32, FontId, RichText};
 
-use super::app::{ModelState, QwenApp};
+use super::model::{AppState, ModelState};
 
-pub fn frame(app: &mut QwenApp, ctx: &egui::Context) {
+pub fn frame(app: &mut AppState, ctx: &egui::Context) {
     top_bar(app, ctx);
     sidebar::show(app, ctx);
     if app.show_settings {
@@ -39,7 +40,7 @@ pub fn frame(app: &mut QwenApp, ctx: &egui::Context) {
     drop_overlay(ctx);
 }
 
-fn top_bar(app: &mut QwenApp, ctx: &egui::Context) {
+fn top_bar(app: &mut AppState, ctx: &egui::Context) {
     egui::TopBottomPanel::top("top").show(ctx, |ui| {
         ui.horizontal(|ui| {
             ui.heading("Qwen-VL");
@@ -81,7 +82,7 @@ fn top_bar(app: &mut QwenApp, ctx: &egui::Context) {
                     .set_title("Choose the Qwen-VL-Chat folder")
                     .pick_folder()
                 {
-                    app.load_model(dir);
+                    app.ask(Action::LoadModel(dir));
                 }
             }
             if ui
@@ -101,7 +102,7 @@ fn top_bar(app: &mut QwenApp, ctx: &egui::Context) {
                 let mut show = app.settings.show_boxes;
                 if ui.checkbox(&mut show, "Show boxes").changed() {
                     app.settings.show_boxes = show;
-                    app.save_settings();
+                    app.ask(Action::SaveSettings);
                 }
                 let has_turns = !app.chat().turns.is_empty();
                 if ui
@@ -114,9 +115,7 @@ fn top_bar(app: &mut QwenApp, ctx: &egui::Context) {
                         .set_file_name(format!("{}.md", sanitize(&app.chat().title)))
                         .save_file()
                     {
-                        if let Err(e) = app.export_markdown(&dest) {
-                            app.errors.push(format!("{e:#}"));
-                        }
+                        app.ask(Action::ExportMarkdown(dest));
                     }
                 }
             });
@@ -144,7 +143,7 @@ pub fn sanitize(s: &str) -> String {
     }
 }
 
-fn banners(app: &mut QwenApp, ui: &mut egui::Ui) {
+fn banners(app: &mut AppState, ui: &mut egui::Ui) {
     let mut dismiss = None;
     for (i, e) in app.errors.iter().enumerate() {
         egui::Frame::new()

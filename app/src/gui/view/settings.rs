@@ -1,13 +1,16 @@
 //! Generation settings (defaults: the checkpoint's generation_config.json).
 
-use candle_core::Device;
+use super::super::action::Action;
+use std::path::Path;
+
 use egui::Slider;
 use lm::quant::WeightType;
 
-use super::super::app::{ModelState, QwenApp};
+use super::super::model::{AppState, ModelState};
 use crate::model_dir::{choose_weights, in_memory_bytes, weights_bytes};
+use crate::session::device::{available_devices, describe, parse_device};
 
-pub fn show(app: &mut QwenApp, ctx: &egui::Context) {
+pub fn show(app: &mut AppState, ctx: &egui::Context) {
     egui::SidePanel::right("settings")
         .default_width(260.0)
         .show(ctx, |ui| {
@@ -54,17 +57,78 @@ pub fn show(app: &mut QwenApp, ctx: &egui::Context) {
             app.params_dirty |= app.params != before;
             if app.params_dirty && !ui.ctx().is_using_pointer() {
                 app.params_dirty = false;
-                app.save_settings();
+                app.ask(Action::SaveSettings);
             }
         });
 }
 
+/// What the weights menu shows for a folder on a device: the checkpoint's size and the
+/// automatic type. Listing the folder and reading the free memory are not for every frame, so
+/// they are kept (in egui's memory) until the folder or the device changes.
+#[derive(Clone)]
+struct WeightsFacts {
+    key: (Option<std::path::PathBuf>, Option<String>),
+    bytes: Option<u64>,
+    auto: Option<WeightType>,
+}
+
+fn weights_facts(app: &AppState, ui: &egui::Ui) -> WeightsFacts {
+    let key = (
+        app.model_folder().map(Path::to_path_buf),
+        app.settings.device.clone(),
+    );
+    let id = egui::Id::new("weights facts");
+    if let Some(f) = ui
+        .data(|d| d.get_temp::<WeightsFacts>(id))
+        .filter(|f| f.key == key)
+    {
+        return f;
+    }
+    let bytes = key.0.as_deref().map(weights_bytes);
+    let device = parse_device(key.1.as_deref().unwrap_or("cpu")).ok();
+    let auto = bytes
+        .zip(device)
+        .and_then(|(b, d)| choose_weights(b, &d).ok());
+    let facts = WeightsFacts { key, bytes, auto };
+    ui.data_mut(|d| d.insert_temp(id, facts.clone()));
+    facts
+}
+
+/// Where model folders run: the devices this build and machine offer (found once).
+fn device(app: &mut AppState, ui: &mut egui::Ui, busy: bool) {
+    let id = egui::Id::new("devices");
+    let devices = match ui.data(|d| d.get_temp::<Vec<String>>(id)) {
+        Some(d) => d,
+        None => {
+            let d = available_devices();
+            ui.data_mut(|m| m.insert_temp(id, d.clone()));
+            d
+        }
+    };
+    let current = app.settings.device.clone().unwrap_or_else(|| "cpu".into());
+    let mut choice = current.clone();
+    ui.add_enabled_ui(!busy, |ui| {
+        egui::ComboBox::from_label("Runs on")
+            .selected_text(describe(&choice))
+            .show_ui(ui, |ui| {
+                for d in &devices {
+                    ui.selectable_value(&mut choice, d.clone(), describe(d));
+                }
+            })
+            .response
+            .on_hover_text("Where model folders run. Changing it loads the model again.");
+    });
+    if choice != current {
+        app.ask(Action::SetDevice((choice != "cpu").then_some(choice)));
+    }
+}
+
 /// The weight type of model folders: automatic (this machine's default), or one chosen; with
 /// the memory each would take for the current folder. Choosing one loads the folder again.
-fn weights(app: &mut QwenApp, ui: &mut egui::Ui) {
-    let bytes = app.model_folder().map(weights_bytes);
-    let auto = bytes.and_then(|b| choose_weights(b, &Device::Cpu).ok());
-    let bytes = bytes.filter(|&b| b > 0);
+fn weights(app: &mut AppState, ui: &mut egui::Ui) {
+    let facts = weights_facts(app, ui);
+    let auto = facts.auto;
+    let bytes = facts.bytes.filter(|&b| b > 0);
     let label = |w: Option<WeightType>| match (w, bytes) {
         (None, _) => match auto {
             Some(a) => format!("Automatic ({a})"),
@@ -75,6 +139,7 @@ fn weights(app: &mut QwenApp, ui: &mut egui::Ui) {
     };
     let mut choice = app.settings.weights;
     let busy = app.is_generating() || matches!(app.model, ModelState::Loading { .. });
+    device(app, ui, busy);
     ui.add_enabled_ui(!busy, |ui| {
         egui::ComboBox::from_label("Weights in memory")
             .selected_text(label(choice))
@@ -97,5 +162,7 @@ fn weights(app: &mut QwenApp, ui: &mut egui::Ui) {
                  the checkpoint's size. Changing it loads the model again.",
             );
     });
-    app.set_weights(choice);
+    if choice != app.settings.weights {
+        app.ask(Action::SetWeights(choice));
+    }
 }

@@ -1,8 +1,9 @@
 //! The list of chats.
 
-use super::super::app::QwenApp;
+use super::super::action::Action;
+use super::super::model::AppState;
 
-pub fn show(app: &mut QwenApp, ctx: &egui::Context) {
+pub fn show(app: &mut AppState, ctx: &egui::Context) {
     egui::SidePanel::left("chats")
         .resizable(true)
         .default_width(210.0)
@@ -15,7 +16,7 @@ pub fn show(app: &mut QwenApp, ctx: &egui::Context) {
                 )
                 .clicked()
             {
-                app.new_chat();
+                app.ask(Action::NewChat);
             }
             ui.add_space(6.0);
             let mut open = None;
@@ -37,7 +38,7 @@ pub fn show(app: &mut QwenApp, ctx: &egui::Context) {
                 }
             });
             if let Some(i) = open {
-                app.open_chat(i);
+                app.ask(Action::OpenChat(i));
             }
         });
 }

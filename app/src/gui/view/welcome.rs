@@ -1,11 +1,12 @@
 //! First-run screen: what to download and where to put it; loading progress.
 
+use super::super::action::Action;
 use egui::{Color32, RichText};
 
-use super::super::app::{ModelState, QwenApp};
-use super::super::settings::{self, MODEL_REPO};
+use super::super::model::{AppState, ModelState};
+use crate::model_dir::{self, MODEL_REPO};
 
-pub fn show(app: &mut QwenApp, ui: &mut egui::Ui) {
+pub fn show(app: &mut AppState, ui: &mut egui::Ui) {
     ui.vertical_centered(|ui| {
         ui.add_space(40.0);
         ui.heading(RichText::new("Qwen-VL, on your computer").size(26.0));
@@ -59,7 +60,7 @@ pub fn show(app: &mut QwenApp, ui: &mut egui::Ui) {
             ui.add_space(6.0);
             download_section(app, ui);
             ui.add_space(6.0);
-            let hub = settings::hf_hub_cache()
+            let hub = model_dir::hf_hub_cache()
                 .map(|p| p.display().to_string())
                 .unwrap_or_else(|| "~/.cache/huggingface/hub".into());
             ui.label(format!(
@@ -79,7 +80,7 @@ pub fn show(app: &mut QwenApp, ui: &mut egui::Ui) {
                     .set_title("Choose the Qwen-VL-Chat folder")
                     .pick_folder()
                 {
-                    app.load_model(dir);
+                    app.ask(Action::LoadModel(dir));
                 }
             }
             ui.add_space(16.0);
@@ -94,9 +95,9 @@ pub fn show(app: &mut QwenApp, ui: &mut egui::Ui) {
 }
 
 /// The Download button, or the running download's progress and Cancel.
-fn download_section(app: &mut QwenApp, ui: &mut egui::Ui) {
+fn download_section(app: &mut AppState, ui: &mut egui::Ui) {
     let Some(d) = &app.download else {
-        let label = format!("Download {}", app.download_repo());
+        let label = format!("Download {}", app.download_repo);
         if ui
             .add(egui::Button::new(RichText::new(label).size(18.0)))
             .on_hover_text(
@@ -104,7 +105,7 @@ fn download_section(app: &mut QwenApp, ui: &mut egui::Ui) {
             )
             .clicked()
         {
-            app.start_download();
+            app.ask(Action::StartDownload);
         }
         return;
     };
@@ -113,7 +114,7 @@ fn download_section(app: &mut QwenApp, ui: &mut egui::Ui) {
         None => {
             ui.horizontal(|ui| {
                 ui.spinner();
-                ui.label(format!("Asking the hub for {}…", app.download_repo()));
+                ui.label(format!("Asking the hub for {}…", app.download_repo));
             });
         }
         Some(p) => {
@@ -148,12 +149,12 @@ fn download_section(app: &mut QwenApp, ui: &mut egui::Ui) {
         }
     }
     if ui.button("Cancel download").clicked() {
-        app.cancel_download();
+        app.ask(Action::CancelDownload);
     }
 }
 
 /// Server address and key, and the Connect button.
-pub fn server_form(app: &mut QwenApp, ui: &mut egui::Ui) {
+pub fn server_form(app: &mut AppState, ui: &mut egui::Ui) {
     egui::Grid::new("server_form")
         .num_columns(2)
         .spacing([8.0, 6.0])
@@ -179,7 +180,7 @@ pub fn server_form(app: &mut QwenApp, ui: &mut egui::Ui) {
         .add_enabled(ready, egui::Button::new("Connect"))
         .clicked()
     {
-        app.connect_server();
+        app.ask(Action::ConnectServer);
     }
 }
 

@@ -1,0 +1,68 @@
+//! What the server's parts share: the server itself, a queued request (`Job`) and what the
+//! inference thread sends back about it.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use lm::generate::GenerateOptions;
+use lm::prompt::Conversation;
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::args::ServeArgs;
+use super::error::ApiError;
+use super::queue::FairQueue;
+use crate::engine::Engine;
+use crate::openai::{BoxOut, Usage};
+
+/// What a request gets back from the inference thread.
+pub(super) enum JobEvent {
+    Text(String),
+    Done(Outcome),
+    Failed(ApiError),
+}
+
+pub(super) struct Outcome {
+    pub(super) text: String,
+    pub(super) finish_reason: &'static str,
+    pub(super) usage: Usage,
+    pub(super) boxes: Vec<BoxOut>,
+}
+
+pub(super) struct Job {
+    /// `chatcmpl-N from ADDR`, for the request log.
+    pub(super) label: String,
+    pub(super) conversation: Conversation,
+    /// The request's decoded images; deleted when the job is dropped.
+    pub(super) images: tempfile::TempDir,
+    pub(super) options: GenerateOptions,
+    pub(super) stops: Vec<String>,
+    pub(super) cancel: Arc<AtomicBool>,
+    pub(super) events: UnboundedSender<JobEvent>,
+}
+
+pub(super) struct Server {
+    pub(super) engine: Arc<Engine>,
+    pub(super) model_id: String,
+    pub(super) args: ServeArgs,
+    pub(super) queue: Arc<FairQueue<Job>>,
+    pub(super) requests: AtomicU64,
+    pub(super) created: u64,
+}
+
+/// Raises the request's cancel flag when the response (or the handler) is dropped, which is what
+/// happens when the client disconnects.
+pub(super) struct CancelOnDrop(pub(super) Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+pub(super) fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
