@@ -310,94 +310,29 @@ fn sharded_pytorch_bin_equals_safetensors() {
 // ---------------------------------------------------------------------------------------------
 // Hand-written torch archives: a protocol-2 pickle inside a stored (uncompressed) zip.
 
-/// A zip with every entry stored, like `torch.save` writes it.
+/// A torch archive of `entries`, written by the one writer ([`lm::dev`]).
 fn write_stored_zip(path: &Path, entries: &[(&str, &[u8])]) {
-    let mut out = Vec::new();
-    let mut central = Vec::new();
-    for (name, data) in entries {
-        let mut crc = flate2::Crc::new();
-        crc.update(data);
-        let offset = out.len() as u32;
-        let common = |v: &mut Vec<u8>| {
-            v.extend(20u16.to_le_bytes()); // version needed
-            v.extend(0u16.to_le_bytes()); // flags
-            v.extend(0u16.to_le_bytes()); // method: stored
-            v.extend(0u32.to_le_bytes()); // time, date
-            v.extend(crc.sum().to_le_bytes());
-            v.extend((data.len() as u32).to_le_bytes());
-            v.extend((data.len() as u32).to_le_bytes());
-            v.extend((name.len() as u16).to_le_bytes());
-            v.extend(0u16.to_le_bytes()); // extra length
-        };
-        out.extend(0x0403_4b50u32.to_le_bytes());
-        common(&mut out);
-        out.extend(name.as_bytes());
-        out.extend(*data);
-
-        central.extend(0x0201_4b50u32.to_le_bytes());
-        central.extend(20u16.to_le_bytes()); // version made by
-        common(&mut central);
-        central.extend([0u8; 10]); // comment length, disk, internal and external attributes
-        central.extend(offset.to_le_bytes());
-        central.extend(name.as_bytes());
-    }
-    let cd_offset = out.len() as u32;
-    out.extend(&central);
-    out.extend(0x0605_4b50u32.to_le_bytes());
-    out.extend([0u8; 4]);
-    out.extend((entries.len() as u16).to_le_bytes());
-    out.extend((entries.len() as u16).to_le_bytes());
-    out.extend((central.len() as u32).to_le_bytes());
-    out.extend(cd_offset.to_le_bytes());
-    out.extend(0u16.to_le_bytes());
-    std::fs::write(path, out).unwrap();
-}
-
-fn pk_str(p: &mut Vec<u8>, s: &str) {
-    p.push(b'X');
-    p.extend((s.len() as u32).to_le_bytes());
-    p.extend(s.as_bytes());
-}
-
-fn pk_int(p: &mut Vec<u8>, v: i32) {
-    p.push(b'J');
-    p.extend(v.to_le_bytes());
-}
-
-fn pk_ints(p: &mut Vec<u8>, vs: &[i32]) {
-    p.push(b'(');
-    for &v in vs {
-        pk_int(p, v);
-    }
-    p.push(b't');
+    std::fs::write(path, lm::dev::zip_bytes(entries)).unwrap();
 }
 
 /// `{name: tensor}` where the tensor is a view `(offset, size, stride)` of storage "0".
 fn state_dict_pickle(
     name: &str,
     storage_type: &str,
-    numel: i32,
-    offset: i32,
-    size: &[i32],
-    stride: &[i32],
+    numel: u64,
+    offset: u64,
+    size: &[u64],
+    stride: &[u64],
 ) -> Vec<u8> {
-    let mut p = vec![0x80, 2, b'}', b'('];
-    pk_str(&mut p, name);
-    p.extend(b"ctorch._utils\n_rebuild_tensor_v2\n(");
-    p.push(b'(');
-    pk_str(&mut p, "storage");
-    p.extend(format!("ctorch\n{storage_type}\n").as_bytes());
-    pk_str(&mut p, "0");
-    pk_str(&mut p, "cpu");
-    pk_int(&mut p, numel);
-    p.extend(b"tQ");
-    pk_int(&mut p, offset);
-    pk_ints(&mut p, size);
-    pk_ints(&mut p, stride);
-    p.push(0x89); // NEWFALSE: requires_grad
-    p.extend(b"ccollections\nOrderedDict\n)R"); // backward hooks
-    p.extend(b"tRu.");
-    p
+    lm::dev::state_dict_pickle(&[lm::dev::TensorEntry {
+        name: name.into(),
+        storage_type: storage_type.into(),
+        key: "0".into(),
+        numel,
+        offset,
+        size: size.to_vec(),
+        stride: stride.to_vec(),
+    }])
 }
 
 fn write_minimal_model(dir: &Path) {
@@ -442,10 +377,11 @@ fn pickle_with_forbidden_global_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     write_minimal_model(tmp.path());
     // os.system("true"): what a malicious checkpoint would do.
-    let mut pkl = vec![0x80, 2];
-    pkl.extend(b"cos\nsystem\n");
-    pk_str(&mut pkl, "true");
-    pkl.extend(b"\x85R.");
+    let mut p = lm::dev::Pickler::new();
+    p.global("os", "system");
+    p.string("true");
+    p.out.extend(b"\x85R");
+    let pkl = p.finish();
     write_stored_zip(
         &tmp.path().join("pytorch_model.bin"),
         &[("archive/data.pkl", &pkl)],

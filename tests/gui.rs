@@ -22,6 +22,10 @@ use qwenvl::gui::state::{Chat, TurnStatus};
 use qwenvl::gui::{install_fonts, AppOptions, QwenApp};
 use qwenvl_e2e::tiny_a;
 
+#[path = "server_support.rs"]
+#[allow(dead_code)]
+mod server_support;
+
 fn image(name: &str) -> PathBuf {
     tiny_a().join("images").join(name)
 }
@@ -871,4 +875,93 @@ fn a_reply_that_lost_old_turns_says_so() {
     });
     h.run_steps(2);
     h.get_by_label_contains("The 2 oldest turn(s) no longer fit the model's context");
+}
+
+/// The app, `qwenvl run` and `qwenvl serve` are front ends over one session layer: the same
+/// greedy request (here with a repetition penalty, which greedy decoding applies too) gets the
+/// same answer from each, on tiny-a.
+#[test]
+fn app_cli_and_server_give_the_same_greedy_answer() {
+    const TOKENS: usize = 24;
+    const PENALTY: f64 = 1.3;
+    let question = "What is in this picture?";
+    let conv = Conversation {
+        system: lm::prompt::DEFAULT_SYSTEM.to_string(),
+        history: Vec::new(),
+        query: vec![
+            Item::Image {
+                image: "images/photo_640x480.jpg".into(),
+            },
+            Item::Text {
+                text: question.into(),
+            },
+        ],
+    };
+    let penalty = PENALTY.to_string();
+    let cli = server_support::cli_with(
+        &conv,
+        &tiny_a(),
+        TOKENS,
+        &["--repetition-penalty", &penalty],
+    );
+    let cli_text = cli["text"].as_str().unwrap().trim().to_string();
+    let plain = server_support::cli(&conv, &tiny_a(), TOKENS);
+    assert_ne!(
+        plain["text"].as_str().unwrap().trim(),
+        cli_text,
+        "the penalty changes this answer, so each front end must apply it"
+    );
+
+    let server = server_support::Server::start(&[]);
+    let body = serde_json::json!({
+        "model": "tiny-a",
+        "messages": qwenvl::openai::to_messages(&conv, &tiny_a()).unwrap(),
+        "temperature": 0,
+        "repetition_penalty": PENALTY,
+        "max_tokens": TOKENS,
+    });
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            "@-",
+        ])
+        .arg(format!("{}/v1/chat/completions", server.url))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write as _;
+            c.stdin
+                .take()
+                .unwrap()
+                .write_all(&serde_json::to_vec(&body).unwrap())?;
+            c.wait_with_output()
+        })
+        .expect("curl");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let served = r["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .trim();
+    assert_eq!(served, cli_text, "serve vs run");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let mut opts = AppOptions::for_folder(tmp.path(), Box::new(EngineBackend::default()));
+    opts.model = Some(tiny_a());
+    let mut h = harness(QwenApp::new(opts), vec2(1200.0, 860.0));
+    step_until(&mut h, 120, "tiny-a to load", ready);
+    h.state_mut().params.do_sample = false;
+    h.state_mut().params.repetition_penalty = PENALTY;
+    h.state_mut().params.max_new_tokens = TOKENS;
+    h.state_mut().attach_files(&[image("photo_640x480.jpg")]);
+    h.run_steps(2);
+    type_message(&mut h, question);
+    h.get_by_label("Send").click();
+    h.run_steps(2);
+    step_until(&mut h, 120, "the reply", |app| !app.is_generating());
+    let app_text = h.state().chat().turns[0].reply.trim().to_string();
+    assert_eq!(app_text, cli_text, "app vs run");
 }

@@ -227,25 +227,28 @@ pub fn model_dir_without_weights() -> tempfile::TempDir {
 /// A safetensors file of 1-D... shaped f32 tensors: each `(name, values)` becomes shape
 /// `[2, len / 2]` when `len` is even and > 1, else `[len]`.
 pub fn write_safetensors(path: &Path, tensors: &[(&str, Vec<f32>)]) {
-    let mut header = serde_json::Map::new();
-    let mut data = Vec::new();
-    for (name, values) in tensors {
-        let shape = if values.len() > 1 && values.len() % 2 == 0 {
-            vec![2, values.len() / 2]
-        } else {
-            vec![values.len()]
-        };
-        let begin = data.len();
+    let shapes: Vec<Vec<usize>> = tensors
+        .iter()
+        .map(|(_, values)| {
+            if values.len() > 1 && values.len() % 2 == 0 {
+                vec![2, values.len() / 2]
+            } else {
+                vec![values.len()]
+            }
+        })
+        .collect();
+    let entries: Vec<(&str, &str, &[usize], u64)> = tensors
+        .iter()
+        .zip(&shapes)
+        .map(|((name, values), shape)| (*name, "F32", &shape[..], 4 * values.len() as u64))
+        .collect();
+    let mut out = lm::dev::safetensors_header(&entries, None);
+    for (_, values) in tensors {
         for v in values {
-            data.extend_from_slice(&v.to_le_bytes());
+            out.extend_from_slice(&v.to_le_bytes());
         }
-        header.insert(
-            name.to_string(),
-            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [begin, data.len()]}),
-        );
     }
-    let header = serde_json::Value::Object(header).to_string();
-    std::fs::write(path, raw_safetensors(&header, &data)).expect("write safetensors");
+    std::fs::write(path, out).expect("write safetensors");
 }
 
 /// A safetensors file from a header string and the data section.
@@ -256,83 +259,33 @@ pub fn raw_safetensors(header: &str, data: &[u8]) -> Vec<u8> {
     out
 }
 
-fn pickle_str(p: &mut Vec<u8>, s: &str) {
-    p.push(b'X');
-    p.extend_from_slice(&(s.len() as u32).to_le_bytes());
-    p.extend_from_slice(s.as_bytes());
-}
-
-/// `torch.save({"w": tensor})` as protocol 2: one tensor of `size` (row-major) over a storage
+/// `torch.save({"w": tensor})`: one tensor of `size` (row-major) over a storage
 /// `torch.<storage>` with key "0" of `numel` elements.
 pub fn state_dict_pickle(storage: &str, numel: u8, size: [u8; 2]) -> Vec<u8> {
-    let mut p = b"\x80\x02ccollections\nOrderedDict\nq\x00)Rq\x01(".to_vec();
-    pickle_str(&mut p, "w");
-    p.extend_from_slice(b"ctorch._utils\n_rebuild_tensor_v2\nq\x02((");
-    pickle_str(&mut p, "storage");
-    p.extend_from_slice(format!("ctorch\n{storage}\nq\x03").as_bytes());
-    pickle_str(&mut p, "0");
-    pickle_str(&mut p, "cpu");
-    p.extend_from_slice(&[b'K', numel, b't', b'Q']);
-    p.extend_from_slice(&[b'K', 0]); // storage offset
-    p.extend_from_slice(&[b'K', size[0], b'K', size[1], 0x86]); // size
-    p.extend_from_slice(&[b'K', size[1], b'K', 1, 0x86]); // stride
-    p.push(0x89); // requires_grad
-    p.extend_from_slice(b"h\x00)Rt"); // backward hooks: OrderedDict()
-    p.extend_from_slice(b"Rq\x04u.");
-    p
+    let size = [size[0] as u64, size[1] as u64];
+    lm::dev::state_dict_pickle(&[lm::dev::TensorEntry {
+        numel: numel as u64,
+        ..lm::dev::TensorEntry::contiguous("w", storage, "0", &size)
+    }])
 }
 
 /// A pickle that calls `module.name("id")`, the classic code-execution payload.
 pub fn evil_pickle(module: &str, name: &str) -> Vec<u8> {
-    let mut p = b"\x80\x02".to_vec();
-    p.extend_from_slice(format!("c{module}\n{name}\n(").as_bytes());
-    pickle_str(&mut p, "id");
-    p.extend_from_slice(b"tR.");
-    p
+    let mut p = lm::dev::Pickler::new();
+    p.global(module, name);
+    p.out.push(b'(');
+    p.string("id");
+    p.out.extend_from_slice(b"tR");
+    p.finish()
 }
 
 /// A torch zip archive (`archive/data.pkl`, `archive/byteorder`, `archive/data/0` with
 /// `storage_bytes` bytes), stored, like `torch.save` writes it.
 pub fn torch_zip(pickle: &[u8], storage_bytes: usize) -> Vec<u8> {
     let storage: Vec<u8> = (0..storage_bytes).map(|i| (i % 7) as u8).collect();
-    let entries: [(&str, &[u8]); 3] = [
+    lm::dev::zip_bytes(&[
         ("archive/data.pkl", pickle),
         ("archive/byteorder", b"little"),
         ("archive/data/0", &storage),
-    ];
-    let mut out = Vec::new();
-    let mut central = Vec::new();
-    for (name, data) in entries {
-        let offset = out.len() as u32;
-        let crc = crc32fast::hash(data);
-        out.extend_from_slice(&0x0403_4b50u32.to_le_bytes());
-        out.extend_from_slice(&[20, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-        out.extend_from_slice(&crc.to_le_bytes());
-        out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(name.len() as u16).to_le_bytes());
-        out.extend_from_slice(&0u16.to_le_bytes());
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(data);
-
-        central.extend_from_slice(&0x0201_4b50u32.to_le_bytes());
-        central.extend_from_slice(&[20, 0, 20, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-        central.extend_from_slice(&crc.to_le_bytes());
-        central.extend_from_slice(&(data.len() as u32).to_le_bytes());
-        central.extend_from_slice(&(data.len() as u32).to_le_bytes());
-        central.extend_from_slice(&(name.len() as u16).to_le_bytes());
-        central.extend_from_slice(&[0; 12]);
-        central.extend_from_slice(&offset.to_le_bytes());
-        central.extend_from_slice(name.as_bytes());
-    }
-    let cd_offset = out.len() as u32;
-    out.extend_from_slice(&central);
-    out.extend_from_slice(&0x0605_4b50u32.to_le_bytes());
-    out.extend_from_slice(&[0, 0, 0, 0]);
-    out.extend_from_slice(&(entries.len() as u16).to_le_bytes());
-    out.extend_from_slice(&(entries.len() as u16).to_le_bytes());
-    out.extend_from_slice(&(central.len() as u32).to_le_bytes());
-    out.extend_from_slice(&cd_offset.to_le_bytes());
-    out.extend_from_slice(&[0, 0]);
-    out
+    ])
 }

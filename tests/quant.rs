@@ -124,7 +124,7 @@ fn evaluate(wt: WeightType, max_len: usize) -> Outcome {
     out
 }
 
-/// q8_0 must stay the same model: the same first token in every case, logits within 0.5, and
+/// q8_0 must stay the same model: the same first token in every case, logits within 0.2, and
 /// greedy sequences equal to the reference's up to the first near-tie step (the fixture's rule).
 ///
 /// A step is a near-tie for q8_0 when its reference top-2 margin is below twice the largest
@@ -136,7 +136,8 @@ fn evaluate(wt: WeightType, max_len: usize) -> Outcome {
 fn q8_0_stays_the_same_model() {
     let o = evaluate(WeightType::Q8_0, usize::MAX);
     assert_eq!(o.top1_agree, o.cases, "q8_0 changed a first token");
-    assert!(o.max_delta < 0.5, "q8_0 logits moved by {}", o.max_delta);
+    // Measured (2026-12, Zen 3): max |Δlogit| 0.149 at avx2, 0.164 at portable.
+    assert!(o.max_delta < 0.2, "q8_0 logits moved by {}", o.max_delta);
     assert!(
         o.worst_divergence_margin < 2.0 * o.max_delta,
         "q8_0 left a greedy sequence at a step with margin {} (not a near-tie for errors of {})",
@@ -153,7 +154,8 @@ fn half_precision_weights_keep_every_greedy_sequence() {
     for wt in [WeightType::F16, WeightType::BF16] {
         let o = evaluate(wt, usize::MAX);
         assert_eq!(o.top1_agree, o.cases, "{wt} changed a first token");
-        assert!(o.max_delta < 0.01, "{wt}: logits moved by {}", o.max_delta);
+        // Measured: 0.0009 for both, at every level.
+        assert!(o.max_delta < 0.002, "{wt}: logits moved by {}", o.max_delta);
         assert_eq!(o.greedy_equal, o.cases, "{wt} left a greedy sequence");
     }
 }
@@ -162,15 +164,17 @@ fn half_precision_weights_keep_every_greedy_sequence() {
 fn four_bit_types_run_and_report_their_accuracy() {
     // 4-bit types drift further on this tiny model (hidden 128: few blocks per row to average
     // rounding out), but must stay well correlated.
-    for wt in [WeightType::Q4_0, WeightType::Q4K] {
+    // Measured (2026-12, Zen 3, avx2 and portable): q4_0 top-1 5/13, max |Δlogit| 2.41-2.43;
+    // q4k 6/13, 2.29-2.33. The bounds leave one case (and ~0.2) for the other levels' rounding.
+    for (wt, top1, delta) in [(WeightType::Q4_0, 4, 2.6), (WeightType::Q4K, 5, 2.5)] {
         let o = evaluate(wt, 1000);
         assert!(
-            o.top1_agree >= 3,
+            o.top1_agree >= top1,
             "{wt}: {}/{} top-1 agree",
             o.top1_agree,
             o.cases
         );
-        assert!(o.max_delta < 3.0, "{wt}: logits moved by {}", o.max_delta);
+        assert!(o.max_delta < delta, "{wt}: logits moved by {}", o.max_delta);
         assert!(
             o.worst_divergence_margin < 2.0 * o.max_delta,
             "{wt}: left a greedy sequence at a step with margin {}",

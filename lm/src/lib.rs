@@ -5,6 +5,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod dev;
 pub mod error;
 pub mod generate;
 pub mod grounding;
