@@ -965,3 +965,46 @@ fn app_cli_and_server_give_the_same_greedy_answer() {
     let app_text = h.state().chat().turns[0].reply.trim().to_string();
     assert_eq!(app_text, cli_text, "app vs run");
 }
+
+/// "Runs on" offers the devices this build finds and is remembered; a remembered device this
+/// build lacks is an error that names it (the model is not quietly loaded on the CPU), and
+/// choosing the CPU then loads it.
+#[test]
+fn the_device_setting_names_a_missing_device_and_switches_back() {
+    if candle_core::utils::cuda_is_available() {
+        eprintln!("skipped: this build has CUDA, so cuda:0 is not a missing device");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("config")).unwrap();
+    std::fs::write(
+        tmp.path().join("config/settings.json"),
+        br#"{"device": "cuda:0", "show_boxes": true}"#,
+    )
+    .unwrap();
+    let mut opts = AppOptions::for_folder(tmp.path(), Box::new(EngineBackend::default()));
+    opts.model = Some(tiny_a());
+    let mut h = harness(QwenApp::new(opts), vec2(1200.0, 860.0));
+    step_until(&mut h, 60, "the load to fail", |app| {
+        matches!(app.model, ModelState::Failed { .. })
+    });
+    let ModelState::Failed { error, .. } = &h.state().model else {
+        unreachable!()
+    };
+    assert!(
+        error.contains("device cuda:0: this qwenvl was built without CUDA"),
+        "{error}"
+    );
+
+    h.get_by_label("⚙ Settings").click();
+    h.run_steps(2);
+    h.get_by_label("Runs on").click();
+    h.run_steps(2);
+    h.get_by_label("CPU").click();
+    h.run_steps(2);
+    step_until(&mut h, 120, "tiny-a to load on the CPU", ready);
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("config/settings.json")).unwrap())
+            .unwrap();
+    assert_eq!(saved["device"], serde_json::Value::Null);
+}

@@ -15,32 +15,18 @@ use lm::prompt::Item;
 
 use super::action::Action;
 use super::backend::{Backend, ModelInfo, ModelSource, ReplyStats};
-use super::model::{AppState, Composer, Download, ModelState, Pending};
+use super::model::{AppState, Composer, ModelState, Pending};
 use super::settings::{Dirs, Settings};
 use super::state::{Chat, ChatStore, Turn, TurnStatus};
 use super::worker::{Command, Event, Worker};
-use crate::download::{DownloadOptions, DownloadProgress, DownloadStage};
+
+mod download;
+mod input;
+
+use crate::download::DownloadOptions;
 use crate::model_dir::{self, Found};
-
-/// Reads an image from the system clipboard: `(width, height, rgba)`, `None` if it holds none.
-pub type ClipboardImage = Box<dyn FnMut() -> Result<Option<(u32, u32, Vec<u8>)>>>;
-
-/// The platform clipboard via arboard.
-pub fn system_clipboard_image() -> ClipboardImage {
-    Box::new(|| {
-        let mut cb = arboard::Clipboard::new().context("cannot open the clipboard")?;
-        match cb.get_image() {
-            Ok(img) => Ok(Some((
-                u32::try_from(img.width).context("clipboard image too wide")?,
-                u32::try_from(img.height).context("clipboard image too tall")?,
-                img.bytes.into_owned(),
-            ))),
-            // Text or nothing on the clipboard: not an error, just no picture.
-            Err(arboard::Error::ContentNotAvailable) => Ok(None),
-            Err(e) => Err(anyhow::Error::new(e).context("cannot read the clipboard")),
-        }
-    })
-}
+use download::DownloadEvent;
+pub use input::{system_clipboard_image, ClipboardImage};
 
 /// How the app starts.
 pub struct AppOptions {
@@ -73,18 +59,6 @@ impl AppOptions {
             clipboard: Box::new(|| Ok(None)),
         }
     }
-}
-
-enum DownloadEvent {
-    Progress(DownloadProgress),
-    End(DownloadEnd),
-}
-
-/// How a download ended.
-enum DownloadEnd {
-    Done(PathBuf),
-    Failed(String),
-    Cancelled,
 }
 
 /// The app: its plain state ([`AppState`], what the views see, reachable through `Deref`) and
@@ -306,99 +280,6 @@ impl QwenApp {
             self.on_event(ev);
         }
         self.poll_download();
-    }
-
-    /// Downloads the model into the Hugging Face cache on a thread of its own, then loads it.
-    /// Partial files are kept: a failed or cancelled download resumes where it stopped.
-    pub fn start_download(&mut self) {
-        if self.download.is_some() {
-            return;
-        }
-        let (tx, events) = std::sync::mpsc::channel();
-        let cancel = Arc::new(AtomicBool::new(false));
-        let opts = self.download_opts.clone();
-        let waker = self.waker_ctx.clone();
-        let flag = cancel.clone();
-        let wake = move || {
-            if let Some(ctx) = waker.get() {
-                ctx.request_repaint();
-            }
-        };
-        let spawned = std::thread::Builder::new()
-            .name("qwenvl-download".into())
-            .spawn(move || {
-                let r = crate::download::download(
-                    &opts,
-                    &mut |p| {
-                        let _ = tx.send(DownloadEvent::Progress(p.clone()));
-                        wake();
-                    },
-                    &flag,
-                );
-                let _ = tx.send(DownloadEvent::End(match r {
-                    Ok(dir) => DownloadEnd::Done(dir),
-                    Err(e) if e.is::<crate::download::Cancelled>() => DownloadEnd::Cancelled,
-                    Err(e) => DownloadEnd::Failed(format!("{e:#}")),
-                }));
-                wake();
-            });
-        if let Err(e) = spawned {
-            self.errors
-                .push(format!("Could not start the download: {e}"));
-            return;
-        }
-        self.download = Some(Download {
-            progress: None,
-            cancel,
-            since: Instant::now(),
-            start_bytes: None,
-        });
-        self.download_events = Some(events);
-    }
-
-    pub fn cancel_download(&mut self) {
-        if let Some(d) = &self.download {
-            d.cancel.store(true, Ordering::SeqCst);
-        }
-    }
-
-    fn poll_download(&mut self) {
-        let (Some(d), Some(events)) = (self.state.download.as_mut(), &self.download_events) else {
-            return;
-        };
-        let mut end = None;
-        while let Ok(ev) = events.try_recv() {
-            match ev {
-                DownloadEvent::Progress(p) => {
-                    if p.stage == DownloadStage::Downloading && d.start_bytes.is_none() {
-                        d.start_bytes = Some(p.bytes_done);
-                        d.since = Instant::now();
-                    }
-                    d.progress = Some(p);
-                }
-                DownloadEvent::End(e) => end = Some(e),
-            }
-        }
-        match end {
-            None => {}
-            Some(DownloadEnd::Done(dir)) => {
-                self.download = None;
-                self.load_model(dir);
-            }
-            Some(DownloadEnd::Cancelled) => {
-                self.download = None;
-                self.notice = Some(
-                    "Download cancelled. The files fetched so far are kept: Download resumes."
-                        .into(),
-                );
-            }
-            Some(DownloadEnd::Failed(e)) => {
-                self.download = None;
-                self.errors.push(format!(
-                    "The download failed: {e}. Press Download again to resume where it stopped."
-                ));
-            }
-        }
     }
 
     fn on_event(&mut self, ev: Event) {
@@ -662,66 +543,6 @@ impl QwenApp {
         }
     }
 
-    /// Attaches image files (validated and copied into the chat store).
-    pub fn attach_files(&mut self, paths: &[PathBuf]) {
-        for p in paths {
-            match self.store.import_file(p) {
-                Ok(s) => self.composer.images.push(s),
-                Err(e) => self.errors.push(format!("{e:#}")),
-            }
-        }
-    }
-
-    pub fn attach_bytes(&mut self, name: &str, bytes: &[u8]) {
-        match self.store.import_bytes(bytes) {
-            Ok(s) => self.composer.images.push(s),
-            Err(e) => self.errors.push(format!("{name}: {e:#}")),
-        }
-    }
-
-    /// Ctrl+V: a picture on the clipboard becomes an attachment (text pastes as usual).
-    pub fn paste_image(&mut self) {
-        match (self.clipboard)() {
-            Ok(Some((w, h, rgba))) => match self.store.import_rgba(w, h, rgba) {
-                Ok(s) => self.composer.images.push(s),
-                Err(e) => self.errors.push(format!("Pasted picture: {e:#}")),
-            },
-            Ok(None) => {}
-            Err(e) => self.errors.push(format!("{e:#}")),
-        }
-    }
-
-    /// Input that is not tied to a widget: dropped files, Ctrl+V.
-    fn handle_input(&mut self, ctx: &egui::Context) {
-        let (dropped, events) = ctx.input(|i| (i.raw.dropped_files.clone(), i.events.clone()));
-        for f in dropped {
-            if let Some(path) = &f.path {
-                self.attach_files(std::slice::from_ref(path));
-            } else if let Some(bytes) = &f.bytes {
-                self.attach_bytes(&f.name, bytes);
-            }
-        }
-        for ev in events {
-            match ev {
-                egui::Event::Paste(_) => {
-                    self.pasted = true;
-                    self.paste_image();
-                }
-                // With only a picture on the clipboard egui gets no Paste event, but it still
-                // sees the V key go up.
-                egui::Event::Key {
-                    key: egui::Key::V,
-                    pressed: false,
-                    modifiers,
-                    ..
-                } if modifiers.command && !std::mem::take(&mut self.pasted) => {
-                    self.paste_image();
-                }
-                _ => {}
-            }
-        }
-    }
-
     /// Writes the picture of reply `turn` with its boxes drawn to `dest` (PNG).
     pub fn export_annotated(&self, turn: usize, dest: &Path) -> Result<()> {
         let chat = self.chat();
@@ -831,11 +652,4 @@ pub fn import_chat(store: &ChatStore, path: &Path) -> Result<Chat> {
     }
     store.save(&chat)?;
     Ok(chat)
-}
-
-impl QwenApp {
-    /// Replaces the clipboard reader (tests).
-    pub fn set_clipboard(&mut self, clipboard: ClipboardImage) {
-        self.clipboard = clipboard;
-    }
 }

@@ -1,0 +1,96 @@
+//! Pictures that arrive outside the composer's buttons: dropped files, Ctrl+V, the clipboard.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+
+use super::QwenApp;
+
+/// Reads an image from the system clipboard: `(width, height, rgba)`, `None` if it holds none.
+pub type ClipboardImage = Box<dyn FnMut() -> Result<Option<(u32, u32, Vec<u8>)>>>;
+
+/// The platform clipboard via arboard.
+pub fn system_clipboard_image() -> ClipboardImage {
+    Box::new(|| {
+        let mut cb = arboard::Clipboard::new().context("cannot open the clipboard")?;
+        match cb.get_image() {
+            Ok(img) => Ok(Some((
+                u32::try_from(img.width).context("clipboard image too wide")?,
+                u32::try_from(img.height).context("clipboard image too tall")?,
+                img.bytes.into_owned(),
+            ))),
+            // Text or nothing on the clipboard: not an error, just no picture.
+            Err(arboard::Error::ContentNotAvailable) => Ok(None),
+            Err(e) => Err(anyhow::Error::new(e).context("cannot read the clipboard")),
+        }
+    })
+}
+
+impl QwenApp {
+    /// Attaches image files (validated and copied into the chat store).
+    pub fn attach_files(&mut self, paths: &[PathBuf]) {
+        for p in paths {
+            match self.store.import_file(p) {
+                Ok(s) => self.composer.images.push(s),
+                Err(e) => self.errors.push(format!("{e:#}")),
+            }
+        }
+    }
+
+    pub fn attach_bytes(&mut self, name: &str, bytes: &[u8]) {
+        match self.store.import_bytes(bytes) {
+            Ok(s) => self.composer.images.push(s),
+            Err(e) => self.errors.push(format!("{name}: {e:#}")),
+        }
+    }
+
+    /// Ctrl+V: a picture on the clipboard becomes an attachment (text pastes as usual).
+    pub fn paste_image(&mut self) {
+        match (self.clipboard)() {
+            Ok(Some((w, h, rgba))) => match self.store.import_rgba(w, h, rgba) {
+                Ok(s) => self.composer.images.push(s),
+                Err(e) => self.errors.push(format!("Pasted picture: {e:#}")),
+            },
+            Ok(None) => {}
+            Err(e) => self.errors.push(format!("{e:#}")),
+        }
+    }
+
+    /// Input that is not tied to a widget: dropped files, Ctrl+V.
+    pub(super) fn handle_input(&mut self, ctx: &egui::Context) {
+        let (dropped, events) = ctx.input(|i| (i.raw.dropped_files.clone(), i.events.clone()));
+        for f in dropped {
+            if let Some(path) = &f.path {
+                self.attach_files(std::slice::from_ref(path));
+            } else if let Some(bytes) = &f.bytes {
+                self.attach_bytes(&f.name, bytes);
+            }
+        }
+        for ev in events {
+            match ev {
+                egui::Event::Paste(_) => {
+                    self.pasted = true;
+                    self.paste_image();
+                }
+                // With only a picture on the clipboard egui gets no Paste event, but it still
+                // sees the V key go up.
+                egui::Event::Key {
+                    key: egui::Key::V,
+                    pressed: false,
+                    modifiers,
+                    ..
+                } if modifiers.command && !std::mem::take(&mut self.pasted) => {
+                    self.paste_image();
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+impl QwenApp {
+    /// Replaces the clipboard reader (tests).
+    pub fn set_clipboard(&mut self, clipboard: ClipboardImage) {
+        self.clipboard = clipboard;
+    }
+}
