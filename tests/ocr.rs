@@ -173,6 +173,31 @@ fn batch_answers_match_qwenvl_run_and_resume_skips_what_is_done() {
     let one = &all[6];
     let reference = run_reference(Path::new(one["path"].as_str().unwrap()), prompt);
     assert_eq!(one["text"], reference["text"]);
+
+    // Batched (three images at a time, the fourth joining when one ends): the same lines in
+    // the same order as one at a time.
+    let out2 = dir.path().join("batched.jsonl");
+    let r = ocr(&[
+        imgs.as_os_str(),
+        "--prompt".as_ref(),
+        prompt.as_ref(),
+        "--parallel".as_ref(),
+        "3".as_ref(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--out".as_ref(),
+        out2.as_os_str(),
+        "--max-new-tokens".as_ref(),
+        "8".as_ref(),
+    ]);
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    let batched = parsed(&out2);
+    assert_eq!(batched.len(), 4);
+    for (b, a) in batched.iter().zip(&all[6..]) {
+        for field in ["path", "text", "tokens", "boxes", "width", "finish"] {
+            assert_eq!(b[field], a[field], "{field} of {}", a["path"]);
+        }
+    }
 }
 
 #[test]

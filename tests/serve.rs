@@ -478,7 +478,8 @@ fn stream_then_hang_up(base: &str, body: &[u8], events: usize) -> Vec<String> {
 
 #[test]
 fn a_client_that_hangs_up_cancels_its_generation() {
-    let server = Server::start(&[]);
+    // One request at a time, so that the last part's request waits in the queue.
+    let server = Server::start(&["--parallel", "1"]);
     // `ignore_eos` (vLLM's extension) keeps the reply going to `max_tokens` whatever the random
     // model says, and 8000 tokens take far longer than any of the hang-ups below: only a cancel
     // ends these requests early.
@@ -563,4 +564,276 @@ fn concurrent_clients_are_all_answered_in_full() {
         let r: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(r["choices"][0]["message"]["content"], want["text"]);
     }
+}
+
+/// curl's status code, response headers (lower-case names) and body.
+fn curl_full(args: &[&str], url: &str) -> (u16, String, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new("curl")
+        .args(["-s", "-D"])
+        .arg(dir.path().join("headers"))
+        .arg("-o")
+        .arg(dir.path().join("out"))
+        .args(["-w", "%{http_code}"])
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("curl");
+    let code = String::from_utf8_lossy(&out.stdout).parse().unwrap_or(0);
+    let headers = std::fs::read_to_string(dir.path().join("headers"))
+        .unwrap_or_default()
+        .to_lowercase();
+    let body = std::fs::read(dir.path().join("out")).unwrap_or_default();
+    (code, headers, body)
+}
+
+/// The value of one Prometheus sample line (`name{labels} value`) in `/metrics`' text.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no `{name}` in /metrics:\n{text}"))
+}
+
+#[test]
+fn health_models_and_metrics_answer_as_llama_server_does() {
+    let server = Server::start(&[
+        "--parallel",
+        "3",
+        "--served-model-name",
+        "tiny-a",
+        "--cors-origin",
+        "https://example.org",
+    ]);
+    let (code, headers, body) = curl_full(&[], &format!("{}/health", server.url));
+    assert_eq!(code, 200);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&body).unwrap(),
+        json!({"status": "ok"})
+    );
+    assert!(
+        headers.contains("access-control-allow-origin: https://example.org"),
+        "{headers}"
+    );
+    // A browser's preflight is answered without a key or a body.
+    let (code, headers, _) = curl_full(
+        &["-X", "OPTIONS", "-H", "Origin: https://example.org"],
+        &format!("{}/v1/chat/completions", server.url),
+    );
+    assert_eq!(code, 204);
+    assert!(
+        headers.contains("access-control-allow-methods"),
+        "{headers}"
+    );
+    let (code, _, body) = curl_full(&[], &format!("{}/v1/models", server.url));
+    assert_eq!(code, 200);
+    let models: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(models["data"][0]["id"], "tiny-a");
+
+    let (code, _, body) = curl_full(&[], &format!("{}/metrics", server.url));
+    assert_eq!(code, 200);
+    let before = String::from_utf8(body).unwrap();
+    assert_eq!(metric(&before, "qwenvl_slots_total"), 3.0);
+    assert_eq!(metric(&before, "qwenvl_generation_tokens_total"), 0.0);
+
+    let chat = format!("{}/v1/chat/completions", server.url);
+    let (mut prompt, mut generated) = (0.0, 0.0);
+    for id in ["one_image", "text_only_en", "two_images"] {
+        let (code, body) = curl(
+            &chat,
+            None,
+            Some(&chat_body(&case(id)["conversation"], json!({}))),
+        );
+        assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+        let r: Value = serde_json::from_slice(&body).unwrap();
+        prompt += r["usage"]["prompt_tokens"].as_f64().unwrap();
+        generated += r["usage"]["completion_tokens"].as_f64().unwrap();
+    }
+    let bad = json!({"model": "tiny-a", "messages": [], "temperature": 5});
+    let (code, _) = curl(&chat, None, Some(&serde_json::to_vec(&bad).unwrap()));
+    assert_eq!(code, 400);
+    let (_, _, body) = curl_full(&[], &format!("{}/metrics", server.url));
+    let after = String::from_utf8(body).unwrap();
+    assert_eq!(metric(&after, "qwenvl_requests_total{status=\"200\"}"), 3.0);
+    assert_eq!(metric(&after, "qwenvl_requests_total{status=\"400\"}"), 1.0);
+    assert_eq!(metric(&after, "qwenvl_prompt_tokens_total"), prompt);
+    assert_eq!(metric(&after, "qwenvl_generation_tokens_total"), generated);
+    assert_eq!(
+        metric(&after, "qwenvl_time_to_first_token_seconds_count"),
+        3.0
+    );
+    assert_eq!(
+        metric(&after, "qwenvl_inter_token_latency_seconds_count"),
+        generated - 3.0,
+        "one gap between each two tokens of a reply"
+    );
+    assert_eq!(metric(&after, "qwenvl_slots_busy"), 0.0);
+    assert_eq!(metric(&after, "qwenvl_queue_depth"), 0.0);
+}
+
+/// 16 clients at once through the official client, half of them streaming; prints each answer.
+const OPENAI_CROWD: &str = r#"
+import json, sys
+from concurrent.futures import ThreadPoolExecutor
+import openai
+url, messages_file, max_tokens, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+messages = json.load(open(messages_file))
+def ask(i):
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+    if i % 2 == 0:
+        r = client.chat.completions.create(model="tiny-a", messages=messages, temperature=0, max_tokens=max_tokens)
+        return r.choices[0].message.content
+    text = ""
+    for chunk in client.chat.completions.create(model="tiny-a", messages=messages, temperature=0,
+            max_tokens=max_tokens, stream=True):
+        for c in chunk.choices:
+            text += c.delta.content or ""
+    return text
+with ThreadPoolExecutor(n) as pool:
+    print(json.dumps(list(pool.map(ask, range(n)))))
+"#;
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn thirty_two_clients_at_once_hostile_ones_included() {
+    let server = Server::start(&["--parallel", "4", "--max-body-mb", "1"]);
+    let conv = case("one_image")["conversation"].clone();
+    let want = cli(&conv, MAX_TOKENS)["text"].as_str().unwrap().to_string();
+    let chat = format!("{}/v1/chat/completions", server.url);
+    let good = chat_body(&conv, json!({}));
+    // Warm: the first request's allocations are not growth.
+    assert_eq!(curl(&chat, None, Some(&good)).0, 200);
+    let rss_warm = rss_kb(server.pid());
+
+    let dir = tempfile::tempdir().unwrap();
+    let messages_file = dir.path().join("messages.json");
+    std::fs::write(
+        &messages_file,
+        serde_json::to_vec(&messages(&conv)).unwrap(),
+    )
+    .unwrap();
+    let crowd = {
+        let (url, f) = (server.url.clone(), messages_file.clone());
+        std::thread::spawn(move || {
+            python(
+                OPENAI_CROWD,
+                &[&url, f.to_str().unwrap(), &MAX_TOKENS.to_string(), "16"],
+            )
+        })
+    };
+    let broken = {
+        // A PNG signature and a cut-off header: refused when the picture is read.
+        let mut m = messages(&conv);
+        let part = m
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .filter_map(|msg| msg["content"].as_array_mut())
+            .flatten()
+            .find(|p| p["type"] == "image_url")
+            .expect("an image part");
+        part["image_url"]["url"] = json!("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAA");
+        chat_body_messages(m)
+    };
+    let oversized = chat_body(&conv, json!({"padding": "x".repeat(2 << 20)}));
+    let long_stream = chat_body(
+        &conv,
+        json!({"stream": true, "max_tokens": 4000, "ignore_eos": true}),
+    );
+    // 16 more over curl and raw sockets: 6 plain, 4 that hang up mid-stream, 4 broken
+    // pictures, 2 bodies over the limit.
+    let mut others = Vec::new();
+    for i in 0..16 {
+        let (chat, url) = (chat.clone(), server.url.clone());
+        let body = match i {
+            0..=5 => good.clone(),
+            6..=9 => long_stream.clone(),
+            10..=13 => broken.clone(),
+            _ => oversized.clone(),
+        };
+        others.push(std::thread::spawn(move || match i {
+            6..=9 => {
+                let got = stream_then_hang_up(&url, &body, 3);
+                (if got.len() == 3 { 200 } else { 0 }, Vec::new())
+            }
+            _ => curl(&chat, None, Some(&body)),
+        }));
+    }
+    let codes: Vec<(u16, Vec<u8>)> = others.into_iter().map(|h| h.join().unwrap()).collect();
+    for (i, (code, body)) in codes.iter().enumerate() {
+        let want_code = match i {
+            0..=9 => 200,
+            10..=13 => 400,
+            _ => 413,
+        };
+        assert_eq!(
+            *code,
+            want_code,
+            "client {i}: {}",
+            String::from_utf8_lossy(body)
+        );
+        if i <= 5 {
+            let r: Value = serde_json::from_slice(body).unwrap();
+            assert_eq!(
+                r["choices"][0]["message"]["content"],
+                want.as_str(),
+                "client {i}"
+            );
+        }
+    }
+    let answers = crowd.join().unwrap();
+    let answers = answers.as_array().unwrap();
+    assert_eq!(answers.len(), 16);
+    for (i, a) in answers.iter().enumerate() {
+        assert_eq!(a.as_str(), Some(want.as_str()), "openai client {i}");
+    }
+    // The hung-up streams leave the batch; the server is idle and still answers.
+    let t0 = std::time::Instant::now();
+    loop {
+        let (_, _, body) = curl_full(&[], &format!("{}/metrics", server.url));
+        let m = String::from_utf8(body).unwrap();
+        if metric(&m, "qwenvl_slots_busy") == 0.0 {
+            // Every request counted under the status it got: 1 warm-up + 16 + 6 + 4 answered.
+            assert_eq!(metric(&m, "qwenvl_requests_total{status=\"200\"}"), 27.0);
+            assert_eq!(metric(&m, "qwenvl_requests_total{status=\"400\"}"), 4.0);
+            assert_eq!(metric(&m, "qwenvl_requests_total{status=\"413\"}"), 2.0);
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "hung-up requests still running:\n{m}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let cancelled = server.log().matches("finish=cancelled").count();
+    assert_eq!(cancelled, 4, "{}", server.log());
+    assert_eq!(
+        curl(&chat, None, Some(&good)).0,
+        200,
+        "the server is still up"
+    );
+    let rss = rss_kb(server.pid());
+    assert!(
+        rss < rss_warm + 256 * 1024,
+        "memory grew from {rss_warm} kB to {rss} kB over 32 requests"
+    );
+}
+
+fn chat_body_messages(messages: Value) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "model": "tiny-a",
+        "messages": messages,
+        "temperature": 0,
+        "max_tokens": MAX_TOKENS,
+    }))
+    .unwrap()
 }

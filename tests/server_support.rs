@@ -54,7 +54,27 @@ impl Server {
                 )
             })
             .to_string();
-        Server { child, url, log }
+        let server = Server { child, url, log };
+        server.wait_ready();
+        server
+    }
+
+    /// Waits until `GET /health` says the model is loaded (the port answers before that).
+    pub fn wait_ready(&self) {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(120) {
+            if http_get(&self.url, "/health").is_some_and(|(code, _)| code == 200) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("qwenvl serve never became ready; log:\n{}", self.log());
+    }
+
+    // Only the server tests read it (this file is shared with the remote-backend tests).
+    #[allow(dead_code)]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn log(&self) -> String {
@@ -72,6 +92,23 @@ impl Server {
         }
         panic!("no log line with {needle:?}; log:\n{}", self.log());
     }
+}
+
+/// `GET path` on the server at `url` (`http://host:port`): the status code and the body.
+pub fn http_get(url: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let addr = url.strip_prefix("http://")?;
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    Some((code, body))
 }
 
 impl Drop for Server {

@@ -91,6 +91,10 @@ struct BenchArgs {
     /// of a model.
     #[arg(long, conflicts_with_all = ["model", "random"])]
     kernels: bool,
+    /// Also decode with several sequences batched together, as `serve --parallel` does, and
+    /// report aggregate and per-stream tok/s for each count (e.g. 1,2,4,8).
+    #[arg(long, value_delimiter = ',', conflicts_with = "kernels")]
+    streams: Vec<usize>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -337,7 +341,16 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         _ => bench::Source::Random,
     };
     let device = parse_device(&args.device)?;
-    let report = bench::run(source, args.quant, args.decode_tokens, &device)?;
+    if args.streams.contains(&0) {
+        anyhow::bail!("--streams: each count must be at least 1");
+    }
+    let report = bench::run(
+        source,
+        args.quant,
+        args.decode_tokens,
+        &args.streams,
+        &device,
+    )?;
     if args.json {
         println!("{}", bench::to_json(&report)?);
     } else {

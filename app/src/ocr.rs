@@ -1,21 +1,20 @@
 //! `qwenvl ocr`: one question (by default "read the text") over many images, one JSON line per
-//! image, resumable. The model is loaded once; every image is answered greedily in a fresh
-//! single-turn conversation.
+//! image in input order, resumable. The model is loaded once; every image is answered greedily in
+//! a fresh single-turn conversation, `--parallel` of them batched together.
 
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, IsTerminal, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use lm::generate::GenerateOptions;
 use lm::prompt::{Conversation, Item, DEFAULT_SYSTEM};
 use lm::quant::WeightType;
 use serde_json::{json, Value};
 
-use crate::engine::Engine;
+use crate::engine::{BatchLimits, Batcher, Reply, ReplySink, Request};
 
 /// The question asked when `--prompt` is not given.
 pub const DEFAULT_PROMPT: &str = crate::session::OCR_PROMPT;
@@ -51,6 +50,10 @@ pub struct OcrArgs {
     /// there).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Images answered together (continuous batching: one pass over the weights per step
+    /// serves all of them; each needs its own KV cache). Results stay in input order.
+    #[arg(long, default_value_t = 1)]
+    pub parallel: usize,
 }
 
 /// The inputs in order, folders replaced by their image files sorted by name. Paths that do not
@@ -127,56 +130,52 @@ fn open_results(path: &Path) -> Result<File> {
     Ok(f)
 }
 
+/// The single-turn conversation that asks `prompt` about the image at `abs`.
+fn conversation(prompt: &str, abs: &Path) -> Result<Conversation> {
+    let Some(image) = abs.to_str() else {
+        bail!("{}: the path is not valid UTF-8", abs.display());
+    };
+    Ok(Conversation {
+        system: DEFAULT_SYSTEM.to_string(),
+        history: Vec::new(),
+        query: vec![
+            Item::Image {
+                image: image.to_string(),
+            },
+            Item::Text {
+                text: prompt.to_string(),
+            },
+        ],
+    })
+}
+
 /// One image's result line.
-fn answer(
-    engine: &Engine,
-    opts: &GenerateOptions,
-    prompt: &str,
-    given: &Path,
-    abs: &Path,
-) -> Value {
-    let t0 = Instant::now();
+fn record(prompt: &str, given: &Path, abs: &Path, reply: Result<Reply>, ms: f64) -> Value {
     let mut record = json!({
         "file": given.to_string_lossy(),
         "path": abs.to_string_lossy(),
         "prompt": prompt,
     });
-    let result = (|| -> Result<Value> {
-        let Some(image) = abs.to_str() else {
-            bail!("{}: the path is not valid UTF-8", abs.display());
-        };
-        let conv = Conversation {
-            system: DEFAULT_SYSTEM.to_string(),
-            history: Vec::new(),
-            query: vec![
-                Item::Image {
-                    image: image.to_string(),
-                },
-                Item::Text {
-                    text: prompt.to_string(),
-                },
-            ],
-        };
-        let cancel = AtomicBool::new(false);
-        let reply = engine.reply(&conv, Path::new("/"), opts, &cancel, |_| {})?;
-        let picture = reply.pictures.last();
-        let boxes: Vec<Value> = crate::session::reply_boxes(&reply, &reply.text)
-            .into_iter()
-            .map(|b| json!({"ref": b.label, "box": b.grid, "box_px": b.px}))
-            .collect();
-        Ok(json!({
-            "text": reply.text,
-            "boxes": boxes,
-            "width": picture.map(|p| p.width),
-            "height": picture.map(|p| p.height),
-            "tokens": reply.generation.ids.len(),
-            "finish": format!("{:?}", reply.generation.finish),
-        }))
-    })();
     let obj = record.as_object_mut().expect("an object");
-    match result {
-        Ok(Value::Object(fields)) => obj.extend(fields),
-        Ok(_) => unreachable!("answer fields are an object"),
+    match reply {
+        Ok(reply) => {
+            let picture = reply.pictures.last();
+            let boxes: Vec<Value> = crate::session::reply_boxes(&reply, &reply.text)
+                .into_iter()
+                .map(|b| json!({"ref": b.label, "box": b.grid, "box_px": b.px}))
+                .collect();
+            obj.extend([
+                ("text".to_string(), json!(reply.text)),
+                ("boxes".to_string(), json!(boxes)),
+                ("width".to_string(), json!(picture.map(|p| p.width))),
+                ("height".to_string(), json!(picture.map(|p| p.height))),
+                ("tokens".to_string(), json!(reply.generation.ids.len())),
+                (
+                    "finish".to_string(),
+                    json!(format!("{:?}", reply.generation.finish)),
+                ),
+            ]);
+        }
         Err(e) => {
             let msg = format!("{e:#}");
             let path = abs.to_string_lossy();
@@ -188,8 +187,30 @@ fn answer(
             obj.insert("error".into(), Value::String(msg));
         }
     }
-    obj.insert("ms".into(), json!(t0.elapsed().as_secs_f64() * 1e3));
+    obj.insert("ms".into(), json!(ms));
     record
+}
+
+/// Puts one image's result line in its place among the results.
+struct OcrSink<'a> {
+    index: usize,
+    prompt: &'a str,
+    given: &'a Path,
+    abs: &'a Path,
+    started: Instant,
+    results: &'a RefCell<Vec<Option<Value>>>,
+}
+
+impl ReplySink for OcrSink<'_> {
+    fn cancelled(&self) -> bool {
+        false
+    }
+    fn text(&mut self, _: &str) {}
+    fn done(&mut self, reply: Result<Reply>) {
+        let ms = self.started.elapsed().as_secs_f64() * 1e3;
+        self.results.borrow_mut()[self.index] =
+            Some(record(self.prompt, self.given, self.abs, reply, ms));
+    }
 }
 
 /// `qwenvl ocr`.
@@ -254,21 +275,71 @@ pub fn run(args: OcrArgs) -> Result<()> {
     .map_err(|e| anyhow::anyhow!(e.message_for_flags()))?;
     bar.reset_eta();
 
+    // Up to --parallel images are answered together (their pictures encoded in one batch);
+    // lines are written in input order as soon as every earlier one is written.
+    let results: RefCell<Vec<Option<Value>>> = RefCell::new(vec![None; todo.len()]);
+    let mut batch = Batcher::new(
+        &engine,
+        BatchLimits {
+            parallel: args.parallel.max(1),
+            kv_budget: usize::MAX,
+            prefill_chunk: usize::MAX,
+        },
+    );
+    let (mut admitted, mut written) = (0, 0);
     let mut failed = Vec::new();
-    for (given, abs) in &todo {
-        bar.set_message(given.display().to_string());
-        let record = answer(&engine, &opts, &args.prompt, given, abs);
-        if let Some(e) = record.get("error").and_then(Value::as_str) {
-            failed.push(e.to_string());
+    while written < todo.len() {
+        let mut new = Vec::new();
+        while new.len() < batch.room() && admitted < todo.len() {
+            let (given, abs) = &todo[admitted];
+            let started = Instant::now();
+            match conversation(&args.prompt, abs) {
+                Ok(conversation) => new.push(Request {
+                    conversation,
+                    base_dir: PathBuf::from("/"),
+                    options: opts.clone(),
+                    sink: Box::new(OcrSink {
+                        index: admitted,
+                        prompt: &args.prompt,
+                        given,
+                        abs,
+                        started,
+                        results: &results,
+                    }),
+                }),
+                Err(e) => {
+                    results.borrow_mut()[admitted] =
+                        Some(record(&args.prompt, given, abs, Err(e), 0.0))
+                }
+            }
+            admitted += 1;
         }
-        let line = serde_json::to_string(&record)? + "\n";
-        // Written and flushed at once: a crash loses at most the image being answered.
-        bar.suspend(|| -> Result<()> {
-            out.write_all(line.as_bytes())
-                .and_then(|()| out.flush())
-                .with_context(|| format!("cannot write the result to {out_name}"))
-        })?;
-        bar.inc(1);
+        if !new.is_empty() {
+            if let Some((given, _)) = todo.get(written) {
+                bar.set_message(given.display().to_string());
+            }
+            batch.admit(new);
+        }
+        if !batch.is_idle() {
+            batch.step();
+        }
+        while let Some(record) = results.borrow_mut().get_mut(written).and_then(Option::take) {
+            if let Some(e) = record.get("error").and_then(Value::as_str) {
+                failed.push(e.to_string());
+            }
+            let line = serde_json::to_string(&record)? + "\n";
+            // Written and flushed at once: a crash loses at most the images being answered.
+            bar.suspend(|| -> Result<()> {
+                out.write_all(line.as_bytes())
+                    .and_then(|()| out.flush())
+                    .with_context(|| format!("cannot write the result to {out_name}"))
+            })?;
+            bar.inc(1);
+            written += 1;
+            if let Some((given, _)) = todo.get(written) {
+                bar.set_message(given.display().to_string());
+            }
+        }
     }
     bar.finish_and_clear();
 

@@ -231,6 +231,54 @@ pub fn apply_repetition_penalty(logits: &[f32], seen: &[u32], penalty: f64) -> V
     out
 }
 
+/// One reply being generated: its sampler, every id seen so far and the ids produced, and when it
+/// ends. [`generate`] drives one to the end; a batch of sequences takes a step of each in turn.
+pub struct Sequence {
+    sampler: Sampler,
+    seen: Vec<u32>,
+    prompt_len: usize,
+    max_new_tokens: usize,
+    stop_ids: Vec<u32>,
+}
+
+impl Sequence {
+    pub fn new(opts: &GenerateOptions, prompt_ids: &[u32]) -> Self {
+        Self {
+            sampler: Sampler::new(opts.decoding.clone(), opts.repetition_penalty),
+            seen: prompt_ids.to_vec(),
+            prompt_len: prompt_ids.len(),
+            max_new_tokens: opts.max_new_tokens,
+            stop_ids: opts.stop_ids.clone(),
+        }
+    }
+
+    /// The ids produced so far.
+    pub fn ids(&self) -> &[u32] {
+        &self.seen[self.prompt_len..]
+    }
+
+    /// Whether `max_new_tokens` have been produced.
+    pub fn is_full(&self) -> bool {
+        self.ids().len() >= self.max_new_tokens
+    }
+
+    /// Chooses the next id from the logits of the last position fed; returns it and `Some` of
+    /// [`Finish::Stop`] when it is a stop token.
+    pub fn next(&mut self, logits: &[f32]) -> (u32, Option<Finish>) {
+        let next = self.sampler.next(logits, &self.seen);
+        self.seen.push(next);
+        let stop = self.stop_ids.contains(&next).then_some(Finish::Stop(next));
+        (next, stop)
+    }
+
+    /// The reply so far, ended for `finish`.
+    pub fn finish(self, finish: Finish) -> Generation {
+        let mut ids = self.seen;
+        ids.drain(..self.prompt_len);
+        Generation { ids, finish }
+    }
+}
+
 /// Generates after a prefill: `logits` are those of the last prompt position, `cache` holds the
 /// prompt. `on_token` is called with every new id (the stop token included) and may stop early.
 pub fn generate(
@@ -242,43 +290,27 @@ pub fn generate(
     cancel: &AtomicBool,
     mut on_token: impl FnMut(u32) -> Flow,
 ) -> Result<Generation> {
-    let mut sampler = Sampler::new(opts.decoding.clone(), opts.repetition_penalty);
-    let mut seen = prompt_ids.to_vec();
-    let mut ids = Vec::new();
+    let mut seq = Sequence::new(opts, prompt_ids);
     let mut logits = logits;
-    while ids.len() < opts.max_new_tokens {
+    while !seq.is_full() {
         if cancel.load(Ordering::Relaxed) {
-            return Ok(Generation {
-                ids,
-                finish: Finish::Cancelled,
-            });
+            return Ok(seq.finish(Finish::Cancelled));
         }
         let values: Vec<f32> = logits.to_vec1().map_err(Error::Candle)?;
-        let next = sampler.next(&values, &seen);
-        ids.push(next);
-        seen.push(next);
+        let (next, stop) = seq.next(&values);
         let flow = on_token(next);
-        if opts.stop_ids.contains(&next) {
-            return Ok(Generation {
-                ids,
-                finish: Finish::Stop(next),
-            });
+        if let Some(stop) = stop {
+            return Ok(seq.finish(stop));
         }
         if flow == Flow::Stop {
-            return Ok(Generation {
-                ids,
-                finish: Finish::Cancelled,
-            });
+            return Ok(seq.finish(Finish::Cancelled));
         }
-        if ids.len() == opts.max_new_tokens {
+        if seq.is_full() {
             break;
         }
         logits = model.forward(&[next], &[], cache)?;
     }
-    Ok(Generation {
-        ids,
-        finish: Finish::Length,
-    })
+    Ok(seq.finish(Finish::Length))
 }
 
 /// Turns a stream of token ids into text pieces, holding back incomplete UTF-8 sequences so a

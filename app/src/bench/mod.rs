@@ -151,6 +151,18 @@ pub struct BenchReport {
     pub decode_fraction_of_limit: f64,
     pub matmul_f32_gflops: f64,
     pub matmul_q4k_gflops: f64,
+    /// Decode speed with several sequences decoded together (`--streams`).
+    pub streams: Vec<StreamsRow>,
+}
+
+/// Decode speed of several sequences decoded together.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StreamsRow {
+    pub streams: usize,
+    pub steps: usize,
+    /// Tokens per second of all streams together.
+    pub aggregate_tokens_per_s: f64,
+    pub per_stream_tokens_per_s: f64,
 }
 
 /// Peak resident set size of this process so far, in bytes (`VmHWM`).
@@ -334,6 +346,7 @@ pub fn run(
     source: Source,
     wt: WeightType,
     decode_tokens: usize,
+    streams: &[usize],
     device: &Device,
 ) -> Result<BenchReport> {
     let device = device.clone();
@@ -457,7 +470,12 @@ pub fn run(
         samples.push(buf.read_pass());
         peak_rss = peak_before_decode.max(peak_rss.saturating_sub(held));
     }
-    drop((lm, visual, cache));
+    drop(visual);
+    let streams = streams
+        .iter()
+        .map(|&s| measure_streams(&lm, &cache, next, s, decode_tokens))
+        .collect::<Result<Vec<_>>>()?;
+    drop((lm, cache));
 
     eprintln!("measuring matmul throughput ...");
     let (bandwidth_gb_s, matmul_f32_gflops, matmul_q4k_gflops) = if device.is_cpu() {
@@ -505,6 +523,50 @@ pub fn run(
         decode_fraction_of_limit: decode_tokens_per_s / limit,
         matmul_f32_gflops,
         matmul_q4k_gflops,
+        streams,
+    })
+}
+
+/// Decode speed of `streams` sequences decoded together, by the batched step the server's batch
+/// runs ([`QwenLm::forward_batch`]): each stream continues its own copy of the prefilled cache
+/// from its own token; `steps` steps are timed.
+fn measure_streams(
+    lm: &lm::model::QwenLm,
+    prefilled: &lm::model::KvCache,
+    first: u32,
+    streams: usize,
+    steps: usize,
+) -> Result<StreamsRow> {
+    eprintln!("decode {steps} steps of {streams} streams together ...");
+    let streams = streams.max(1);
+    let mut caches: Vec<lm::model::KvCache> = (0..streams).map(|_| prefilled.clone()).collect();
+    let vocab = lm.config().vocab_size as u32;
+    let mut next: Vec<u32> = (0..streams as u32)
+        .map(|i| (first + i * 7919) % vocab)
+        .collect();
+    let mut elapsed = 0.0;
+    for _ in 0..steps {
+        let t = Instant::now();
+        let mut batch = caches
+            .iter_mut()
+            .zip(&next)
+            .map(|(cache, &id)| {
+                Ok(lm::model::BatchStep {
+                    embeds: lm.embed(&[id], &[])?,
+                    cache,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let logits = lm.forward_batch(&mut batch)?.to_vec2::<f32>()?;
+        next = logits.iter().map(|l| lm::generate::argmax(l)).collect();
+        elapsed += t.elapsed().as_secs_f64();
+    }
+    let per_stream = steps as f64 / elapsed;
+    Ok(StreamsRow {
+        streams,
+        steps,
+        aggregate_tokens_per_s: per_stream * streams as f64,
+        per_stream_tokens_per_s: per_stream,
     })
 }
 
@@ -619,9 +681,27 @@ pub fn table(r: &BenchReport) -> String {
         .map(|(k, _)| k.chars().count())
         .max()
         .unwrap_or(0);
-    rows.iter()
+    let mut out: String = rows
+        .iter()
         .map(|(k, v)| format!("{k:<width$}  {v}\n"))
-        .collect()
+        .collect();
+    if !r.streams.is_empty() {
+        let single = r.streams.iter().find(|s| s.streams == 1);
+        out.push_str("\nstreams  aggregate tok/s  per stream tok/s  vs 1 stream\n");
+        for s in &r.streams {
+            let ratio = single.map_or(String::from("-"), |one| {
+                format!(
+                    "{:.2}×",
+                    s.aggregate_tokens_per_s / one.aggregate_tokens_per_s
+                )
+            });
+            out.push_str(&format!(
+                "{:>7}  {:>15.2}  {:>16.2}  {ratio:>11}\n",
+                s.streams, s.aggregate_tokens_per_s, s.per_stream_tokens_per_s
+            ));
+        }
+    }
+    out
 }
 
 /// Seconds, or milliseconds below one second (GPU timings).

@@ -43,7 +43,24 @@ pub struct ServeArgs {
     /// Most pixels of one image (width × height).
     #[arg(long, default_value_t = 50_000_000)]
     pub max_image_pixels: u64,
-    /// Most requests waiting for the model; more get 503.
+    /// Most requests waiting for a slot; more get 503 with Retry-After.
     #[arg(long, default_value_t = 64)]
     pub max_queue: usize,
+    /// Requests generated together (continuous batching: one pass over the weights per step
+    /// feeds all of them). Default: as many as the KV-cache memory allows for full-length
+    /// replies, at most 8.
+    #[arg(long)]
+    pub parallel: Option<usize>,
+    /// Memory the KV caches of the running requests may take together, in MiB (each request
+    /// reserves what its prompt and longest reply can fill before it starts). Default: half the
+    /// memory available once the model is loaded.
+    #[arg(long)]
+    pub kv_memory_mb: Option<usize>,
+    /// Most prompt tokens fed in one step while other requests are generating (a longer prompt
+    /// is fed in chunks so that their streams keep flowing).
+    #[arg(long, default_value_t = 64)]
+    pub prefill_chunk: usize,
+    /// Answer browsers' cross-origin requests (CORS) from this origin, or `*` for any.
+    #[arg(long)]
+    pub cors_origin: Option<String>,
 }

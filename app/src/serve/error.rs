@@ -11,6 +11,8 @@ use crate::openai::{ErrorBody, ErrorDetail, MessageError};
 pub struct ApiError {
     pub(super) status: StatusCode,
     pub(super) detail: ErrorDetail,
+    /// Seconds for a `Retry-After` header (a busy or loading server).
+    pub(super) retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -28,7 +30,13 @@ impl ApiError {
                 param: None,
                 code: code.map(str::to_string),
             },
+            retry_after: None,
         }
+    }
+
+    pub(super) fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
     }
 
     pub(super) fn invalid(message: impl Into<String>) -> Self {
@@ -60,6 +68,11 @@ impl From<MessageError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
+        let mut r = (self.status, Json(self.body())).into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, s.into());
+        }
+        r
     }
 }

@@ -1,5 +1,5 @@
-//! The server's request queue. The model answers one request at a time; waiting requests are
-//! taken round-robin across clients, so one client's batch of fifty cannot starve another's one.
+//! The server's request queue. Waiting requests are taken into the batch round-robin across
+//! clients, so one client's batch of fifty cannot starve another's one.
 
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex};
@@ -60,20 +60,30 @@ impl<T> FairQueue<T> {
     pub fn pop(&self) -> Option<T> {
         let mut s = self.lock();
         loop {
-            if let Some((client, mut q)) = s.clients.pop_front() {
-                let item = q.pop_front();
-                if !q.is_empty() {
-                    // This client's next request goes behind every other client's.
-                    s.clients.push_back((client, q));
-                }
-                s.len -= 1;
-                return item;
+            if let Some(item) = Self::take(&mut s) {
+                return Some(item);
             }
             if s.closed {
                 return None;
             }
             s = self.ready.wait(s).unwrap_or_else(|p| p.into_inner());
         }
+    }
+
+    /// The next request if one is waiting, without waiting.
+    pub fn try_pop(&self) -> Option<T> {
+        Self::take(&mut self.lock())
+    }
+
+    fn take(s: &mut State<T>) -> Option<T> {
+        let (client, mut q) = s.clients.pop_front()?;
+        let item = q.pop_front();
+        if !q.is_empty() {
+            // This client's next request goes behind every other client's.
+            s.clients.push_back((client, q));
+        }
+        s.len -= 1;
+        item
     }
 
     pub fn len(&self) -> usize {
@@ -131,5 +141,8 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(50));
         q.push("a", 7).unwrap();
         assert_eq!(t.join().unwrap(), Some(7));
+        assert_eq!(q.try_pop(), None);
+        q.push("b", 8).unwrap();
+        assert_eq!(q.try_pop(), Some(8));
     }
 }

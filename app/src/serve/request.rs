@@ -28,6 +28,7 @@ pub(super) async fn prepare(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Prepared, ApiError> {
+    let arrived = std::time::Instant::now();
     let body = body.map_err(|r| {
         let status = r.status();
         let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
@@ -72,7 +73,8 @@ pub(super) async fn prepare(
     if req.tools.is_some() {
         return Err(ApiError::invalid("tools are not supported by Qwen-VL-Chat").param("tools"));
     }
-    let options = generate_options(&st.engine, &req)?;
+    let engine = st.engine()?.clone();
+    let options = generate_options(&engine, &req)?;
     let stops = req.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
     if stops.len() > 4 {
         return Err(ApiError::invalid("at most 4 stop sequences").param("stop"));
@@ -111,7 +113,7 @@ pub(super) async fn prepare(
         })?;
         // The prompt is built now so that a conversation too long for the context is refused
         // with 400 instead of failing in the queue.
-        st2.engine
+        engine
             .prompt(&conversation)
             .map_err(|e| ApiError::invalid(format!("{e:#}")).param("messages"))?;
         Ok::<_, ApiError>((conversation, images))
@@ -134,6 +136,7 @@ pub(super) async fn prepare(
         stops,
         cancel: Arc::new(AtomicBool::new(false)),
         events: tx,
+        arrived,
     };
     let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
     Ok((job, req.stream, include_usage, rx))

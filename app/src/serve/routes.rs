@@ -1,4 +1,5 @@
-//! The HTTP routes: chat completions (plain or streamed), the model list, 404s.
+//! The HTTP routes: chat completions (plain or streamed), the model list, health, metrics, 404s;
+//! the request counter and the opt-in CORS headers.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -8,8 +9,8 @@ use anyhow::Result;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::middleware::{self};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -29,11 +30,79 @@ pub(super) fn router(state: Arc<Server>) -> Router {
         .route("/v1/models", get(models))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
-        .layer(middleware::from_fn_with_state(state.clone(), authorize));
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(middleware::from_fn_with_state(state.clone(), count));
     Router::new()
-        .route("/health", get(|| async { "ok" }))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .merge(api)
+        .layer(middleware::from_fn_with_state(state.clone(), cors))
         .with_state(state)
+}
+
+/// `200 {"status":"ok"}` once the model is loaded, `503 {"status":"loading"}` before.
+async fn health(State(st): State<Arc<Server>>) -> Response {
+    match st.engine.get() {
+        Some(_) => Json(serde_json::json!({"status": "ok"})).into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "5")],
+            Json(serde_json::json!({"status": "loading"})),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(st): State<Arc<Server>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        st.metrics.render(st.queue.len()),
+    )
+        .into_response()
+}
+
+/// Counts every chat-completion request by the status it was answered with.
+async fn count(State(st): State<Arc<Server>>, req: Request, next: Next) -> Response {
+    let chat = req.uri().path() == "/v1/chat/completions";
+    let r = next.run(req).await;
+    if chat {
+        st.metrics.request(r.status().as_u16());
+    }
+    r
+}
+
+/// `--cors-origin`: answers browsers' preflight requests and marks responses as readable from
+/// that origin. Without the flag no CORS header is sent (browsers then refuse cross-origin reads).
+async fn cors(State(st): State<Arc<Server>>, req: Request, next: Next) -> Response {
+    let Some(origin) = st.args.cors_origin.clone() else {
+        return next.run(req).await;
+    };
+    let origin = HeaderValue::from_str(&origin).unwrap_or(HeaderValue::from_static("*"));
+    let mut r = if req.method() == Method::OPTIONS {
+        let mut r = StatusCode::NO_CONTENT.into_response();
+        let h = r.headers_mut();
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, POST, OPTIONS"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static("authorization, content-type"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("86400"),
+        );
+        r
+    } else {
+        next.run(req).await
+    };
+    r.headers_mut()
+        .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    r
 }
 
 async fn not_found(req: Request) -> ApiError {
@@ -42,7 +111,7 @@ async fn not_found(req: Request) -> ApiError {
         "invalid_request_error",
         Some("not_found"),
         format!(
-            "no route {} {} (POST /v1/chat/completions, GET /v1/models)",
+            "no route {} {} (POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics)",
             req.method(),
             req.uri().path()
         ),
@@ -82,6 +151,7 @@ async fn chat_completions(
                         st.queue.len()
                     ),
                 )
+                .retry_after(2)
                 .into_response();
             }
             if stream {

@@ -2,8 +2,8 @@
 //! inference thread sends back about it.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, OnceLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use lm::generate::GenerateOptions;
 use lm::prompt::Conversation;
@@ -11,6 +11,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::args::ServeArgs;
 use super::error::ApiError;
+use super::metrics::Metrics;
 use super::queue::FairQueue;
 use crate::engine::Engine;
 use crate::openai::{BoxOut, Usage};
@@ -39,10 +40,15 @@ pub(super) struct Job {
     pub(super) stops: Vec<String>,
     pub(super) cancel: Arc<AtomicBool>,
     pub(super) events: UnboundedSender<JobEvent>,
+    /// When the request came in (time to first token counts from here).
+    pub(super) arrived: Instant,
 }
 
 pub(super) struct Server {
-    pub(super) engine: Arc<Engine>,
+    /// Set once the model has loaded; until then `/health` says 503 and requests are refused
+    /// with 503 and `Retry-After`.
+    pub(super) engine: OnceLock<Arc<Engine>>,
+    pub(super) metrics: Arc<Metrics>,
     pub(super) model_id: String,
     pub(super) args: ServeArgs,
     pub(super) queue: Arc<FairQueue<Job>>,
@@ -57,6 +63,21 @@ pub(super) struct CancelOnDrop(pub(super) Arc<AtomicBool>);
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
         self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Server {
+    /// The loaded engine, or the 503 a request gets while the model is still loading.
+    pub(super) fn engine(&self) -> Result<&Arc<Engine>, ApiError> {
+        self.engine.get().ok_or_else(|| {
+            ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("loading"),
+                "the model is still loading: retry shortly",
+            )
+            .retry_after(5)
+        })
     }
 }
 

@@ -16,6 +16,13 @@ use super::rope::Positions;
 /// 6000-token prefill of the 32-head model does not need gigabytes of scores.
 pub(super) const ATTN_CHUNK: usize = 512;
 
+/// One sequence's share of a (batched) forward pass through a block: its positions (as many as
+/// it has rows in the batch, which are consecutive) and its cache of this layer.
+pub(super) struct Part<'a> {
+    pub(super) pos: &'a Positions,
+    pub(super) cache: &'a mut Option<LayerKv>,
+}
+
 #[derive(Debug, Clone)]
 pub(super) struct RmsNorm {
     pub(super) weight: Tensor,
@@ -132,15 +139,30 @@ impl Attention {
         Tensor::from_vec(out, (1, t, n * d), q.device())
     }
 
-    pub(super) fn forward(
-        &self,
-        x: &Tensor,
-        pos: &Positions,
-        cache: &mut Option<LayerKv>,
-    ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let (n, d) = (self.n_heads, self.head_dim);
+    /// Attention for the rows of `x` (`[1, T, hidden]`): each part is one sequence's run of rows,
+    /// attending over its own cache. One `c_attn` and one `c_proj` pass serve every part (a
+    /// batched decode step reads the weights once for all sequences).
+    pub(super) fn forward(&self, x: &Tensor, parts: &mut [Part<'_>]) -> Result<Tensor> {
         let qkv = self.c_attn.forward(x)?;
+        if let [part] = parts {
+            let out = self.attend(&qkv, part.pos, part.cache)?;
+            return self.c_proj.forward(&out);
+        }
+        let mut outs = Vec::with_capacity(parts.len());
+        let mut r0 = 0;
+        for part in parts.iter_mut() {
+            let rows = part.pos.len;
+            outs.push(self.attend(&qkv.narrow(1, r0, rows)?, part.pos, part.cache)?);
+            r0 += rows;
+        }
+        self.c_proj.forward(&Tensor::cat(&outs, 1)?)
+    }
+
+    /// One sequence's attention: `qkv` (`[b, t, 3·heads·head_dim]`) are its new positions, written
+    /// into `cache` after what it holds; returns `[b, t, heads·head_dim]` before `c_proj`.
+    fn attend(&self, qkv: &Tensor, pos: &Positions, cache: &mut Option<LayerKv>) -> Result<Tensor> {
+        let (b, t, _) = qkv.dims3()?;
+        let (n, d) = (self.n_heads, self.head_dim);
         let split = |i: usize| -> Result<Tensor> {
             qkv.narrow(D::Minus1, i * n * d, n * d)?
                 .reshape((b, t, n, d))?
@@ -163,12 +185,11 @@ impl Attention {
         };
         if b == 1
             && t <= decode_attention::MAX_QUERIES
-            && x.device().is_cpu()
+            && qkv.device().is_cpu()
             && q.dtype() == DType::F32
         {
             if let Some(kv) = cache.as_ref() {
-                let out = self.fused_attention(&q, kv, scale as f32)?;
-                return self.c_proj.forward(&out);
+                return self.fused_attention(&q, kv, scale as f32);
             }
         }
         let kv_len = k.dim(2)?;
@@ -184,7 +205,7 @@ impl Attention {
             let scores = (qc.matmul(&kt)? / scale)?;
             // f32 softmax as the reference; on GPUs candle's kernel sums in f32 itself, and the
             // two conversions are two more launches per layer and token.
-            let scores = if x.device().is_cpu() {
+            let scores = if qkv.device().is_cpu() {
                 scores.to_dtype(DType::F32)?
             } else {
                 scores
@@ -203,7 +224,7 @@ impl Attention {
                         })
                     })
                     .collect();
-                let mask = Tensor::from_vec(mask, (1, 1, c, kv_len), x.device())?
+                let mask = Tensor::from_vec(mask, (1, 1, c, kv_len), qkv.device())?
                     .to_dtype(scores.dtype())?;
                 scores.broadcast_add(&mask)?
             } else {
@@ -218,8 +239,7 @@ impl Attention {
         } else {
             Tensor::cat(&outs, 2)?
         };
-        let out = out.transpose(1, 2)?.reshape((b, t, n * d))?;
-        self.c_proj.forward(&out)
+        out.transpose(1, 2)?.reshape((b, t, n * d))
     }
 }
 
@@ -268,13 +288,9 @@ impl Block {
         })
     }
 
-    pub(super) fn forward(
-        &self,
-        x: &Tensor,
-        pos: &Positions,
-        cache: &mut Option<LayerKv>,
-    ) -> Result<Tensor> {
-        let a = (x + self.attn.forward(&self.ln_1.forward(x)?, pos, cache)?)?;
+    /// The block over the rows of `x` (`[1, T, hidden]`), split into `parts` for attention.
+    pub(super) fn forward(&self, x: &Tensor, parts: &mut [Part<'_>]) -> Result<Tensor> {
+        let a = (x + self.attn.forward(&self.ln_1.forward(x)?, parts)?)?;
         &a + self.mlp.forward(&self.ln_2.forward(&a)?)?
     }
 }

@@ -20,7 +20,7 @@ use candle_nn::{Embedding, VarBuilder};
 use crate::config::QwenConfig;
 use crate::quant::{QLinear, Quantizer, WeightType};
 
-use block::{Block, RmsNorm};
+use block::{Block, Part, RmsNorm};
 pub use cache::KvCache;
 pub use rope::{logn_factor, ntk_alpha};
 use rope::{rotary_tables, Positions};
@@ -32,6 +32,13 @@ pub struct ImageFeatures {
     pub first_position: usize,
     /// `[256, hidden]` features from the visual encoder.
     pub features: Tensor,
+}
+
+/// One sequence's share of a batched step ([`QwenLm::forward_batch`]).
+pub struct BatchStep<'a> {
+    /// New positions' embeddings, `[t, hidden]` ([`QwenLm::embed`]).
+    pub embeds: Tensor,
+    pub cache: &'a mut KvCache,
 }
 
 /// Hidden states of every stage of one forward pass (for golden tests and debugging).
@@ -200,6 +207,14 @@ impl QwenLm {
         }
     }
 
+    /// Bytes one position takes in the KV cache (keys and values of every layer).
+    pub fn kv_bytes_per_position(&self) -> usize {
+        self.h
+            .iter()
+            .map(|b| 2 * b.attn.n_heads * b.attn.head_dim * b.attn.kv_dtype.size_in_bytes())
+            .sum()
+    }
+
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.h.len())
     }
@@ -248,6 +263,7 @@ impl QwenLm {
             sin,
             logn,
             offset,
+            len,
         })
     }
 
@@ -276,30 +292,102 @@ impl QwenLm {
     }
 
     fn run(&self, embeds: &Tensor, cache: &mut KvCache, trace: bool) -> Result<ForwardTrace> {
-        let t = embeds.dim(0)?;
-        if cache.layers.len() != self.h.len() {
-            *cache = self.new_cache();
-        }
-        let offset = cache.len();
-        let alpha = match (offset, cache.ntk_alpha) {
-            (_, Some(a)) if offset > 0 => a,
-            _ => self.prefill_ntk_alpha(t),
-        };
-        cache.ntk_alpha = Some(alpha);
-        let pos = self.positions(offset, t, alpha)?;
-        let mut x = embeds.to_dtype(self.dtype)?.unsqueeze(0)?;
-        let mut block_outputs = Vec::new();
-        for (block, layer_cache) in self.h.iter().zip(cache.layers.iter_mut()) {
-            x = block.forward(&x, &pos, layer_cache)?;
-            if trace {
-                block_outputs.push(x.squeeze(0)?);
-            }
-        }
-        let ln_f_out = self.ln_f.forward(&x)?.squeeze(0)?;
+        let (ln_f_out, block_outputs) = self.run_batch(&[embeds], &mut [cache], trace)?;
         Ok(ForwardTrace {
             embeddings: embeds.clone(),
             block_outputs,
             ln_f_out,
+        })
+    }
+
+    /// Runs the blocks over every sequence's new embeddings (`embeds[i]`, `[t_i, hidden]`, after
+    /// what `caches[i]` holds) as one batch of `Σ t_i` rows: each weight is read once for all of
+    /// them, attention is per sequence over its own cache. Returns the rows after `ln_f`
+    /// (`[Σ t_i, hidden]`, in order) and, with `trace`, every block's output.
+    fn run_batch(
+        &self,
+        embeds: &[&Tensor],
+        caches: &mut [&mut KvCache],
+        trace: bool,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        if embeds.len() != caches.len() || embeds.is_empty() {
+            candle_core::bail!(
+                "a batch of {} inputs for {} caches",
+                embeds.len(),
+                caches.len()
+            );
+        }
+        let mut positions = Vec::with_capacity(embeds.len());
+        for (x, cache) in embeds.iter().zip(caches.iter_mut()) {
+            let t = x.dim(0)?;
+            if cache.layers.len() != self.h.len() {
+                **cache = self.new_cache();
+            }
+            let offset = cache.len();
+            // An empty cache takes the alpha a prefill of `t` would, unless `plan_prefill` fixed
+            // it for a prompt that arrives in chunks.
+            let alpha = cache.ntk_alpha.unwrap_or_else(|| self.prefill_ntk_alpha(t));
+            cache.ntk_alpha = Some(alpha);
+            positions.push(self.positions(offset, t, alpha)?);
+        }
+        let x = match embeds {
+            [one] => (*one).clone(),
+            many => Tensor::cat(many, 0)?,
+        };
+        let mut x = x.to_dtype(self.dtype)?.unsqueeze(0)?;
+        let mut block_outputs = Vec::new();
+        for (li, block) in self.h.iter().enumerate() {
+            let mut parts: Vec<Part<'_>> = caches
+                .iter_mut()
+                .zip(&positions)
+                .map(|(c, pos)| Part {
+                    pos,
+                    cache: &mut c.layers[li],
+                })
+                .collect();
+            x = block.forward(&x, &mut parts)?;
+            if trace {
+                block_outputs.push(x.squeeze(0)?);
+            }
+        }
+        Ok((self.ln_f.forward(&x)?.squeeze(0)?, block_outputs))
+    }
+
+    /// Fixes the NTK alpha of an empty `cache` to that of a prefill of `prompt_len` positions, so a
+    /// prompt fed in several chunks is rotated exactly as one prefill of it would be.
+    pub fn plan_prefill(&self, cache: &mut KvCache, prompt_len: usize) {
+        if cache.is_empty() {
+            if cache.layers.len() != self.h.len() {
+                *cache = self.new_cache();
+            }
+            cache.ntk_alpha = Some(self.prefill_ntk_alpha(prompt_len));
+        }
+    }
+
+    /// One step of several sequences at once: each gets its new embeddings (`[t, hidden]`: one
+    /// row to decode a token, more for a chunk of its prompt) appended to its cache. Returns the
+    /// logits (f32) of each sequence's last new position, `[sequences, vocab]`.
+    pub fn forward_batch(&self, steps: &mut [BatchStep<'_>]) -> Result<Tensor> {
+        self.in_pool(|| {
+            let mut lasts = Vec::with_capacity(steps.len());
+            let mut row = 0;
+            for s in steps.iter() {
+                let t = s.embeds.dim(0)?;
+                if t == 0 {
+                    candle_core::bail!("a batch step with no new positions");
+                }
+                row += t;
+                lasts.push(row as u32 - 1);
+            }
+            let embeds: Vec<Tensor> = steps.iter().map(|s| s.embeds.clone()).collect();
+            let embeds: Vec<&Tensor> = embeds.iter().collect();
+            let mut caches: Vec<&mut KvCache> = steps.iter_mut().map(|s| &mut *s.cache).collect();
+            let hidden = self.run_batch(&embeds, &mut caches, false)?.0;
+            let last = hidden.index_select(&Tensor::new(lasts.as_slice(), hidden.device())?, 0)?;
+            self.lm_head
+                .forward(&last.unsqueeze(0)?)?
+                .squeeze(0)?
+                .to_dtype(DType::F32)
         })
     }
 

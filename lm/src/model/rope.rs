@@ -57,4 +57,6 @@ pub(super) struct Positions {
     /// `[1, 1, T, 1]` log-n factors, `None` when every factor is 1.
     pub(super) logn: Option<Tensor>,
     pub(super) offset: usize,
+    /// Number of positions (`T`).
+    pub(super) len: usize,
 }

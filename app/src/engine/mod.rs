@@ -5,20 +5,23 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use lm::checkpoint::LoadProgress;
-use lm::generate::{self, Flow, GenerateOptions, Generation};
+use lm::generate::Generation;
 use lm::model::{ImageFeatures, KvCache, QwenLm};
 use lm::prompt::{Conversation, Prompt};
 use lm::quant::{QLinear, QuantCache, Quantizer, WeightType};
 use lm::tokenizer::QwenTokenizer;
 use lm::Checkpoint;
 use sha2::Digest;
+
+mod batch;
+
+pub use batch::{BatchLimits, Batcher, ReplySink, Request};
 
 /// Wall-clock time of each stage of one reply, in milliseconds.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -353,81 +356,135 @@ impl Engine {
     /// in one batch. Returns the features at their spans, the decoded pictures, each image's content
     /// key and how many came from the cache.
     pub fn encode_images(&self, prompt: &Prompt, base_dir: &Path) -> Result<EncodedImages> {
-        if prompt.images.is_empty() {
-            return Ok(EncodedImages::default());
-        }
+        self.encode_images_many(&[(prompt, base_dir)])
+            .pop()
+            .unwrap_or_else(|| Ok(EncodedImages::default()))
+    }
+
+    /// [`encode_images`](Self::encode_images) for several prompts at once: the new pictures of all
+    /// of them go through the vision tower in one batch. A picture that cannot be read or decoded
+    /// fails only its own prompt.
+    pub fn encode_images_many(&self, prompts: &[(&Prompt, &Path)]) -> Vec<Result<EncodedImages>> {
         let size = self.visual_config.image_size;
-        let mut keys = Vec::with_capacity(prompt.images.len());
-        let mut known: HashMap<ImageKey, (Tensor, u32, u32)> = HashMap::new();
+        type Found = HashMap<ImageKey, (Tensor, u32, u32)>;
+        let mut known: Found = HashMap::new();
+        // New pictures of all prompts: content key, pixels, width, height.
         let mut todo: Vec<(ImageKey, Tensor, u32, u32)> = Vec::new();
+        let mut keys: Vec<Result<Vec<ImageKey>>> = Vec::with_capacity(prompts.len());
         {
-            let reuse = self
-                .reuse
-                .lock()
-                .map_err(|_| anyhow::anyhow!("engine state poisoned"))?;
-            for span in &prompt.images {
-                let file: PathBuf = base_dir.join(&span.path);
-                // Refuses pipes, devices and directories, and caps the size: a FIFO or /dev/zero
-                // must not hang or exhaust memory.
-                let bytes = vision::read_image_file(&file)?;
-                let key: ImageKey = sha2::Sha256::digest(&bytes).into();
-                keys.push(key);
-                if known.contains_key(&key) || todo.iter().any(|t| t.0 == key) {
-                    continue;
+            let reuse = match self.reuse.lock() {
+                Ok(r) => r,
+                Err(_) => {
+                    return prompts
+                        .iter()
+                        .map(|_| Err(anyhow::anyhow!("engine state poisoned")))
+                        .collect()
                 }
-                if let Some(hit) = reuse.features.get(&key) {
-                    known.insert(key, hit.clone());
-                    continue;
+            };
+            for (prompt, base_dir) in prompts {
+                let mut mine: Vec<(ImageKey, Tensor, u32, u32)> = Vec::new();
+                let read = prompt
+                    .images
+                    .iter()
+                    .map(|span| {
+                        let file: PathBuf = base_dir.join(&span.path);
+                        // Refuses pipes, devices and directories, and caps the size: a FIFO or
+                        // /dev/zero must not hang or exhaust memory.
+                        let bytes = vision::read_image_file(&file)?;
+                        let key: ImageKey = sha2::Sha256::digest(&bytes).into();
+                        let seen = known.contains_key(&key)
+                            || todo.iter().chain(&mine).any(|t| t.0 == key);
+                        if !seen {
+                            if let Some(hit) = reuse.features.get(&key) {
+                                known.insert(key, hit.clone());
+                            } else {
+                                let img = vision::decode_rgb(&bytes, &file.to_string_lossy())?;
+                                let (w, h) = img.dimensions();
+                                mine.push((key, vision::preprocess(&img, size)?, w, h));
+                            }
+                        }
+                        Ok(key)
+                    })
+                    .collect::<Result<Vec<ImageKey>>>();
+                if read.is_ok() {
+                    todo.append(&mut mine);
                 }
-                let img = vision::decode_rgb(&bytes, &file.to_string_lossy())?;
-                let (w, h) = img.dimensions();
-                todo.push((key, vision::preprocess(&img, size)?, w, h));
+                keys.push(read);
             }
         }
-        let cached = prompt.images.len()
-            - keys
-                .iter()
-                .filter(|k| todo.iter().any(|t| &t.0 == *k))
-                .count();
+        let new_keys: Vec<ImageKey> = todo.iter().map(|t| t.0).collect();
         if !todo.is_empty() {
-            let pixels: Vec<Tensor> = todo.iter().map(|t| t.1.clone()).collect();
-            let batch = Tensor::stack(&pixels, 0)?
-                .to_device(&self.device)?
-                .to_dtype(self.dtype)?;
-            let feats = self.visual.forward(&batch)?;
-            let mut reuse = self
-                .reuse
-                .lock()
-                .map_err(|_| anyhow::anyhow!("engine state poisoned"))?;
+            let encoded = (|| -> Result<Tensor> {
+                let pixels: Vec<Tensor> = todo.iter().map(|t| t.1.clone()).collect();
+                let batch = Tensor::stack(&pixels, 0)?
+                    .to_device(&self.device)?
+                    .to_dtype(self.dtype)?;
+                Ok(self.visual.forward(&batch)?)
+            })();
+            let feats = match encoded {
+                Ok(f) => f,
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    return keys
+                        .into_iter()
+                        .map(|k| k.and_then(|_| Err(anyhow::anyhow!("{msg}"))))
+                        .collect();
+                }
+            };
+            let mut reuse = match self.reuse.lock() {
+                Ok(r) => r,
+                Err(_) => {
+                    return prompts
+                        .iter()
+                        .map(|_| Err(anyhow::anyhow!("engine state poisoned")))
+                        .collect()
+                }
+            };
             if reuse.features.len() + todo.len() > FEATURE_CACHE_IMAGES {
                 reuse.features.clear();
             }
             for (i, (key, _, w, h)) in todo.into_iter().enumerate() {
-                let entry = (feats.get(i)?, w, h);
+                let entry = match feats.get(i) {
+                    Ok(f) => (f, w, h),
+                    Err(e) => {
+                        return prompts
+                            .iter()
+                            .map(|_| Err(anyhow::anyhow!("{e}")))
+                            .collect()
+                    }
+                };
                 reuse.features.insert(key, entry.clone());
                 known.insert(key, entry);
             }
         }
-        let mut features = Vec::with_capacity(keys.len());
-        let mut pictures = Vec::with_capacity(keys.len());
-        for (span, key) in prompt.images.iter().zip(&keys) {
-            let (f, w, h) = &known[key];
-            features.push(ImageFeatures {
-                first_position: span.start + 1,
-                features: f.clone(),
-            });
-            pictures.push(Picture {
-                path: span.path.clone(),
-                width: *w,
-                height: *h,
-            });
-        }
-        Ok(EncodedImages {
-            features,
-            pictures,
-            keys,
-            cached,
-        })
+        prompts
+            .iter()
+            .zip(keys)
+            .map(|((prompt, _), keys)| {
+                let keys = keys?;
+                let mut features = Vec::with_capacity(keys.len());
+                let mut pictures = Vec::with_capacity(keys.len());
+                for (span, key) in prompt.images.iter().zip(&keys) {
+                    let (f, w, h) = &known[key];
+                    features.push(ImageFeatures {
+                        first_position: span.start + 1,
+                        features: f.clone(),
+                    });
+                    pictures.push(Picture {
+                        path: span.path.clone(),
+                        width: *w,
+                        height: *h,
+                    });
+                }
+                let cached = keys.iter().filter(|k| !new_keys.contains(k)).count();
+                Ok(EncodedImages {
+                    features,
+                    pictures,
+                    keys,
+                    cached,
+                })
+            })
+            .collect()
     }
 
     /// The KV cache to continue from: the previous reply's cache cut to the longest prefix it
@@ -458,136 +515,5 @@ impl Engine {
         }
         prev.cache.truncate(n)?;
         Ok((prev.cache, n))
-    }
-
-    /// Answers the conversation: prompt, images, prefill, then generation with `on_text` called
-    /// for every piece of new text as it becomes complete.
-    pub fn reply(
-        &self,
-        conv: &Conversation,
-        base_dir: &Path,
-        opts: &GenerateOptions,
-        cancel: &AtomicBool,
-        mut on_text: impl FnMut(&str),
-    ) -> Result<Reply> {
-        let t0 = Instant::now();
-        let prompt = self.prompt(conv)?;
-        let prompt_ms = t0.elapsed().as_secs_f64() * 1e3;
-
-        let t1 = Instant::now();
-        let EncodedImages {
-            features,
-            pictures,
-            keys,
-            cached: cached_images,
-        } = self.encode_images(&prompt, base_dir)?;
-        let vision_ms = t1.elapsed().as_secs_f64() * 1e3;
-
-        let t2 = Instant::now();
-        let spans: Vec<(usize, ImageKey)> = prompt
-            .images
-            .iter()
-            .map(|s| s.start)
-            .zip(keys.iter().copied())
-            .collect();
-        let (mut cache, reused) = self.take_prefix(&prompt.ids, &spans)?;
-        // Only the images after the reused prefix still need writing into embeddings.
-        let new_features: Vec<ImageFeatures> = features
-            .into_iter()
-            .filter(|f| f.first_position > reused)
-            .map(|f| ImageFeatures {
-                first_position: f.first_position - reused,
-                features: f.features,
-            })
-            .collect();
-        let last_logits = self
-            .lm
-            .forward(&prompt.ids[reused..], &new_features, &mut cache)?;
-        let prefill_ms = t2.elapsed().as_secs_f64() * 1e3;
-
-        let t3 = Instant::now();
-        let mut first_token_at = None;
-        let mut stream = generate::StreamDecoder::default();
-        let stop_ids = opts.stop_ids.clone();
-        // The reply cannot run past the positions the model knows.
-        let room = self
-            .checkpoint
-            .config
-            .max_position_embeddings
-            .saturating_sub(prompt.ids.len());
-        let opts = &GenerateOptions {
-            max_new_tokens: opts.max_new_tokens.min(room),
-            ..opts.clone()
-        };
-        let generation = generate::generate(
-            &self.lm,
-            &mut cache,
-            last_logits.clone(),
-            &prompt.ids,
-            opts,
-            cancel,
-            |id| {
-                first_token_at.get_or_insert_with(|| t0.elapsed().as_secs_f64() * 1e3);
-                if !stop_ids.contains(&id) {
-                    let piece = stream.push(&self.tokenizer, id);
-                    if !piece.is_empty() {
-                        on_text(&piece);
-                    }
-                }
-                Flow::Continue
-            },
-        )?;
-        let rest = stream.flush();
-        if !rest.is_empty() {
-            on_text(&rest);
-        }
-        let decode_ms = t3.elapsed().as_secs_f64() * 1e3;
-        // Keep the cache (prompt and every reply token fed through the model) for a follow-up.
-        let fed: Vec<u32> = prompt
-            .ids
-            .iter()
-            .chain(&generation.ids)
-            .copied()
-            .take(cache.len())
-            .collect();
-        if let Ok(mut r) = self.reuse.lock() {
-            r.prefix = Some(CachedPrefix {
-                ids: fed,
-                images: spans,
-                cache,
-            });
-        }
-        let text = self
-            .tokenizer
-            .decode(generation.content_ids(), false, false)
-            .trim()
-            .to_string();
-        let n = generation.ids.len();
-        let timings = Timings {
-            prompt_ms,
-            vision_ms,
-            prefill_ms,
-            decode_ms,
-            time_to_first_token_ms: first_token_at.unwrap_or(0.0),
-            prompt_tokens: prompt.ids.len(),
-            reused_prefix_tokens: reused,
-            cached_images,
-            generated_tokens: n,
-            // The first token comes from the prefill's logits; the rest each cost one step.
-            decode_tokens_per_s: if n > 1 && decode_ms > 0.0 {
-                (n - 1) as f64 / (decode_ms / 1e3)
-            } else {
-                0.0
-            },
-            cpu: self.device.is_cpu().then(|| ::kernels::cpu::level().name()),
-        };
-        Ok(Reply {
-            prompt,
-            generation,
-            text,
-            pictures,
-            last_logits,
-            timings,
-        })
     }
 }
