@@ -278,8 +278,9 @@ fn replies_generated_together_equal_the_same_requests_alone() {
         .collect();
     engine.clear_caches();
 
-    // Three slots for five requests, prompts fed 5 positions at a time while others decode;
-    // requests join at different steps, the fifth only when a slot is free.
+    // Three slots for five requests, prompts fed 5 positions and pictures one vision block at a
+    // time while others decode; requests join at different steps, the last two only when a slot
+    // is free.
     let outs: Vec<Rc<RefCell<Collected>>> = (0..requests.len()).map(|_| Rc::default()).collect();
     let request = |i: usize| Request {
         conversation: requests[i].0.clone(),
@@ -294,6 +295,7 @@ fn replies_generated_together_equal_the_same_requests_alone() {
         parallel: 3,
         kv_budget: usize::MAX,
         prefill_chunk: 5,
+        vision_blocks: 1,
     };
     let mut batch = Batcher::new(&engine, limits);
     batch.admit(vec![request(0)]);
@@ -301,6 +303,13 @@ fn replies_generated_together_equal_the_same_requests_alone() {
         batch.step();
     }
     batch.admit(vec![request(1), request(2)]);
+    assert_eq!(
+        batch.waiting(),
+        2,
+        "request 1's picture is still being encoded"
+    );
+    batch.step();
+    assert_eq!(batch.waiting(), 2, "the tiny tower has two blocks");
     batch.step();
     assert_eq!(batch.active(), 3);
     assert_eq!(batch.room(), 0);

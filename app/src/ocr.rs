@@ -284,6 +284,7 @@ pub fn run(args: OcrArgs) -> Result<()> {
             parallel: args.parallel.max(1),
             kv_budget: usize::MAX,
             prefill_chunk: usize::MAX,
+            vision_blocks: usize::MAX,
         },
     );
     let (mut admitted, mut written) = (0, 0);

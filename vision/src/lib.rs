@@ -17,7 +17,7 @@ pub use image_io::{
     MAX_IMAGE_SIDE,
 };
 pub use preprocess::{denormalize_sample, normalize, preprocess, CLIP_MEAN, CLIP_STD};
-pub use qwen_vit::{Config, Layer, LinearBuilder, VisualDebug, VisualEncoder};
+pub use qwen_vit::{Config, Encoding, Layer, LinearBuilder, VisualDebug, VisualEncoder};
 pub use resize::{resize_bicubic, vertical_first};
 
 /// Re-export of the `image` crate, so callers name the same `RgbImage` type.

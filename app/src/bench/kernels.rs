@@ -88,6 +88,7 @@ type Paired<'a> = &'a dyn Fn(&mut dyn FnMut()) -> (f64, f64);
 fn matvec_from_memory<W: CpuMatmul + Clone>(
     one: W,
     kernel: &str,
+    m: usize,
     paired: Paired<'_>,
     level: Level,
 ) -> Result<KernelResult> {
@@ -95,18 +96,22 @@ fn matvec_from_memory<W: CpuMatmul + Clone>(
     let copies = (1_300_000_000 / one.size_in_bytes()).max(1);
     let bytes = (copies * one.size_in_bytes()) as f64;
     let ws: Vec<W> = (0..copies).map(|_| one.clone()).collect();
-    let x = randn((1, k), 1.0)?;
-    let mut y = vec![0f32; n];
+    let x = randn((m, k), 1.0)?;
+    let mut y = vec![0f32; m * n];
     let (s, ratio) = paired(&mut || {
         rayon::scope(|_| {
             for w in &ws {
-                w.matmul_at(&x, 1, &mut y, None, level);
+                w.matmul_at(&x, m, &mut y, None, level);
             }
         })
     });
+    let (what, shape) = match m {
+        1 => ("matvec", "decode"),
+        _ => ("matmul", "batched decode"),
+    };
     Ok(KernelResult {
-        kernel: format!("{kernel} matvec"),
-        shape: format!("decode: 1×{k}×{n}, {copies} weights"),
+        kernel: format!("{kernel} {what}"),
+        shape: format!("{shape}: {m}×{k}×{n}, {copies} weights"),
         ms: s * 1e3 / copies as f64,
         rate: bytes / s / 1e9,
         unit: "GB/s",
@@ -187,10 +192,18 @@ pub fn run(mut progress: impl FnMut(&str)) -> Result<Vec<KernelResult>> {
         progress(&format!("{} matvec 1×{k}×{n}", kind.name()));
         out.push(match kind {
             Kind::Q(format) => {
-                matvec_from_memory(qweight(format, n, k)?, kind.name(), &paired, level)?
+                matvec_from_memory(qweight(format, n, k)?, kind.name(), 1, &paired, level)?
             }
-            Kind::Bf16 => matvec_from_memory(bf16_weight(n, k)?, kind.name(), &paired, level)?,
+            Kind::Bf16 => matvec_from_memory(bf16_weight(n, k)?, kind.name(), 1, &paired, level)?,
         });
+    }
+    // Several sequences decoded together (`serve --parallel`): the weights are still read once
+    // per step, so the rate should stay near the bandwidth while the rows multiply the work.
+    for (format, m) in [(Format::Q4K, 4), (Format::Q4K, 8), (Format::Q8_0, 8)] {
+        let (k, n) = (4096, 11008);
+        progress(&format!("{format:?} matmul {m}×{k}×{n} from memory"));
+        let w = qweight(format, n, k)?;
+        out.push(matvec_from_memory(w, name(format), m, &paired, level)?);
     }
     // The same matvecs on a weight that stays in the last-level cache (~9 MB): the kernels' own
     // ceiling, which decides how much of a fast memory system they can use.

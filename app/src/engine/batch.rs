@@ -4,9 +4,11 @@
 //! its prompt while it is prefilled — through one pass over the weights
 //! ([`lm::model::QwenLm::forward_batch`]): decoding is bound by reading the weights, so sequences
 //! that share a step share that read. Attention runs per sequence over its own KV cache, and each
-//! keeps its own sampler, seed, stop tokens and length. Requests join between steps (their
-//! pictures encoded in one batch), a prompt that arrives while others decode is fed in chunks so
-//! their streams keep flowing, and a sequence leaves as soon as it ends or its client goes away.
+//! keeps its own sampler, seed, stop tokens and length. Requests join between steps; the pictures
+//! of requests that arrive together are encoded in one batch, and what arrives while others decode
+//! — its pictures (a few vision blocks per step) and its prompt (a chunk per step) — is fed in
+//! pieces so their streams keep flowing. A sequence leaves as soon as it ends or its client goes
+//! away.
 //! [`Engine::reply`] is a batch of one.
 
 use std::cell::RefCell;
@@ -21,7 +23,7 @@ use lm::generate::{Finish, GenerateOptions, Sequence, StreamDecoder};
 use lm::model::{BatchStep, ImageFeatures, KvCache};
 use lm::prompt::{Conversation, Prompt};
 
-use super::{CachedPrefix, EncodedImages, Engine, ImageKey, Picture, Reply, Timings};
+use super::{CachedPrefix, EncodedImages, Engine, ImageJob, ImageKey, Picture, Reply, Timings};
 
 /// Where one reply's tokens and its end go.
 pub trait ReplySink {
@@ -54,6 +56,9 @@ pub struct BatchLimits {
     pub kv_budget: usize,
     /// Most prompt positions fed in one step while other sequences decode.
     pub prefill_chunk: usize,
+    /// Most vision-tower blocks run for new pictures in one step while other sequences decode
+    /// (the full tower has 48).
+    pub vision_blocks: usize,
 }
 
 impl BatchLimits {
@@ -63,8 +68,18 @@ impl BatchLimits {
             parallel: 1,
             kv_budget: usize::MAX,
             prefill_chunk: usize::MAX,
+            vision_blocks: usize::MAX,
         }
     }
+}
+
+/// Requests admitted together whose pictures are going through the vision tower.
+struct Arrival<'a> {
+    requests: Vec<(Request<'a>, Prompt)>,
+    images: ImageJob,
+    t0: Instant,
+    prompt_ms: f64,
+    vision_start: Instant,
 }
 
 /// A sequence of the batch.
@@ -99,6 +114,8 @@ struct Slot<'a> {
 pub struct Batcher<'e, 'a> {
     engine: &'e Engine,
     limits: BatchLimits,
+    /// Admitted, their pictures being encoded (the front one advances each step).
+    arriving: VecDeque<Arrival<'a>>,
     /// Prompted and encoded, waiting for a slot or for KV memory.
     waiting: VecDeque<Slot<'a>>,
     slots: Vec<Slot<'a>>,
@@ -111,8 +128,10 @@ impl<'e, 'a> Batcher<'e, 'a> {
             limits: BatchLimits {
                 parallel: limits.parallel.max(1),
                 prefill_chunk: limits.prefill_chunk.max(1),
+                vision_blocks: limits.vision_blocks.max(1),
                 ..limits
             },
+            arriving: VecDeque::new(),
             waiting: VecDeque::new(),
             slots: Vec::new(),
         }
@@ -123,24 +142,36 @@ impl<'e, 'a> Batcher<'e, 'a> {
         self.slots.len()
     }
 
-    /// Requests admitted but waiting for a slot or memory.
+    /// Requests admitted but not generating yet: their pictures are being encoded, or they wait
+    /// for a slot or for memory.
     pub fn waiting(&self) -> usize {
         self.waiting.len()
+            + self
+                .arriving
+                .iter()
+                .map(|a| a.requests.len())
+                .sum::<usize>()
     }
 
     /// How many more requests [`admit`](Self::admit) should be given now.
     pub fn room(&self) -> usize {
         self.limits
             .parallel
-            .saturating_sub(self.slots.len() + self.waiting.len())
+            .saturating_sub(self.slots.len() + self.waiting())
     }
 
     pub fn is_idle(&self) -> bool {
-        self.slots.is_empty() && self.waiting.is_empty()
+        self.slots.is_empty() && self.waiting.is_empty() && self.arriving.is_empty()
     }
 
-    /// Takes requests in: builds their prompts, encodes all their new pictures in one batch and
-    /// embeds the prompts. A request that fails here gets its error at once.
+    /// Whether some sequence is decoding (then new work is fed in small pieces between its steps).
+    fn decoding(&self) -> bool {
+        self.slots.iter().any(|s| s.todo.is_none())
+    }
+
+    /// Takes requests in: builds their prompts and starts encoding all their new pictures in one
+    /// batch (at once when nothing is decoding, else a few vision blocks per step). A request
+    /// that fails here gets its error at once.
     pub fn admit(&mut self, requests: Vec<Request<'a>>) {
         let engine = self.engine;
         let t0 = Instant::now();
@@ -151,27 +182,59 @@ impl<'e, 'a> Batcher<'e, 'a> {
                 Err(e) => r.sink.done(Err(e)),
             }
         }
+        if prompted.is_empty() {
+            return;
+        }
         let prompt_ms = t0.elapsed().as_secs_f64() * 1e3;
-        let t1 = Instant::now();
+        let vision_start = Instant::now();
         let inputs: Vec<(&Prompt, &Path)> = prompted
             .iter()
             .map(|(r, p)| (p, r.base_dir.as_path()))
             .collect();
-        let encoded = engine.encode_images_many(&inputs);
-        let vision_ms = t1.elapsed().as_secs_f64() * 1e3;
-        for ((mut r, prompt), enc) in prompted.into_iter().zip(encoded) {
-            match enc.and_then(|enc| self.prepare(&r, prompt, enc)) {
-                Ok(mut slot) => {
-                    slot.t0 = t0;
-                    slot.prompt_ms = prompt_ms;
-                    slot.vision_ms = vision_ms;
-                    slot.sink = r.sink;
-                    self.waiting.push_back(slot);
-                }
-                Err(e) => r.sink.done(Err(e)),
-            }
+        let images = engine.start_images(&inputs);
+        self.arriving.push_back(Arrival {
+            requests: prompted,
+            images,
+            t0,
+            prompt_ms,
+            vision_start,
+        });
+        if !self.decoding() {
+            self.encode(usize::MAX);
         }
         self.fill();
+    }
+
+    /// Runs up to `blocks` vision blocks of the arrivals, in order; those done become sequences
+    /// waiting for a slot.
+    fn encode(&mut self, mut blocks: usize) {
+        while let Some(front) = self.arriving.front_mut() {
+            let before = front.images.is_encoding();
+            if !self.engine.advance_images(&mut front.images, blocks) {
+                return;
+            }
+            // A step's budget is spent on the first arrival with pictures to encode.
+            if before && blocks != usize::MAX {
+                blocks = 0;
+            }
+            let Some(a) = self.arriving.pop_front() else {
+                return;
+            };
+            let vision_ms = a.vision_start.elapsed().as_secs_f64() * 1e3;
+            let encoded = self.engine.finish_images(a.images, true);
+            for ((mut r, prompt), enc) in a.requests.into_iter().zip(encoded) {
+                match enc.and_then(|enc| self.prepare(&r, prompt, enc)) {
+                    Ok(mut slot) => {
+                        slot.t0 = a.t0;
+                        slot.prompt_ms = a.prompt_ms;
+                        slot.vision_ms = vision_ms;
+                        slot.sink = r.sink;
+                        self.waiting.push_back(slot);
+                    }
+                    Err(e) => r.sink.done(Err(e)),
+                }
+            }
+        }
     }
 
     /// A sequence ready to prefill: the reusable prefix of the previous reply's cache, the rest of
@@ -275,12 +338,17 @@ impl<'e, 'a> Batcher<'e, 'a> {
                 i += 1;
             }
         }
+        // New pictures: a few blocks while others decode, else all at once.
+        let blocks = match self.decoding() {
+            true => self.limits.vision_blocks,
+            false => usize::MAX,
+        };
+        self.encode(blocks);
         self.fill();
         if self.slots.is_empty() {
             return !self.is_idle();
         }
-        let decoding = self.slots.iter().any(|s| s.todo.is_none());
-        let chunk = if decoding {
+        let chunk = if self.decoding() {
             self.limits.prefill_chunk
         } else {
             usize::MAX
@@ -382,13 +450,24 @@ impl<'e, 'a> Batcher<'e, 'a> {
     pub fn fail_all(&mut self, error: anyhow::Error) {
         let mut all: Vec<Slot<'a>> = self.slots.drain(..).collect();
         all.extend(self.waiting.drain(..));
-        if let [s] = &mut all[..] {
+        let mut arriving: Vec<Request<'a>> = self
+            .arriving
+            .drain(..)
+            .flat_map(|a| a.requests.into_iter().map(|(r, _)| r))
+            .collect();
+        if all.is_empty() && arriving.len() == 1 {
+            return arriving[0].sink.done(Err(error));
+        }
+        if let ([s], true) = (&mut all[..], arriving.is_empty()) {
             s.sink.done(Err(error));
             return;
         }
         let msg = format!("{error:#}");
         for mut s in all {
             s.sink.done(Err(anyhow!("{msg}")));
+        }
+        for r in &mut arriving {
+            r.sink.done(Err(anyhow!("{msg}")));
         }
     }
 }

@@ -79,6 +79,30 @@ struct CachedPrefix {
     cache: KvCache,
 }
 
+/// The pictures of several prompts on their way through the vision tower
+/// ([`Engine::start_images`]).
+#[derive(Default)]
+pub struct ImageJob {
+    /// Each prompt's image spans: `(index of <img>, path)`.
+    prompts: Vec<Vec<(usize, String)>>,
+    /// Each prompt's image content keys, or why its pictures cannot be read.
+    keys: Vec<Result<Vec<ImageKey>>>,
+    /// Features already known (the feature cache).
+    known: HashMap<ImageKey, (Tensor, u32, u32)>,
+    /// The pictures being encoded, in batch order: key, width, height.
+    pictures: Vec<(ImageKey, u32, u32)>,
+    encoding: Option<vision::Encoding>,
+    /// Why the batch could not be encoded (fails every prompt with a new picture).
+    failed: Option<String>,
+}
+
+impl ImageJob {
+    /// Whether the vision tower still has work for this job.
+    pub fn is_encoding(&self) -> bool {
+        self.encoding.is_some() && self.failed.is_none()
+    }
+}
+
 /// The images of a prompt, ready for the LM.
 #[derive(Default)]
 pub struct EncodedImages {
@@ -365,21 +389,33 @@ impl Engine {
     /// of them go through the vision tower in one batch. A picture that cannot be read or decoded
     /// fails only its own prompt.
     pub fn encode_images_many(&self, prompts: &[(&Prompt, &Path)]) -> Vec<Result<EncodedImages>> {
+        let mut job = self.start_images(prompts);
+        let done = self.advance_images(&mut job, usize::MAX);
+        self.finish_images(job, done)
+    }
+
+    /// Reads, decodes and preprocesses the pictures of `prompts` (those seen before come from the
+    /// feature cache) and starts encoding the new ones in one batch;
+    /// [`advance_images`](Self::advance_images) runs the vision tower's blocks a few at a time and
+    /// [`finish_images`](Self::finish_images) gives each prompt its features.
+    pub fn start_images(&self, prompts: &[(&Prompt, &Path)]) -> ImageJob {
         let size = self.visual_config.image_size;
-        type Found = HashMap<ImageKey, (Tensor, u32, u32)>;
-        let mut known: Found = HashMap::new();
+        let mut known: HashMap<ImageKey, (Tensor, u32, u32)> = HashMap::new();
         // New pictures of all prompts: content key, pixels, width, height.
         let mut todo: Vec<(ImageKey, Tensor, u32, u32)> = Vec::new();
         let mut keys: Vec<Result<Vec<ImageKey>>> = Vec::with_capacity(prompts.len());
+        let mut job = ImageJob {
+            prompts: prompts
+                .iter()
+                .map(|(p, _)| p.images.iter().map(|s| (s.start, s.path.clone())).collect())
+                .collect(),
+            ..ImageJob::default()
+        };
         {
-            let reuse = match self.reuse.lock() {
-                Ok(r) => r,
-                Err(_) => {
-                    return prompts
-                        .iter()
-                        .map(|_| Err(anyhow::anyhow!("engine state poisoned")))
-                        .collect()
-                }
+            let Ok(reuse) = self.reuse.lock() else {
+                job.failed = Some("engine state poisoned".into());
+                job.keys = prompts.iter().map(|_| Ok(Vec::new())).collect();
+                return job;
             };
             for (prompt, base_dir) in prompts {
                 let mut mine: Vec<(ImageKey, Tensor, u32, u32)> = Vec::new();
@@ -412,66 +448,94 @@ impl Engine {
                 keys.push(read);
             }
         }
-        let new_keys: Vec<ImageKey> = todo.iter().map(|t| t.0).collect();
+        job.keys = keys;
+        job.known = known;
+        job.pictures = todo.iter().map(|t| (t.0, t.2, t.3)).collect();
         if !todo.is_empty() {
-            let encoded = (|| -> Result<Tensor> {
+            let started = (|| -> Result<vision::Encoding> {
                 let pixels: Vec<Tensor> = todo.iter().map(|t| t.1.clone()).collect();
                 let batch = Tensor::stack(&pixels, 0)?
                     .to_device(&self.device)?
                     .to_dtype(self.dtype)?;
-                Ok(self.visual.forward(&batch)?)
+                Ok(self.visual.begin(&batch)?)
             })();
-            let feats = match encoded {
-                Ok(f) => f,
-                Err(e) => {
-                    let msg = format!("{e:#}");
-                    return keys
-                        .into_iter()
-                        .map(|k| k.and_then(|_| Err(anyhow::anyhow!("{msg}"))))
-                        .collect();
-                }
-            };
-            let mut reuse = match self.reuse.lock() {
-                Ok(r) => r,
-                Err(_) => {
-                    return prompts
-                        .iter()
-                        .map(|_| Err(anyhow::anyhow!("engine state poisoned")))
-                        .collect()
-                }
-            };
-            if reuse.features.len() + todo.len() > FEATURE_CACHE_IMAGES {
-                reuse.features.clear();
-            }
-            for (i, (key, _, w, h)) in todo.into_iter().enumerate() {
-                let entry = match feats.get(i) {
-                    Ok(f) => (f, w, h),
-                    Err(e) => {
-                        return prompts
-                            .iter()
-                            .map(|_| Err(anyhow::anyhow!("{e}")))
-                            .collect()
-                    }
-                };
-                reuse.features.insert(key, entry.clone());
-                known.insert(key, entry);
+            match started {
+                Ok(e) => job.encoding = Some(e),
+                Err(e) => job.failed = Some(format!("{e:#}")),
             }
         }
+        job
+    }
+
+    /// Runs up to `blocks` more of the vision tower's blocks; returns whether the job is through
+    /// all of them (a job with nothing to encode, or one that failed, is).
+    pub fn advance_images(&self, job: &mut ImageJob, blocks: usize) -> bool {
+        let Some(enc) = job.encoding.as_mut() else {
+            return true;
+        };
+        match self.visual.advance(enc, blocks) {
+            Ok(done) => done,
+            Err(e) => {
+                job.failed = Some(format!("{e:#}"));
+                job.encoding = None;
+                true
+            }
+        }
+    }
+
+    /// Each prompt's features, in the order the job was started with (see
+    /// [`start_images`](Self::start_images)); the new ones are kept in the feature cache.
+    pub fn finish_images(&self, job: ImageJob, done: bool) -> Vec<Result<EncodedImages>> {
+        let ImageJob {
+            prompts,
+            keys,
+            mut known,
+            pictures,
+            encoding,
+            mut failed,
+        } = job;
+        debug_assert!(done || encoding.is_none() || failed.is_some());
+        if let Some(enc) = encoding.filter(|_| failed.is_none()) {
+            match self.visual.finish(enc) {
+                Ok(feats) => match self.reuse.lock() {
+                    Ok(mut reuse) => {
+                        if reuse.features.len() + pictures.len() > FEATURE_CACHE_IMAGES {
+                            reuse.features.clear();
+                        }
+                        for (i, &(key, w, h)) in pictures.iter().enumerate() {
+                            match feats.get(i) {
+                                Ok(f) => {
+                                    reuse.features.insert(key, (f.clone(), w, h));
+                                    known.insert(key, (f, w, h));
+                                }
+                                Err(e) => failed = Some(e.to_string()),
+                            }
+                        }
+                    }
+                    Err(_) => failed = Some("engine state poisoned".into()),
+                },
+                Err(e) => failed = Some(format!("{e:#}")),
+            }
+        }
+        let new_keys: Vec<ImageKey> = pictures.iter().map(|p| p.0).collect();
         prompts
             .iter()
             .zip(keys)
-            .map(|((prompt, _), keys)| {
+            .map(|(spans, keys)| {
                 let keys = keys?;
+                if let Some(msg) = failed.as_ref().filter(|_| !keys.is_empty()) {
+                    anyhow::bail!("cannot encode the pictures: {msg}");
+                }
                 let mut features = Vec::with_capacity(keys.len());
-                let mut pictures = Vec::with_capacity(keys.len());
-                for (span, key) in prompt.images.iter().zip(&keys) {
+                let mut pics = Vec::with_capacity(keys.len());
+                for ((start, path), key) in spans.iter().zip(&keys) {
                     let (f, w, h) = &known[key];
                     features.push(ImageFeatures {
-                        first_position: span.start + 1,
+                        first_position: start + 1,
                         features: f.clone(),
                     });
-                    pictures.push(Picture {
-                        path: span.path.clone(),
+                    pics.push(Picture {
+                        path: path.clone(),
                         width: *w,
                         height: *h,
                     });
@@ -479,7 +543,7 @@ impl Engine {
                 let cached = keys.iter().filter(|k| !new_keys.contains(k)).count();
                 Ok(EncodedImages {
                     features,
-                    pictures,
+                    pictures: pics,
                     keys,
                     cached,
                 })

@@ -91,6 +91,9 @@ pub fn default_model_id(dir: &Path) -> String {
 
 /// Positions a slot is sized for when `--parallel` is chosen from memory.
 const TYPICAL_SLOT_POSITIONS: usize = 2048;
+/// Vision-tower blocks run per step for new pictures while other requests decode: about as long
+/// as a 64-token prefill chunk on the full model (48 blocks over 1024 patches).
+const VISION_BLOCKS_PER_STEP: usize = 4;
 /// Most sequences batched when `--parallel` is not given.
 const DEFAULT_MAX_PARALLEL: usize = 8;
 
@@ -111,6 +114,7 @@ fn batch_limits(args: &ServeArgs, engine: &Engine) -> BatchLimits {
         parallel,
         kv_budget,
         prefill_chunk: args.prefill_chunk.max(1),
+        vision_blocks: VISION_BLOCKS_PER_STEP,
     }
 }
 

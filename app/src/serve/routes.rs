@@ -203,3 +203,89 @@ async fn full_response(
     )
     .into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::sync::atomic::AtomicU64;
+    use std::sync::OnceLock;
+
+    use super::*;
+    use crate::serve::metrics::Metrics;
+    use crate::serve::queue::FairQueue;
+    use crate::serve::ServeArgs;
+
+    /// One HTTP/1.0 exchange: the response's status line, headers and body, lower-cased.
+    fn exchange(addr: SocketAddr, request: &str) -> String {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out.to_lowercase()
+    }
+
+    #[test]
+    fn while_the_model_loads_health_and_chat_answer_503_with_retry_after() {
+        let args = ServeArgs {
+            model: "/nonexistent".into(),
+            host: std::net::Ipv4Addr::LOCALHOST.into(),
+            port: 0,
+            api_key: None,
+            served_model_name: None,
+            quant: None,
+            device: "cpu".into(),
+            allow_local_files: false,
+            max_body_mb: 1,
+            max_images: 1,
+            max_image_pixels: 1,
+            max_queue: 1,
+            parallel: None,
+            kv_memory_mb: None,
+            prefill_chunk: 64,
+            cors_origin: None,
+        };
+        let st = Arc::new(Server {
+            engine: OnceLock::new(),
+            metrics: Arc::new(Metrics::new()),
+            model_id: "m".into(),
+            args,
+            queue: Arc::new(FairQueue::new(1)),
+            requests: AtomicU64::new(0),
+            created: 0,
+        });
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let app = router(st).into_make_service_with_connect_info::<SocketAddr>();
+                axum::serve(listener, app).await.unwrap();
+            })
+        });
+        let health = exchange(addr, "GET /health HTTP/1.0\r\n\r\n");
+        assert!(health.starts_with("http/1.0 503"), "{health}");
+        assert!(health.contains("retry-after: 5"), "{health}");
+        assert!(health.contains(r#"{"status":"loading"}"#), "{health}");
+        let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+        let chat = exchange(
+            addr,
+            &format!(
+                "POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            ),
+        );
+        assert!(chat.starts_with("http/1.0 503"), "{chat}");
+        assert!(chat.contains("retry-after: 5"), "{chat}");
+        assert!(chat.contains("still loading"), "{chat}");
+        let metrics = exchange(addr, "GET /metrics HTTP/1.0\r\n\r\n");
+        assert!(
+            metrics.contains("qwenvl_requests_total{status=\"503\"} 1"),
+            "{metrics}"
+        );
+    }
+}

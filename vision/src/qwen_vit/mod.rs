@@ -132,6 +132,22 @@ impl VisualDebug {
     }
 }
 
+/// A batch of pictures part-way through the encoder ([`VisualEncoder::begin`]).
+#[derive(Debug, Clone)]
+pub struct Encoding {
+    /// Hidden states `[B, grid², width]` after `next_block` blocks.
+    xs: Tensor,
+    grid: usize,
+    next_block: usize,
+}
+
+impl Encoding {
+    /// Transformer blocks run so far.
+    pub fn blocks_done(&self) -> usize {
+        self.next_block
+    }
+}
+
 /// The Qwen-VL vision encoder: pixels `[B, 3, S, S]` → image features `[B, 256, output_dim]`.
 #[derive(Debug, Clone)]
 pub struct VisualEncoder {
@@ -234,8 +250,43 @@ impl VisualEncoder {
         Ok((out, debug))
     }
 
+    /// Starts encoding a batch of pictures `[B, 3, S, S]`: patch embedding, positions and
+    /// `ln_pre`. [`advance`](Self::advance) then runs the transformer blocks a few at a time and
+    /// [`finish`](Self::finish) the resampler, so a caller can interleave other work (a server
+    /// keeps its streams decoding while a new picture is encoded). The result equals
+    /// [`forward`](Self::forward)'s.
+    pub fn begin(&self, pixels: &Tensor) -> Result<Encoding> {
+        self.stem(pixels, &mut |_, _| {})
+    }
+
+    /// Runs up to `blocks` more transformer blocks of `enc`; returns whether all have run.
+    pub fn advance(&self, enc: &mut Encoding, blocks: usize) -> Result<bool> {
+        let end = enc.next_block.saturating_add(blocks).min(self.blocks.len());
+        for block in &self.blocks[enc.next_block..end] {
+            enc.xs = block.forward(&enc.xs)?;
+        }
+        enc.next_block = end;
+        Ok(end == self.blocks.len())
+    }
+
+    /// The features `[B, 256, output_dim]` of an encoding that went through every block.
+    pub fn finish(&self, mut enc: Encoding) -> Result<Tensor> {
+        self.advance(&mut enc, usize::MAX)?;
+        self.head(&enc.xs, enc.grid, &mut |_, _| {})
+    }
+
     /// The forward pass; `tap` sees every named stage (see [`VisualDebug`]).
     fn run(&self, pixels: &Tensor, tap: &mut dyn FnMut(&str, &Tensor)) -> Result<Tensor> {
+        let mut enc = self.stem(pixels, tap)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            enc.xs = block.forward(&enc.xs)?;
+            tap(&format!("resblock_{i}_out"), &enc.xs);
+        }
+        self.head(&enc.xs, enc.grid, tap)
+    }
+
+    /// Patch embedding, interpolated positions and `ln_pre`.
+    fn stem(&self, pixels: &Tensor, tap: &mut dyn FnMut(&str, &Tensor)) -> Result<Encoding> {
         let (_, c, h, w) = pixels.dims4()?;
         let p = self.cfg.patch_size;
         if c != 3 || h != w || h < p {
@@ -250,18 +301,22 @@ impl VisualEncoder {
 
         let vit_pos = self.table_for_grid(&self.vit_pos, &self.positional_embedding, grid)?;
         tap("vit_pos_interp", &vit_pos);
-        let mut xs = self.ln_pre.forward(&xs.broadcast_add(&vit_pos)?)?;
+        let xs = self.ln_pre.forward(&xs.broadcast_add(&vit_pos)?)?;
         tap("ln_pre_out", &xs);
-        for (i, block) in self.blocks.iter().enumerate() {
-            xs = block.forward(&xs)?;
-            tap(&format!("resblock_{i}_out"), &xs);
-        }
+        Ok(Encoding {
+            xs,
+            grid,
+            next_block: 0,
+        })
+    }
 
+    /// The resampler, `ln_post` and the projection after the blocks.
+    fn head(&self, xs: &Tensor, grid: usize, tap: &mut dyn FnMut(&str, &Tensor)) -> Result<Tensor> {
         let pos_embed = self.attn_pool.pos_embed();
         tap("resampler_pos_embed", pos_embed);
         let key_pos = self.table_for_grid(&self.key_pos, pos_embed, grid)?;
         tap("resampler_key_pos_interp", &key_pos);
-        let xs = self.attn_pool.forward(&xs, &key_pos)?;
+        let xs = self.attn_pool.forward(xs, &key_pos)?;
         tap("attn_pool_out", &xs);
         let xs = self.ln_post.forward(&xs)?;
         tap("ln_post_out", &xs);
