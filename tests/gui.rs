@@ -479,6 +479,37 @@ fn pasted_screenshot_and_bad_files() {
     h.get_by_label_contains("is not a readable image");
 }
 
+/// `qwenvl PICTURE...` (and a file manager's "Open with"): the pictures wait in the composer of
+/// the first message; one that cannot be read is named, and the others still attach.
+#[test]
+fn pictures_named_at_start_are_attached() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("notes.png");
+    std::fs::write(&bad, b"hello").unwrap();
+    let mut opts = AppOptions::for_folder(
+        tmp.path(),
+        Box::new(ScriptedBackend::new("ok", Duration::ZERO)),
+    );
+    opts.model = Some(tiny_a());
+    opts.attach = vec![
+        image("photo_640x480.jpg"),
+        bad,
+        image("screenshot_1200x300.png"),
+    ];
+    let mut h = harness(QwenApp::new(opts), vec2(1100.0, 800.0));
+    h.run_steps(2);
+    let sizes: Vec<(u32, u32)> = h
+        .state()
+        .composer
+        .images
+        .iter()
+        .map(|s| (s.width, s.height))
+        .collect();
+    assert_eq!(sizes, [(640, 480), (1200, 300)]);
+    h.get_by_label_contains("notes.png");
+    h.get_by_label_contains("is not a readable image");
+}
+
 fn app_clipboard(app: &mut QwenApp, w: u32, hgt: u32) {
     app.set_clipboard(Box::new(move || {
         Ok(Some((w, hgt, vec![200u8; (w * hgt * 4) as usize])))

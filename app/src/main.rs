@@ -17,10 +17,20 @@ use qwenvl::session::{parse_device, GenerateRequest};
 use qwenvl::{bench, gui, parse_weight_type};
 
 #[derive(Parser)]
-#[command(name = "qwenvl", version, about = "Run Qwen-VL-Chat locally")]
+#[command(
+    name = "qwenvl",
+    version,
+    about = "Run Qwen-VL-Chat locally",
+    long_about = "Run Qwen-VL-Chat locally. Without a command, opens the desktop app; pictures \
+                  named on the command line are attached to its first message.",
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// Pictures to attach in the desktop app (what a file manager's "Open with" passes).
+    #[arg(value_name = "PICTURE")]
+    pictures: Vec<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -199,7 +209,7 @@ fn main() {
             tokenizer,
             seed,
         })) => random_checkpoint(&preset, &format, &out, tokenizer.as_deref(), seed),
-        None => gui::run(),
+        None => gui::run(cli.pictures),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -42,6 +42,9 @@ pub struct AppOptions {
     pub download: DownloadOptions,
     /// Import this saved chat file and show it (`QWENVL_OPEN_CHAT`).
     pub open_chat: Option<PathBuf>,
+    /// Pictures to attach to the first message (`qwenvl PICTURE...`, "Open with" in a file
+    /// manager).
+    pub attach: Vec<PathBuf>,
     pub clipboard: ClipboardImage,
 }
 
@@ -56,6 +59,7 @@ impl AppOptions {
             server: None,
             download: DownloadOptions::default(),
             open_chat: None,
+            attach: Vec::new(),
             clipboard: Box::new(|| Ok(None)),
         }
     }
@@ -169,6 +173,9 @@ impl QwenApp {
             next_id: 0,
             pasted: false,
         };
+        if !opts.attach.is_empty() {
+            app.attach_files(&opts.attach);
+        }
         let st = &mut app.state;
         if let Some(ModelSource::Server { url, api_key }) = &st.settings.server {
             st.server_url = url.clone();

@@ -48,7 +48,21 @@ impl eframe::App for QwenApp {
 /// q8_0, q4k, ...: what the "Automatic" weight type means), `QWENVL_OPEN_CHAT` (a chat file to show), `QWENVL_DEMO=1` (scripted replies
 /// instead of a model, for screenshots), `QWENVL_DATA_DIR` / `QWENVL_CONFIG_DIR` (where chats and
 /// settings go).
-pub fn run() -> Result<()> {
+/// The window and taskbar icon (assets/icons/qwenvl.png, the one the .desktop file names).
+pub fn window_icon() -> egui::IconData {
+    let png = include_bytes!("../../../assets/icons/qwenvl.png");
+    let img = image::load_from_memory_with_format(png, image::ImageFormat::Png)
+        .expect("the bundled icon is a PNG")
+        .into_rgba8();
+    egui::IconData {
+        width: img.width(),
+        height: img.height(),
+        rgba: img.into_raw(),
+    }
+}
+
+/// Opens the desktop app, with `attach` attached to the first message.
+pub fn run(attach: Vec<PathBuf>) -> Result<()> {
     let dirs = settings::Dirs::platform()?;
     let demo = std::env::var_os("QWENVL_DEMO").is_some();
     let backend: Box<dyn backend::Backend> = if demo {
@@ -77,6 +91,7 @@ pub fn run() -> Result<()> {
             }),
         download: crate::download::DownloadOptions::default(),
         open_chat: std::env::var_os("QWENVL_OPEN_CHAT").map(PathBuf::from),
+        attach,
         clipboard: app::system_clipboard_image(),
     };
     let native = eframe::NativeOptions {
@@ -84,6 +99,7 @@ pub fn run() -> Result<()> {
         viewport: egui::ViewportBuilder::default()
             .with_title("Qwen-VL")
             .with_app_id("qwenvl")
+            .with_icon(window_icon())
             .with_inner_size([1180.0, 800.0])
             .with_min_inner_size([640.0, 420.0])
             .with_drag_and_drop(true),

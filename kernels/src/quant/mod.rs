@@ -54,10 +54,6 @@ const Q4K_NIBBLES: usize = 640;
 /// One q8_0 tile-block: d (16 f16), then 8 chunks of 64 bytes in which bytes `4r..4r+4` hold
 /// values `4p..4p+4` of row `r`, offset by +128 (unsigned, as `vpdpbusd` wants its first operand).
 const Q8_0_TILE_BYTES: usize = 32 + 512;
-/// Activation rows the AVX-512 q4k kernel takes at once: it keeps 6 accumulators per row in
-/// registers.
-#[cfg(target_arch = "x86_64")]
-const Q4K_MAX_ROWS: usize = 4;
 /// Activation rows a weight tile is reused for before the next tile: keeps the chunk's quantized
 /// activations in L2 (64 rows × 11008 bytes for the LM's down projection).
 const M_CHUNK: usize = 64;
