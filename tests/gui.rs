@@ -556,6 +556,82 @@ fn snapshot_chat_with_boxes() {
     h.snapshot_options("chat_with_boxes", &snapshot_options());
 }
 
+const MARKDOWN_REPLY: &str = concat!(
+    "## Shapes\n\nI see **three** shapes, one is <ref>the square</ref><box>(156,208),(406,541)</box>:\n\n",
+    "- a red *square*\n- a blue circle\n\n",
+    "| shape | colour |\n|---|---|\n| square | red |\n| circle | blue |\n\n",
+    "```python\nfrom PIL import Image\nprint(Image.open(\"a.png\").size)\n```\n\n",
+    "See [the docs](https://example.com/docs)."
+);
+
+/// A Markdown reply: heading, list, table and code block are drawn as such (no raw `**`, `|` or
+/// fences), the grounding chip sits inside the text and still lights its box, and the code
+/// block's button copies exactly its code.
+#[test]
+fn markdown_replies_render_lists_tables_and_code_with_copy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (app, _) = scripted_app(tmp.path(), MARKDOWN_REPLY, 0);
+    let mut h = harness(app, vec2(1100.0, 900.0));
+    send_with_photo(&mut h, "What shapes are there?");
+    h.run_steps(2);
+    h.get_by_label("Shapes");
+    h.get_by_label("three");
+    h.get_by_label("a red ");
+    // The italic list word and the table cell.
+    assert_eq!(h.get_all_by_label("square").count(), 2);
+    h.get_by_label("a blue circle");
+    for cell in ["shape", "colour", "circle", "blue"] {
+        h.get_by_label(cell);
+    }
+    h.get_by_label_contains("from PIL import Image");
+    h.get_by_label("the docs");
+    for raw in ["**", "| shape", "```", "## ", "<ref>"] {
+        assert!(
+            h.query_by_label_contains(raw).is_none(),
+            "raw {raw:?} shown"
+        );
+    }
+    // The chip inside the paragraph still highlights its box.
+    h.get_by_label("the square").hover();
+    h.run_steps(2);
+    assert_eq!(h.state().hovered, Some((0, 0)));
+    h.get_by_label("Copy code").click();
+    h.step();
+    let copied: Vec<String> = h
+        .output()
+        .platform_output
+        .commands
+        .iter()
+        .filter_map(|c| match c {
+            egui::OutputCommand::CopyText(t) => Some(t.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        copied,
+        ["from PIL import Image\nprint(Image.open(\"a.png\").size)"]
+    );
+}
+
+/// The Markdown reply above, rendered with wgpu.
+#[test]
+fn snapshot_markdown_reply() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (app, _) = scripted_app(tmp.path(), MARKDOWN_REPLY, 0);
+    let mut h = wgpu_harness(app, vec2(1100.0, 1000.0));
+    send_with_photo(&mut h, "What shapes are there?");
+    h.state_mut().chats[0].turns[0].stats = Some(ReplyStats {
+        tokens: 60,
+        time_to_first_token_ms: 120.0,
+        tokens_per_s: 24.5,
+        cancelled: false,
+        history_turns_dropped: 0,
+    });
+    h.remove_cursor();
+    h.run_steps(2);
+    h.snapshot_options("markdown_reply", &snapshot_options());
+}
+
 #[test]
 fn snapshot_first_run() {
     let tmp = tempfile::tempdir().unwrap();

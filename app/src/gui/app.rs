@@ -161,6 +161,7 @@ impl QwenApp {
             server_key: String::new(),
             show_connect: false,
             outbox: Vec::new(),
+            docs: Default::default(),
         };
         let mut app = Self {
             state,

@@ -6,6 +6,7 @@ pub mod action;
 pub mod app;
 pub mod backend;
 pub mod geometry;
+pub mod markdown;
 pub mod model;
 pub mod settings;
 pub mod state;

@@ -221,6 +221,8 @@ pub struct AppState {
     pub show_connect: bool,
     /// What the views asked for this frame, done by the app after drawing.
     pub(crate) outbox: Vec<Action>,
+    /// Replies parsed as Markdown, by text.
+    pub docs: super::markdown::Docs,
 }
 
 impl AppState {

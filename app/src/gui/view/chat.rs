@@ -7,6 +7,7 @@ use lm::grounding::{self, Piece};
 use lm::prompt::Item;
 
 use super::super::geometry::{self, colour, fit, shape_on_screen};
+use super::super::markdown;
 use super::super::model::{AppState, Drawn};
 use super::super::state::TurnStatus;
 use crate::session::OCR_PROMPT;
@@ -107,7 +108,7 @@ fn user_message(app: &mut AppState, ui: &mut egui::Ui, t: usize) {
             ui.horizontal_wrapped(|ui| {
                 for item in &items {
                     match item {
-                        Item::Text { text } => rich_text(app, ui, t, text, false),
+                        Item::Text { text } => rich_text(ui, text),
                         Item::Box { reference, boxes } => {
                             for b in boxes {
                                 let label = match reference {
@@ -141,68 +142,115 @@ fn user_message(app: &mut AppState, ui: &mut egui::Ui, t: usize) {
     }
 }
 
-/// Text with `<ref>`/`<box>`/`<quad>` shown as chips; `grounded` links chips to this turn's
-/// drawn objects (replies only).
-fn rich_text(app: &mut AppState, ui: &mut egui::Ui, t: usize, text: &str, grounded: bool) {
+/// One grounding piece as a chip (`highlighted`: its box is hovered); `None` for text.
+fn chip(
+    ui: &mut egui::Ui,
+    p: &Piece,
+    obj: Option<usize>,
+    highlighted: bool,
+    box_no: usize,
+) -> Option<egui::Response> {
+    let c = obj.map(colour).unwrap_or(Color32::GRAY);
+    let button = |ui: &mut egui::Ui, label: String| {
+        ui.add(
+            egui::Button::new(RichText::new(label).color(if highlighted {
+                Color32::WHITE
+            } else {
+                c
+            }))
+            .fill(if highlighted {
+                c
+            } else {
+                c.gamma_multiply(0.15)
+            })
+            .stroke(Stroke::new(1.0, c)),
+        )
+    };
+    match p {
+        Piece::Text(_) => None,
+        Piece::Ref(r) => Some(button(ui, r.trim().to_string())),
+        Piece::Box(b) => Some(
+            button(ui, format!("box {box_no}"))
+                .on_hover_text(format!("box {}", b.replace(['(', ')'], ""))),
+        ),
+        Piece::Quad(q) => Some(
+            button(ui, format!("quad {box_no}"))
+                .on_hover_text(format!("quad {}", q.replace(['(', ')'], ""))),
+        ),
+        Piece::Image(path) => {
+            ui.label(RichText::new(format!("[picture {path}]")).italics());
+            None
+        }
+    }
+}
+
+/// Each piece's number among the boxes and quads (shown on their chips).
+fn box_numbers(pieces: &[Piece]) -> Vec<usize> {
+    let mut n = 0;
+    pieces
+        .iter()
+        .map(|p| {
+            if matches!(p, Piece::Box(_) | Piece::Quad(_)) {
+                n += 1;
+            }
+            n
+        })
+        .collect()
+}
+
+/// A user's text as written, with `<ref>`/`<box>`/`<quad>` shown as chips.
+fn rich_text(ui: &mut egui::Ui, text: &str) {
     let pieces = geometry::pieces(text);
     let objs = geometry::piece_objects(&pieces);
-    let mut box_no = 0;
-    for (p, obj) in pieces.iter().zip(objs) {
-        let c = obj.map(colour).unwrap_or(Color32::GRAY);
-        let highlighted = grounded && obj.is_some() && app.hovered == obj.map(|o| (t, o));
-        let chip = |ui: &mut egui::Ui, label: String| {
-            ui.add(
-                egui::Button::new(RichText::new(label).color(if highlighted {
-                    Color32::WHITE
-                } else {
-                    c
-                }))
-                .fill(if highlighted {
-                    c
-                } else {
-                    c.gamma_multiply(0.15)
-                })
-                .stroke(Stroke::new(1.0, c)),
-            )
-        };
-        let resp = match p {
-            Piece::Text(s) => {
-                let mut lines = s.split('\n').peekable();
-                while let Some(line) = lines.next() {
-                    if !line.is_empty() {
-                        ui.label(line);
-                    }
-                    if lines.peek().is_some() {
-                        ui.end_row();
-                    }
+    let numbers = box_numbers(&pieces);
+    for (i, p) in pieces.iter().enumerate() {
+        if let Piece::Text(s) = p {
+            let mut lines = s.split('\n').peekable();
+            while let Some(line) = lines.next() {
+                if !line.is_empty() {
+                    ui.label(line);
                 }
-                None
+                if lines.peek().is_some() {
+                    ui.end_row();
+                }
             }
-            Piece::Ref(r) => Some(chip(ui, r.trim().to_string())),
-            Piece::Box(b) => {
-                box_no += 1;
-                Some(
-                    chip(ui, format!("box {box_no}"))
-                        .on_hover_text(format!("box {}", b.replace(['(', ')'], ""))),
-                )
-            }
-            Piece::Quad(q) => {
-                box_no += 1;
-                Some(
-                    chip(ui, format!("quad {box_no}"))
-                        .on_hover_text(format!("quad {}", q.replace(['(', ')'], ""))),
-                )
-            }
-            Piece::Image(path) => {
-                ui.label(RichText::new(format!("[picture {path}]")).italics());
-                None
-            }
-        };
-        if let (Some(r), Some(o)) = (resp, obj) {
-            if grounded && r.hovered() {
-                app.hover_next = Some((t, o));
+        } else {
+            chip(ui, p, objs[i], false, numbers[i]);
+        }
+    }
+}
+
+/// A reply as Markdown, its grounding chips linked to the boxes drawn for turn `t`.
+fn reply_markdown(app: &mut AppState, ui: &mut egui::Ui, t: usize, text: &str) {
+    let pieces = geometry::pieces(text);
+    let objs = geometry::piece_objects(&pieces);
+    let numbers = box_numbers(&pieces);
+    let doc = app.docs.get(text, &pieces);
+    let hovered = app.hovered;
+    let mut hover_next = None;
+    let mut draw_chip = |ui: &mut egui::Ui, i: usize| {
+        let obj = objs[i];
+        let lit = obj.is_some() && hovered == obj.map(|o| (t, o));
+        if let (Some(r), Some(o)) = (chip(ui, &pieces[i], obj, lit, numbers[i]), obj) {
+            if r.hovered() {
+                hover_next = Some((t, o));
             }
         }
+    };
+    let mut copied = None;
+    markdown::show(
+        ui,
+        &doc,
+        &mut markdown::Draw {
+            chip: &mut draw_chip,
+            copied: &mut copied,
+        },
+    );
+    if hover_next.is_some() {
+        app.hover_next = hover_next;
+    }
+    if let Some(code) = copied {
+        ui.ctx().copy_text(code);
     }
 }
 
@@ -217,9 +265,7 @@ fn reply(app: &mut AppState, ui: &mut egui::Ui, t: usize) {
             ui.label("Reading the message…");
         });
     }
-    ui.horizontal_wrapped(|ui| {
-        rich_text(app, ui, t, &turn.reply, true);
-    });
+    reply_markdown(app, ui, t, &turn.reply);
     match &turn.status {
         TurnStatus::Failed(e) => {
             ui.label(RichText::new(format!("Failed: {e}")).color(Color32::LIGHT_RED));
