@@ -510,6 +510,96 @@ fn pictures_named_at_start_are_attached() {
     h.get_by_label_contains("is not a readable image");
 }
 
+/// Esc stops a reply, Ctrl+N opens a new chat, Ctrl+F focuses the chat search, which filters
+/// the sidebar by title and text; the theme toggle and Ctrl+= (text size) are remembered.
+#[test]
+fn keyboard_shortcuts_search_theme_and_text_size() {
+    use egui::{Key, Modifiers};
+    let tmp = tempfile::tempdir().unwrap();
+    let (app, _) = scripted_app(
+        tmp.path(),
+        "A long answer that streams slowly, piece after piece, for a while.",
+        80,
+    );
+    let mut h = harness(app, vec2(1100.0, 800.0));
+    step_until(&mut h, 10, "the scripted model", ready);
+    type_message(&mut h, "Tell me about zebras");
+    h.get_by_label("Send").click();
+    h.run_steps(2);
+    assert!(h.state().is_generating());
+    h.key_press(Key::Escape);
+    h.run_steps(2);
+    assert!(!h.state().is_generating());
+    assert_eq!(h.state().chat().turns[0].status, TurnStatus::Stopped);
+
+    h.key_press_modifiers(Modifiers::COMMAND, Key::N);
+    h.run_steps(2);
+    assert_eq!((h.state().chats.len(), h.state().current), (2, 0));
+    assert!(h.state().chat().turns.is_empty());
+    type_message(&mut h, "And giraffes?");
+    h.get_by_label("Send").click();
+    step_until(&mut h, 20, "the second reply", |app| !app.is_generating());
+    h.run_steps(2);
+    assert_eq!(
+        h.get_all_by_label_contains("zebras").count(),
+        1,
+        "both chats listed"
+    );
+
+    h.key_press_modifiers(Modifiers::COMMAND, Key::F);
+    h.run_steps(2);
+    let search = qwenvl::gui::model::chat_search_id();
+    assert!(
+        h.ctx.memory(|m| m.has_focus(search)),
+        "Ctrl+F focuses the search"
+    );
+    h.get_by_role(Role::TextInput).type_text("ZEBRA");
+    h.run_steps(2);
+    // Only the zebra chat is left in the sidebar (its title), the giraffe chat is hidden.
+    assert_eq!(h.state().chat_search, "ZEBRA");
+    assert!(
+        h.query_by_label("And giraffes?").is_some(),
+        "the open chat still shows"
+    );
+    let titles: Vec<String> = h.state().chats.iter().map(|c| c.title.clone()).collect();
+    let giraffe = titles.iter().find(|t| t.contains("giraffes")).unwrap();
+    assert_eq!(
+        h.get_all_by_label(giraffe).count(),
+        1,
+        "the giraffe chat's sidebar entry is hidden (its message shows)"
+    );
+
+    assert_eq!(
+        h.state().settings.theme,
+        qwenvl::gui::settings::Theme::System
+    );
+    h.get_by_label_contains("Theme: system").click();
+    h.run_steps(2);
+    assert_eq!(
+        h.state().settings.theme,
+        qwenvl::gui::settings::Theme::Light
+    );
+    assert_eq!(h.ctx.theme(), egui::Theme::Light);
+    h.get_by_label_contains("Theme: light").click();
+    h.run_steps(2);
+    assert_eq!(h.ctx.theme(), egui::Theme::Dark);
+
+    h.key_press_modifiers(Modifiers::COMMAND, Key::Plus);
+    h.run_steps(2);
+    let zoom = h.ctx.zoom_factor();
+    assert!(zoom > 1.0, "Ctrl+= made the text larger: {zoom}");
+    assert_eq!(h.state().settings.zoom, Some(zoom));
+    // Remembered: a new start has the dark theme and the larger text.
+    let settings = std::fs::read_to_string(tmp.path().join("config/settings.json")).unwrap();
+    assert!(settings.contains("\"Dark\""), "{settings}");
+    drop(h);
+    let (app, _) = scripted_app(tmp.path(), "x", 0);
+    let mut h = harness(app, vec2(1100.0, 800.0));
+    h.run_steps(3);
+    assert_eq!(h.ctx.theme(), egui::Theme::Dark);
+    assert!((h.ctx.zoom_factor() - zoom).abs() < 1e-3);
+}
+
 fn app_clipboard(app: &mut QwenApp, w: u32, hgt: u32) {
     app.set_clipboard(Box::new(move || {
         Ok(Some((w, hgt, vec![200u8; (w * hgt * 4) as usize])))

@@ -80,6 +80,8 @@ pub struct QwenApp {
     next_id: u64,
     /// A `Paste` event came since the last V key release (the image check ran then).
     pasted: bool,
+    /// The settings' text size was put on the context (first frame).
+    look_applied: bool,
 }
 
 impl std::ops::Deref for QwenApp {
@@ -162,6 +164,7 @@ impl QwenApp {
             show_connect: false,
             outbox: Vec::new(),
             docs: Default::default(),
+            chat_search: String::new(),
         };
         let mut app = Self {
             state,
@@ -173,6 +176,7 @@ impl QwenApp {
             waker_ctx,
             next_id: 0,
             pasted: false,
+            look_applied: false,
         };
         if !opts.attach.is_empty() {
             app.attach_files(&opts.attach);
@@ -622,6 +626,7 @@ impl QwenApp {
     pub fn ui(&mut self, ctx: &egui::Context) {
         let _ = self.waker_ctx.set(ctx.clone());
         self.poll_worker();
+        self.apply_look(ctx);
         self.handle_input(ctx);
         self.hovered = self.hover_next.take();
         self.drawn.clear();

@@ -5,6 +5,7 @@
 pub mod action;
 pub mod app;
 pub mod backend;
+pub mod dialogs;
 pub mod geometry;
 pub mod markdown;
 pub mod model;

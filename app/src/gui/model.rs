@@ -188,6 +188,11 @@ pub struct Tex {
 }
 
 /// Everything the views draw and edit.
+/// The sidebar's search box (Ctrl+F focuses it).
+pub fn chat_search_id() -> egui::Id {
+    egui::Id::new("chat_search")
+}
+
 pub struct AppState {
     pub dirs: Dirs,
     pub settings: Settings,
@@ -223,6 +228,8 @@ pub struct AppState {
     pub(crate) outbox: Vec<Action>,
     /// Replies parsed as Markdown, by text.
     pub docs: super::markdown::Docs,
+    /// The sidebar's chat search (Ctrl+F).
+    pub chat_search: String,
 }
 
 impl AppState {

@@ -74,6 +74,48 @@ pub struct Settings {
     /// Where model folders run, as a `--device` word; `None`: the CPU.
     #[serde(default)]
     pub device: Option<String>,
+    /// Light, dark, or the system's (the default).
+    #[serde(default)]
+    pub theme: Theme,
+    /// The text size, as egui's zoom factor (Ctrl+= / Ctrl+-); `None`: 1.
+    #[serde(default)]
+    pub zoom: Option<f32>,
+}
+
+/// The colour theme the user chose.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Theme {
+    #[default]
+    System,
+    Light,
+    Dark,
+}
+
+impl Theme {
+    pub fn preference(self) -> egui::ThemePreference {
+        match self {
+            Theme::System => egui::ThemePreference::System,
+            Theme::Light => egui::ThemePreference::Light,
+            Theme::Dark => egui::ThemePreference::Dark,
+        }
+    }
+
+    /// The next one of the top bar's toggle.
+    pub fn next(self) -> Theme {
+        match self {
+            Theme::System => Theme::Light,
+            Theme::Light => Theme::Dark,
+            Theme::Dark => Theme::System,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Theme::System => "system",
+            Theme::Light => "light",
+            Theme::Dark => "dark",
+        }
+    }
 }
 
 /// A weight type this version does not know (a hand edit, a newer version's) reads as

@@ -1,9 +1,11 @@
-//! Pictures that arrive outside the composer's buttons: dropped files, Ctrl+V, the clipboard.
+//! Input outside the widgets: dropped files, Ctrl+V and the clipboard, keyboard shortcuts, and
+//! the theme and text size.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
+use super::super::action::Action;
 use super::QwenApp;
 
 /// Reads an image from the system clipboard: `(width, height, rgba)`, `None` if it holds none.
@@ -56,8 +58,64 @@ impl QwenApp {
         }
     }
 
-    /// Input that is not tied to a widget: dropped files, Ctrl+V.
+    /// The settings' theme and text size on the context; a text size changed with Ctrl+= / Ctrl+-
+    /// (egui's own keys) is remembered.
+    pub(super) fn apply_look(&mut self, ctx: &egui::Context) {
+        let theme = self.settings.theme.preference();
+        if ctx.options(|o| o.theme_preference) != theme {
+            ctx.set_theme(theme);
+        }
+        let zoom = ctx.zoom_factor();
+        match self.settings.zoom {
+            // First frame: the remembered size.
+            Some(z) if !self.look_applied => ctx.set_zoom_factor(z),
+            Some(z) if (z - zoom).abs() > 1e-3 => {
+                self.settings.zoom = Some(zoom);
+                self.save_settings();
+            }
+            None if self.look_applied && (zoom - 1.0).abs() > 1e-3 => {
+                self.settings.zoom = Some(zoom);
+                self.save_settings();
+            }
+            _ => {}
+        }
+        self.look_applied = true;
+    }
+
+    /// Keyboard shortcuts (Enter and Shift+Enter belong to the message box): Esc stops the reply,
+    /// Ctrl+N opens a new chat, Ctrl+O attaches pictures, Ctrl+F searches the chats.
+    fn shortcuts(&mut self, ctx: &egui::Context) {
+        use egui::{Key, KeyboardShortcut, Modifiers};
+        let cmd = |key| KeyboardShortcut::new(Modifiers::COMMAND, key);
+        let generating = self.is_generating();
+        let (esc, new, open, find) = ctx.input_mut(|i| {
+            (
+                // Only while a reply is written: otherwise Esc still leaves a text field.
+                generating && i.consume_key(Modifiers::NONE, Key::Escape),
+                i.consume_shortcut(&cmd(Key::N)),
+                i.consume_shortcut(&cmd(Key::O)),
+                i.consume_shortcut(&cmd(Key::F)),
+            )
+        });
+        if esc {
+            self.apply(Action::Stop);
+        }
+        if new {
+            self.apply(Action::NewChat);
+        }
+        if open {
+            if let Some(paths) = super::super::dialogs::pick_images() {
+                self.attach_files(&paths);
+            }
+        }
+        if find {
+            ctx.memory_mut(|m| m.request_focus(super::super::model::chat_search_id()));
+        }
+    }
+
+    /// Input that is not tied to a widget: dropped files, Ctrl+V, the shortcuts.
     pub(super) fn handle_input(&mut self, ctx: &egui::Context) {
+        self.shortcuts(ctx);
         let (dropped, events) = ctx.input(|i| (i.raw.dropped_files.clone(), i.events.clone()));
         for f in dropped {
             if let Some(path) = &f.path {

@@ -175,16 +175,10 @@ fn input_row(app: &mut AppState, ui: &mut egui::Ui) {
     ui.horizontal(|ui| {
         if ui
             .button("Attach images…")
-            .on_hover_text("Or drop pictures on the window, or paste one with Ctrl+V")
+            .on_hover_text("Ctrl+O; or drop pictures on the window, or paste one with Ctrl+V")
             .clicked()
         {
-            if let Some(paths) = rfd::FileDialog::new()
-                .add_filter(
-                    "Images",
-                    &["png", "jpg", "jpeg", "gif", "webp", "bmp", "tif", "tiff"],
-                )
-                .pick_files()
-            {
+            if let Some(paths) = super::super::dialogs::pick_images() {
                 app.ask(Action::AttachFiles(paths));
             }
         }

@@ -11,6 +11,7 @@ use super::action::Action;
 use egui::{Align2, Color32, FontId, RichText};
 
 use super::model::{AppState, ModelState};
+use super::settings::Theme;
 
 pub fn frame(app: &mut AppState, ctx: &egui::Context) {
     top_bar(app, ctx);
@@ -98,6 +99,15 @@ fn top_bar(app: &mut AppState, ctx: &egui::Context) {
                     .clicked()
                 {
                     app.show_settings = !app.show_settings;
+                }
+                let theme = app.settings.theme;
+                if ui
+                    .button(format!("Theme: {}", theme.name()))
+                    .on_hover_text("Light, dark, or as the system is")
+                    .clicked()
+                {
+                    app.settings.theme = theme.next();
+                    app.ask(Action::SaveSettings);
                 }
                 let mut show = app.settings.show_boxes;
                 if ui.checkbox(&mut show, "Show boxes").changed() {
