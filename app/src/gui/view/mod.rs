@@ -11,7 +11,6 @@ use super::action::Action;
 use egui::{Align2, Color32, FontId, RichText};
 
 use super::model::{AppState, ModelState};
-use super::settings::Theme;
 
 pub fn frame(app: &mut AppState, ctx: &egui::Context) {
     top_bar(app, ctx);
