@@ -600,6 +600,183 @@ fn keyboard_shortcuts_search_theme_and_text_size() {
     assert!((h.ctx.zoom_factor() - zoom).abs() < 1e-3);
 }
 
+/// An app whose model answers "reply one", "reply two", ... in turn.
+fn numbered_replies_app(root: &Path) -> (QwenApp, Seen) {
+    let mut backend = ScriptedBackend::new("x", Duration::ZERO);
+    backend.replies = ["one", "two", "three", "four", "five"]
+        .iter()
+        .map(|n| vec!["reply ".to_string(), n.to_string()])
+        .collect();
+    let seen = backend.seen.clone();
+    let mut opts = AppOptions::for_folder(root, Box::new(backend));
+    opts.model = Some(tiny_a());
+    (QwenApp::new(opts), seen)
+}
+
+fn send_text(h: &mut Harness<'_, QwenApp>, text: &str) {
+    type_message(h, text);
+    h.get_by_label("Send").click();
+    step_until(h, 10, "the reply", |app| !app.is_generating());
+    h.run_steps(2);
+}
+
+fn replies(h: &Harness<'_, QwenApp>) -> Vec<String> {
+    h.state()
+        .chat()
+        .turns
+        .iter()
+        .map(|t| t.reply.clone())
+        .collect()
+}
+
+/// Regenerate keeps every version, browsable with ‹ n/m ›, also for an earlier reply, whose
+/// version keeps the turns that followed it; edit-and-resend replaces the tail of the chat;
+/// Delete removes one exchange; all of it survives a restart.
+#[test]
+fn regenerate_keeps_versions_edit_replaces_the_tail_and_delete() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (app, seen) = numbered_replies_app(tmp.path());
+    let mut h = harness(app, vec2(1100.0, 900.0));
+    step_until(&mut h, 10, "the scripted model", ready);
+    send_text(&mut h, "first question");
+    send_text(&mut h, "second question");
+    assert_eq!(replies(&h), ["reply one", "reply two"]);
+
+    // A new version of the last reply; both kept.
+    h.get_all_by_label("Regenerate").nth(1).unwrap().click();
+    step_until(&mut h, 10, "the new version", |app| !app.is_generating());
+    h.run_steps(2);
+    assert_eq!(replies(&h), ["reply one", "reply three"]);
+    h.get_by_label("2/2");
+    h.get_by_label("‹").click();
+    h.run_steps(2);
+    assert_eq!(replies(&h), ["reply one", "reply two"]);
+    h.get_by_label("1/2");
+    h.get_by_label("›").click();
+    h.run_steps(2);
+    assert_eq!(replies(&h), ["reply one", "reply three"]);
+
+    // A new version of the first reply: the second exchange stays with the old version.
+    h.get_all_by_label("Regenerate").next().unwrap().click();
+    step_until(&mut h, 10, "the first reply again", |app| {
+        !app.is_generating()
+    });
+    h.run_steps(2);
+    assert_eq!(replies(&h), ["reply four"]);
+    // The model was asked the first question alone, not with the old tail.
+    let asked = seen.lock().unwrap().last().unwrap().0.clone();
+    assert!(asked.history.is_empty(), "{asked:?}");
+    h.get_by_label("‹").click();
+    h.run_steps(2);
+    assert_eq!(replies(&h), ["reply one", "reply three"]);
+    assert_eq!(h.state().chat().turns[1].version(), (2, 2));
+
+    // Restart: the versions are in the chat file.
+    drop(h);
+    let (app, seen) = numbered_replies_app(tmp.path());
+    let mut h = harness(app, vec2(1100.0, 900.0));
+    step_until(&mut h, 10, "the scripted model", ready);
+    assert_eq!(replies(&h), ["reply one", "reply three"]);
+    assert_eq!(h.state().chat().turns[0].version(), (1, 2));
+
+    // Edit the first message and ask again: the chat after it is replaced.
+    h.get_all_by_label("Edit").next().unwrap().click();
+    h.run_steps(2);
+    assert_eq!(h.state().editing, Some((0, "first question".to_string())));
+    assert!(
+        h.get_all_by_value("first question").next().is_some(),
+        "the editor holds the text"
+    );
+    h.state_mut().editing = Some((0, "an edited question".into()));
+    h.run_steps(1);
+    h.get_by_label("Save and send").click();
+    step_until(&mut h, 10, "the answer to the edit", |app| {
+        !app.is_generating()
+    });
+    h.run_steps(2);
+    assert_eq!(h.state().chat().turns.len(), 1);
+    assert_eq!(
+        h.state().chat().turns[0].user,
+        [Item::Text {
+            text: "an edited question".into()
+        }]
+    );
+    let asked = seen.lock().unwrap().last().unwrap().0.clone();
+    assert!(
+        matches!(&asked.query[..], [Item::Text { text }] if text == "an edited question"),
+        "{asked:?}"
+    );
+
+    send_text(&mut h, "one more");
+    assert_eq!(h.state().chat().turns.len(), 2);
+    h.get_all_by_label("Delete").next().unwrap().click();
+    h.run_steps(2);
+    assert_eq!(h.state().chat().turns.len(), 1);
+    assert!(
+        matches!(&h.state().chat().turns[0].user[..], [Item::Text { text }] if text == "one more")
+    );
+}
+
+/// A chat in the sidebar is renamed and deleted from its context menu; the file goes too.
+#[test]
+fn chats_are_renamed_and_deleted_from_the_sidebar() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (app, _) = numbered_replies_app(tmp.path());
+    let mut h = harness(app, vec2(1100.0, 800.0));
+    step_until(&mut h, 10, "the scripted model", ready);
+    send_text(&mut h, "about cats");
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::N);
+    h.run_steps(2);
+    send_text(&mut h, "about dogs");
+    let files = || {
+        std::fs::read_dir(tmp.path().join("data/chats"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "json")
+            })
+            .count()
+    };
+    assert_eq!(files(), 2);
+
+    let cats = h
+        .state()
+        .chats
+        .iter()
+        .position(|c| c.title.contains("cats"))
+        .unwrap();
+    let title = h.state().chats[cats].title.clone();
+    // The sidebar entry (the chat view shows the dogs chat).
+    h.get_by_label(&title).click_secondary();
+    h.run_steps(2);
+    h.get_by_label("Rename").click();
+    h.run_steps(2);
+    // The window's field holds the old title; the user types over it.
+    assert_eq!(h.state().renaming, Some((cats, title.clone())));
+    assert!(h.get_all_by_value(&title).next().is_some());
+    h.state_mut().renaming = Some((cats, "Cat notes".into()));
+    h.run_steps(1);
+    h.get_by_label("Rename").click();
+    h.run_steps(3);
+    assert_eq!(h.state().chats[cats].title, "Cat notes");
+    let saved: Vec<String> = std::fs::read_dir(tmp.path().join("data/chats"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap_or_default())
+        .collect();
+    assert!(saved.iter().any(|s| s.contains("Cat notes")));
+
+    h.get_by_label("Cat notes").click_secondary();
+    h.run_steps(2);
+    h.get_by_label("Delete chat").click();
+    h.run_steps(2);
+    assert_eq!(h.state().chats.len(), 1);
+    assert!(h.state().chats[0].title.contains("dogs"));
+    assert_eq!(files(), 1);
+}
+
 fn app_clipboard(app: &mut QwenApp, w: u32, hgt: u32) {
     app.set_clipboard(Box::new(move || {
         Ok(Some((w, hgt, vec![200u8; (w * hgt * 4) as usize])))

@@ -30,7 +30,27 @@ pub enum Action {
     /// the question is sent.
     ReadText(usize),
     Stop,
+    /// A new version of the last reply.
     Regenerate,
+    /// A new version of reply `t` (the turns after it stay with the version it replaces).
+    RegenerateAt(usize),
+    /// Show version `version` (0-based) of reply `turn`.
+    ShowVersion {
+        turn: usize,
+        version: usize,
+    },
+    /// Replace user message `turn` with `items` and ask again; the chat after it is replaced.
+    EditResend {
+        turn: usize,
+        items: Vec<Item>,
+    },
+    /// Delete turn `t` (the message and its reply).
+    DeleteTurn(usize),
+    DeleteChat(usize),
+    RenameChat {
+        chat: usize,
+        title: String,
+    },
     AttachFiles(Vec<PathBuf>),
     ExportMarkdown(PathBuf),
     /// The picture of reply `turn` with its boxes drawn, as PNG.

@@ -165,6 +165,8 @@ impl QwenApp {
             outbox: Vec::new(),
             docs: Default::default(),
             chat_search: String::new(),
+            editing: None,
+            renaming: None,
         };
         let mut app = Self {
             state,
@@ -513,18 +515,88 @@ impl QwenApp {
     }
 
     /// Writes the last reply again.
+    /// A new version of the last reply.
     pub fn regenerate(&mut self) {
+        if let Some(t) = self.chat().turns.len().checked_sub(1) {
+            self.regenerate_at(t);
+        }
+    }
+
+    /// A new version of reply `t`; the version it replaces is kept with the turns after it.
+    pub fn regenerate_at(&mut self, t: usize) {
         if let Some(why) = self.send_blocked() {
             self.notice = Some(why.into());
             return;
         }
-        let Some(t) = self.chat_mut().turns.last_mut() else {
+        if t >= self.chat().turns.len() {
             return;
-        };
-        t.reply.clear();
-        t.status = TurnStatus::Pending;
-        t.stats = None;
+        }
+        self.chat_mut().new_version(t);
+        self.save_current();
         self.start_reply();
+    }
+
+    /// Shows another version of reply `t` (not while a reply is being written).
+    pub fn show_version(&mut self, t: usize, v: usize) {
+        if self.is_generating() {
+            return;
+        }
+        self.chat_mut().show_version(t, v);
+        self.save_current();
+    }
+
+    /// User message `t` becomes `items` and is asked again; what followed it is replaced.
+    pub fn edit_resend(&mut self, t: usize, items: Vec<Item>) {
+        if let Some(why) = self.send_blocked() {
+            self.notice = Some(why.into());
+            return;
+        }
+        if t >= self.chat().turns.len() || items.is_empty() {
+            return;
+        }
+        self.chat_mut().turns.truncate(t);
+        self.send_items(items);
+    }
+
+    /// Deletes turn `t` of the open chat (not while a reply is being written).
+    pub fn delete_turn(&mut self, t: usize) {
+        if self.is_generating() || t >= self.chat().turns.len() {
+            return;
+        }
+        self.chat_mut().turns.remove(t);
+        self.save_current();
+    }
+
+    /// Deletes chat `i` and its file; the chat that takes its place opens.
+    pub fn delete_chat(&mut self, i: usize) {
+        if i >= self.chats.len() || (self.is_generating() && i == self.current) {
+            return;
+        }
+        let chat = self.state.chats.remove(i);
+        if let Err(e) = self.store.delete(&chat.id) {
+            self.errors.push(format!("{e:#}"));
+        }
+        if self.chats.is_empty() {
+            let system = self.params.system.clone();
+            self.state.chats.push(Chat::new(&system));
+        }
+        if self.current > i || self.current >= self.chats.len() {
+            self.current = self.current.saturating_sub(1);
+        }
+        self.composer = Composer::default();
+        self.save_settings();
+    }
+
+    pub fn rename_chat(&mut self, i: usize, title: String) {
+        let title = title.trim().to_string();
+        if title.is_empty() || i >= self.chats.len() {
+            return;
+        }
+        self.state.chats[i].title = title;
+        let chat = self.state.chats[i].clone();
+        if let Err(e) = self.store.save(&chat) {
+            self.errors.push(format!("Could not save the chat: {e:#}"));
+        }
     }
 
     pub fn new_chat(&mut self) {
@@ -584,6 +656,12 @@ impl QwenApp {
             Action::StartDownload => self.start_download(),
             Action::CancelDownload => self.cancel_download(),
             Action::NewChat => self.new_chat(),
+            Action::RegenerateAt(t) => self.regenerate_at(t),
+            Action::ShowVersion { turn, version } => self.show_version(turn, version),
+            Action::EditResend { turn, items } => self.edit_resend(turn, items),
+            Action::DeleteTurn(t) => self.delete_turn(t),
+            Action::DeleteChat(i) => self.delete_chat(i),
+            Action::RenameChat { chat, title } => self.rename_chat(chat, title),
             Action::OpenChat(i) => self.open_chat(i),
             Action::SetWeights(w) => self.set_weights(w),
             Action::SetDevice(d) => self.set_device(d),

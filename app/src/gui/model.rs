@@ -230,6 +230,10 @@ pub struct AppState {
     pub docs: super::markdown::Docs,
     /// The sidebar's chat search (Ctrl+F).
     pub chat_search: String,
+    /// A user message being edited: its turn and the text so far.
+    pub editing: Option<(usize, String)>,
+    /// A chat being renamed in the sidebar: its index and the title so far.
+    pub renaming: Option<(usize, String)>,
 }
 
 impl AppState {

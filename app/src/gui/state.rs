@@ -76,6 +76,24 @@ pub struct Turn {
     pub status: TurnStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stats: Option<ReplyStats>,
+    /// The reply's other versions (Regenerate keeps the one it replaces), each with the turns
+    /// that followed it; the shown reply is version `shown` among them (0-based).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub others: Vec<ReplyVersion>,
+    #[serde(default)]
+    pub shown: usize,
+}
+
+/// A reply version that is not shown, and the conversation that went on after it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplyVersion {
+    pub reply: String,
+    #[serde(default)]
+    pub status: TurnStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<ReplyStats>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<Turn>,
 }
 
 impl Turn {
@@ -85,7 +103,14 @@ impl Turn {
             reply: String::new(),
             status: TurnStatus::Pending,
             stats: None,
+            others: Vec::new(),
+            shown: 0,
         }
+    }
+
+    /// `(shown, count)` of the reply's versions, 1-based for display.
+    pub fn version(&self) -> (usize, usize) {
+        (self.shown + 1, self.others.len() + 1)
     }
 
     /// The image files of the user's message, in order ("Picture 1", "Picture 2", ...).
@@ -121,6 +146,49 @@ impl Chat {
             system: system.to_string(),
             turns: Vec::new(),
         }
+    }
+
+    /// Moves reply `t` and the turns after it into a kept version, and makes `t` the last turn
+    /// with an empty pending reply, shown as the newest version (Regenerate).
+    pub fn new_version(&mut self, t: usize) {
+        let after = self.turns.split_off(t + 1);
+        let turn = &mut self.turns[t];
+        let old = ReplyVersion {
+            reply: std::mem::take(&mut turn.reply),
+            status: std::mem::replace(&mut turn.status, TurnStatus::Pending),
+            stats: turn.stats.take(),
+            after,
+        };
+        let at = turn.shown.min(turn.others.len());
+        turn.others.insert(at, old);
+        turn.shown = turn.others.len();
+    }
+
+    /// Shows version `v` (0-based) of reply `t`, with the conversation that followed it; the
+    /// version shown before keeps its own.
+    pub fn show_version(&mut self, t: usize, v: usize) {
+        let Some(turn) = self.turns.get(t) else {
+            return;
+        };
+        if v > turn.others.len() || v == turn.shown {
+            return;
+        }
+        let after = self.turns.split_off(t + 1);
+        let turn = &mut self.turns[t];
+        let current = ReplyVersion {
+            reply: std::mem::take(&mut turn.reply),
+            status: std::mem::take(&mut turn.status),
+            stats: turn.stats.take(),
+            after,
+        };
+        let at = turn.shown.min(turn.others.len());
+        turn.others.insert(at, current);
+        let next = turn.others.remove(v);
+        turn.reply = next.reply;
+        turn.status = next.status;
+        turn.stats = next.stats;
+        turn.shown = v;
+        self.turns.extend(next.after);
     }
 
     /// Title from the first message's text (or its first picture).
@@ -258,6 +326,15 @@ impl ChatStore {
     pub fn save(&self, chat: &Chat) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(chat)?;
         write_atomic(&self.path_of(&chat.id), &bytes)
+    }
+
+    /// Deletes a chat's file (its pictures stay: other chats may share them).
+    pub fn delete(&self, id: &str) -> Result<()> {
+        match std::fs::remove_file(self.path_of(id)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(anyhow::Error::new(e).context(format!("cannot delete the chat {id}"))),
+        }
     }
 
     /// Every chat, newest first, and a message for each file that could not be read. A corrupt

@@ -105,6 +105,44 @@ fn user_message(app: &mut AppState, ui: &mut egui::Ui, t: usize) {
                     }
                 }
             });
+            if let Some((_, draft)) = app.editing.as_mut().filter(|(e, _)| *e == t) {
+                ui.add(
+                    egui::TextEdit::multiline(draft)
+                        .id(egui::Id::new(("edit message", t)))
+                        .desired_rows(2)
+                        .desired_width(f32::INFINITY),
+                );
+                let text = draft.trim().to_string();
+                ui.horizontal(|ui| {
+                    let can = !text.is_empty() && !app.is_generating();
+                    if ui
+                        .add_enabled(can, egui::Button::new("Save and send"))
+                        .on_hover_text("Ask again with this text; the chat after it is replaced")
+                        .clicked()
+                    {
+                        let mut edited: Vec<Item> = items
+                            .iter()
+                            .filter(|i| !matches!(i, Item::Text { .. }))
+                            .cloned()
+                            .collect();
+                        // The text goes where the message had it: after its pictures.
+                        let at = edited
+                            .iter()
+                            .position(|i| matches!(i, Item::Box { .. }))
+                            .unwrap_or(edited.len());
+                        edited.insert(at, Item::Text { text: text.clone() });
+                        app.editing = None;
+                        app.ask(Action::EditResend {
+                            turn: t,
+                            items: edited,
+                        });
+                    }
+                    if ui.button("Cancel").clicked() {
+                        app.editing = None;
+                    }
+                });
+                return;
+            }
             ui.horizontal_wrapped(|ui| {
                 for item in &items {
                     match item {
@@ -132,6 +170,34 @@ fn user_message(app: &mut AppState, ui: &mut egui::Ui, t: usize) {
                 }
             });
         });
+    let generating = app.is_generating();
+    ui.horizontal(|ui| {
+        let text: String = items
+            .iter()
+            .filter_map(|i| match i {
+                Item::Text { text } => Some(text.as_str()),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        if ui.small_button("Copy message").clicked() {
+            ui.ctx().copy_text(text.clone());
+        }
+        if ui
+            .add_enabled(!generating, egui::Button::new("Edit").small())
+            .on_hover_text("Change this message and ask again")
+            .clicked()
+        {
+            app.editing = Some((t, text));
+        }
+        if ui
+            .add_enabled(!generating, egui::Button::new("Delete").small())
+            .on_hover_text("Delete this message and its reply")
+            .clicked()
+        {
+            app.ask(Action::DeleteTurn(t));
+        }
+    });
     if let Some(image) = ocr {
         app.ask(Action::Send(vec![
             Item::Image { image },
@@ -326,8 +392,40 @@ fn reply(app: &mut AppState, ui: &mut egui::Ui, t: usize) {
                 ui.ctx()
                     .copy_text(super::super::state::readable(&turn.reply));
             }
-            if last && ui.small_button("Regenerate").clicked() {
-                app.ask(Action::Regenerate);
+            if ui
+                .small_button("Regenerate")
+                .on_hover_text(if last {
+                    "Write this reply again (this version is kept)"
+                } else {
+                    "Write this reply again; this version and the chat after it are kept"
+                })
+                .clicked()
+            {
+                app.ask(Action::RegenerateAt(t));
+            }
+            let (shown, count) = turn.version();
+            if count > 1 {
+                if ui
+                    .add_enabled(shown > 1, egui::Button::new("‹").small())
+                    .on_hover_text("Previous version")
+                    .clicked()
+                {
+                    app.ask(Action::ShowVersion {
+                        turn: t,
+                        version: shown - 2,
+                    });
+                }
+                ui.label(RichText::new(format!("{shown}/{count}")).small());
+                if ui
+                    .add_enabled(shown < count, egui::Button::new("›").small())
+                    .on_hover_text("Next version")
+                    .clicked()
+                {
+                    app.ask(Action::ShowVersion {
+                        turn: t,
+                        version: shown,
+                    });
+                }
             }
             if !objects.is_empty()
                 && picture.is_some()

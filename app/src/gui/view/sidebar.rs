@@ -28,7 +28,7 @@ pub fn show(app: &mut AppState, ctx: &egui::Context) {
             );
             ui.add_space(4.0);
             let query = app.chat_search.trim().to_lowercase();
-            let mut open = None;
+            let (mut open, mut start_rename, mut delete) = (None, None, None);
             egui::ScrollArea::vertical().show(ui, |ui| {
                 for (i, chat) in app.chats.iter().enumerate() {
                     if !query.is_empty() && !chat_matches(chat, &query) {
@@ -40,15 +40,34 @@ pub fn show(app: &mut AppState, ctx: &egui::Context) {
                     } else {
                         chat.title.clone()
                     };
-                    let r = ui.add_sized(
-                        [ui.available_width(), 24.0],
-                        egui::Button::selectable(selected, title),
-                    );
+                    let r = ui
+                        .add_sized(
+                            [ui.available_width(), 24.0],
+                            egui::Button::selectable(selected, title.clone()),
+                        )
+                        .on_hover_text("Right-click to rename or delete");
                     if r.clicked() {
                         open = Some(i);
                     }
+                    r.context_menu(|ui| {
+                        if ui.button("Rename").clicked() {
+                            start_rename = Some((i, title.clone()));
+                            ui.close();
+                        }
+                        if ui.button("Delete chat").clicked() {
+                            delete = Some(i);
+                            ui.close();
+                        }
+                    });
                 }
             });
+            if let Some((i, title)) = start_rename {
+                app.renaming = Some((i, title));
+            }
+            rename_window(app, ctx);
+            if let Some(i) = delete {
+                app.ask(Action::DeleteChat(i));
+            }
             if let Some(i) = open {
                 app.ask(Action::OpenChat(i));
             }
@@ -65,4 +84,37 @@ fn chat_matches(chat: &Chat, query: &str) -> bool {
                     _ => false,
                 })
         })
+}
+
+fn rename_id() -> egui::Id {
+    egui::Id::new("rename chat")
+}
+
+/// "Rename chat": the new title; Enter or Rename keeps it, Cancel or closing drops it.
+fn rename_window(app: &mut AppState, ctx: &egui::Context) {
+    let Some((i, draft)) = app.renaming.as_mut() else {
+        return;
+    };
+    let i = *i;
+    let (mut keep, mut close) = (false, false);
+    let mut open = true;
+    egui::Window::new("Rename chat")
+        .open(&mut open)
+        .collapsible(false)
+        .resizable(false)
+        .show(ctx, |ui| {
+            let r = ui.add(egui::TextEdit::singleline(draft).id(rename_id()));
+            keep = r.lost_focus() && ui.input(|inp| inp.key_pressed(egui::Key::Enter));
+            ui.horizontal(|ui| {
+                keep |= ui.button("Rename").clicked();
+                close = ui.button("Cancel").clicked();
+            });
+        });
+    if keep {
+        let title = draft.clone();
+        app.ask(Action::RenameChat { chat: i, title });
+    }
+    if keep || close || !open {
+        app.renaming = None;
+    }
 }
