@@ -170,7 +170,108 @@ pub fn annotate(img: &RgbaImage, objects: &[GroundedObject]) -> RgbaImage {
             }
         }
     }
+    // Labels after every outline, so no box is drawn over another object's label.
+    for (i, obj) in objects.iter().enumerate() {
+        let (Some(label), Some(first)) = (obj.label.as_deref(), obj.shapes.first()) else {
+            continue;
+        };
+        let label = label.trim();
+        if label.is_empty() {
+            continue;
+        }
+        let (x, y) = match first {
+            Shape::Box(g) => {
+                let p = grounding::grid_to_pixels(*g, w, h);
+                (p[0], p[1])
+            }
+            Shape::Quad(q) => {
+                let p = grounding::grid_to_pixels([q[0][0], q[0][1], 0, 0], w, h);
+                (p[0], p[1])
+            }
+        };
+        let c = colour(i);
+        draw_label(&mut out, label, x, y, Rgba([c.r(), c.g(), c.b(), 255]));
+    }
     out
+}
+
+/// A filled tag in the object's colour with `text` in white, just above `(x, y)` (the shape's
+/// first corner), or just below it where the picture has no room above; kept inside the picture.
+/// The text is drawn with the bundled CJK font, so Chinese labels read as they do in the app.
+fn draw_label(img: &mut RgbaImage, text: &str, x: i64, y: i64, bg: Rgba<u8>) {
+    use ab_glyph::{Font, FontRef, PxScale, ScaleFont};
+    // The window's fonts, in its order: egui's Latin font, then the CJK fallback.
+    let defaults = egui::FontDefinitions::default();
+    let latin = defaults
+        .font_data
+        .get("Ubuntu-Light")
+        .map(|d| d.font.clone());
+    let fonts: Vec<FontRef> = latin
+        .as_deref()
+        .into_iter()
+        .chain([super::fonts::CJK_FONT])
+        .filter_map(|bytes| FontRef::try_from_slice(bytes).ok())
+        .collect();
+    let Some(last) = fonts.last() else {
+        return;
+    };
+    let (w, h) = (i64::from(img.width()), i64::from(img.height()));
+    let px = (w.min(h) as f32 / 24.0).clamp(14.0, 48.0);
+    let scale = PxScale::from(px);
+    let ascent = fonts
+        .iter()
+        .map(|f| f.as_scaled(scale).ascent())
+        .fold(0f32, f32::max);
+    let descent = fonts
+        .iter()
+        .map(|f| f.as_scaled(scale).descent())
+        .fold(0f32, f32::min);
+    let pad = (px / 5.0).ceil() as i64;
+    // Each character from the first font that has it.
+    let mut glyphs = Vec::new();
+    let mut caret = 0f32;
+    for ch in text.chars().filter(|c| !c.is_control()) {
+        let font = fonts.iter().find(|f| f.glyph_id(ch).0 != 0).unwrap_or(last);
+        let sf = font.as_scaled(scale);
+        let id = sf.glyph_id(ch);
+        glyphs.push((
+            font,
+            id.with_scale_and_position(scale, ab_glyph::point(caret, ascent)),
+        ));
+        caret += sf.h_advance(id);
+    }
+    let tw = caret.ceil() as i64 + 2 * pad;
+    let th = (ascent - descent).ceil() as i64 + 2 * pad;
+    let x0 = x.clamp(0, (w - tw).max(0));
+    let y0 = if y - th >= 0 {
+        y - th
+    } else {
+        (y + 1).min((h - th).max(0))
+    };
+    for yy in y0.max(0)..(y0 + th).min(h) {
+        for xx in x0.max(0)..(x0 + tw).min(w) {
+            img.put_pixel(xx as u32, yy as u32, bg);
+        }
+    }
+    for (font, g) in glyphs {
+        let Some(outline) = font.outline_glyph(g) else {
+            continue;
+        };
+        let b = outline.px_bounds();
+        outline.draw(|gx, gy, cov| {
+            let (px_x, px_y) = (
+                x0 + pad + b.min.x as i64 + i64::from(gx),
+                y0 + pad + b.min.y as i64 + i64::from(gy),
+            );
+            if (0..w).contains(&px_x) && (0..h).contains(&px_y) {
+                let p = img.get_pixel_mut(px_x as u32, px_y as u32);
+                for k in 0..3 {
+                    let v = f32::from(p.0[k]) * (1.0 - cov) + 255.0 * cov;
+                    p.0[k] = v.round() as u8;
+                }
+            }
+        });
+    }
 }
 
 /// For each piece of `grounding::parse(text)`, the index of the object (as `objects(text)`
@@ -228,4 +329,72 @@ pub fn piece_objects(pieces: &[grounding::Piece]) -> Vec<Option<usize>> {
         .into_iter()
         .map(|o| o.and_then(|i| final_index[i]))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labelled(text: &str, label: &str) -> RgbaImage {
+        let img = RgbaImage::from_pixel(400, 300, Rgba([40, 40, 40, 255]));
+        annotate(
+            &img,
+            &grounding::objects(&format!("<ref>{label}</ref>{text}")),
+        )
+    }
+
+    /// The label tag of a box (in `c`, the object's colour) sits above its top-left corner.
+    fn tag_pixels(img: &RgbaImage, x0: u32, x1: u32, y0: u32, y1: u32) -> (usize, usize) {
+        let c = colour(0);
+        let (mut fill, mut white) = (0, 0);
+        for y in y0..y1 {
+            for x in x0..x1 {
+                let p = img.get_pixel(x, y).0;
+                if p == [c.r(), c.g(), c.b(), 255] {
+                    fill += 1;
+                }
+                // Text: lighter than the tag in every channel (anti-aliased white).
+                let sum = |q: [u8; 3]| q.iter().map(|&v| u32::from(v)).sum::<u32>();
+                if sum([p[0], p[1], p[2]]) > sum([c.r(), c.g(), c.b()]) + 150 {
+                    white += 1;
+                }
+            }
+        }
+        (fill, white)
+    }
+
+    #[test]
+    fn exported_boxes_carry_their_labels_cjk_included() {
+        // Box (250,500),(750,900) on 400x300: pixels (100,150)-(300,270); the tag is above y 150.
+        let cat = labelled("<box>(250,500),(750,900)</box>", "the cat");
+        if let Some(dir) = std::env::var_os("QWENVL_SAVE_ANNOTATED") {
+            let dir = std::path::PathBuf::from(dir);
+            cat.save(dir.join("label_cat.png")).unwrap();
+            labelled("<box>(250,500),(750,900)</box>", "狗和猫")
+                .save(dir.join("label_zh.png"))
+                .unwrap();
+        }
+        let (fill, white) = tag_pixels(&cat, 100, 200, 110, 150);
+        assert!(fill > 300 && white > 30, "fill {fill}, text {white}");
+        // Below the corner, inside the box, the picture is untouched.
+        assert_eq!(cat.get_pixel(150, 200).0, [40, 40, 40, 255]);
+        // Chinese labels are drawn as glyphs (two different characters, two different pictures),
+        // not as missing-glyph boxes.
+        let dog = labelled("<box>(250,500),(750,900)</box>", "狗");
+        let cat_zh = labelled("<box>(250,500),(750,900)</box>", "猫");
+        let (_, w_dog) = tag_pixels(&dog, 100, 200, 110, 150);
+        assert!(w_dog > 20, "{w_dog}");
+        assert_ne!(dog, cat_zh);
+        // A box at the top edge gets its tag inside, below the corner; one at the right edge is
+        // kept inside the picture.
+        let top = labelled("<box>(900,0),(1000,300)</box>", "a long label at the edge");
+        let (fill, white) = tag_pixels(&top, 200, 400, 0, 40);
+        assert!(fill > 300 && white > 30, "fill {fill}, text {white}");
+        // No label, no tag: only the outline.
+        let bare = annotate(
+            &RgbaImage::from_pixel(400, 300, Rgba([40, 40, 40, 255])),
+            &grounding::objects("<box>(250,500),(750,900)</box>"),
+        );
+        assert_eq!(tag_pixels(&bare, 100, 200, 120, 148), (0, 0));
+    }
 }

@@ -6,6 +6,7 @@ pub mod action;
 pub mod app;
 pub mod backend;
 pub mod dialogs;
+pub mod fonts;
 pub mod geometry;
 pub mod markdown;
 pub mod model;
@@ -21,14 +22,12 @@ use anyhow::{anyhow, Result};
 
 pub use app::{AppOptions, QwenApp};
 
-static CJK_FONT: &[u8] = include_bytes!("../../../assets/fonts/DroidSansFallbackFull.ttf");
-
 /// egui's fonts plus Droid Sans Fallback for CJK (and other scripts egui's fonts lack).
 pub fn install_fonts(ctx: &egui::Context) {
     let mut fonts = egui::FontDefinitions::default();
     fonts.font_data.insert(
         "droid-fallback".into(),
-        Arc::new(egui::FontData::from_static(CJK_FONT)),
+        Arc::new(egui::FontData::from_static(fonts::CJK_FONT)),
     );
     for family in [egui::FontFamily::Proportional, egui::FontFamily::Monospace] {
         fonts
