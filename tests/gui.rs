@@ -777,6 +777,126 @@ fn chats_are_renamed_and_deleted_from_the_sidebar() {
     assert_eq!(files(), 1);
 }
 
+/// The viewer: a reply's picture opens large; 100 % shows it pixel for pixel, zooming in scales
+/// the boxes with it, a region dragged at that zoom is the right 0–1000 box in the composer, and
+/// the box list copies pixel boxes as JSON.
+#[test]
+fn picture_viewer_zooms_keeps_boxes_and_maps_regions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (app, _) = scripted_app(tmp.path(), GROUNDED, 0);
+    let mut h = harness(app, vec2(1400.0, 1000.0));
+    send_with_photo(&mut h, "Where are the animals?");
+    h.get_by_label("Picture with 2 found object(s): the cat, 狗")
+        .click();
+    h.run_steps(3);
+    h.get_by_label("Zoomable picture");
+    let viewer_boxes = |h: &Harness<'_, QwenApp>| -> Vec<qwenvl::gui::model::Drawn> {
+        h.state()
+            .drawn
+            .iter()
+            .filter(|d| d.in_viewer)
+            .cloned()
+            .collect()
+    };
+    h.get_by_label("Actual size").click();
+    h.run_steps(2);
+    let d = viewer_boxes(&h);
+    assert_eq!(d.len(), 3, "two boxes of the cat and the dog's quad");
+    let r = d[0].image_rect;
+    assert!(
+        (r.width() - 640.0).abs() < 0.5 && (r.height() - 480.0).abs() < 0.5,
+        "{r:?}"
+    );
+    h.get_by_label("100 %");
+    h.get_by_label("Zoom in").click();
+    h.run_steps(2);
+    let d = viewer_boxes(&h);
+    let r = d[0].image_rect;
+    assert!((r.width() - 800.0).abs() < 0.5, "{r:?}");
+    h.get_by_label("125 %");
+    // The cat's first box, pixels (64,96)-(320,288), scaled with the picture.
+    let at = |x: f32, y: f32| pos2(r.min.x + x * 1.25, r.min.y + y * 1.25);
+    assert!(
+        (d[0].outline[0] - at(64.0, 96.0)).length() < 0.5,
+        "{:?}",
+        d[0]
+    );
+    assert!(
+        (d[0].outline[2] - at(320.0, 288.0)).length() < 0.5,
+        "{:?}",
+        d[0]
+    );
+
+    // A region at 125 %: pixels (160,120)-(320,240) of 640x480 = grid (250,250)-(500,500).
+    h.get_by_label("Draw region").click();
+    h.run_steps(2);
+    h.hover_at(at(160.0, 120.0));
+    h.step();
+    h.drag_at(at(160.0, 120.0));
+    h.step();
+    h.hover_at(at(240.0, 180.0));
+    h.step();
+    h.hover_at(at(320.0, 240.0));
+    h.step();
+    h.drop_at(at(320.0, 240.0));
+    h.run_steps(2);
+    let composer = &h.state().composer;
+    assert_eq!(
+        composer.images.len(),
+        1,
+        "the picture goes with the next message"
+    );
+    assert_eq!(composer.regions.len(), 1);
+    let g = composer.regions[0].grid;
+    for (got, want) in g.iter().zip([250, 250, 500, 500]) {
+        assert!((got - want).abs() <= 1, "{g:?}");
+    }
+
+    // The wheel zooms about the pointer: the picture point under it stays put.
+    let under = at(320.0, 240.0);
+    h.hover_at(under);
+    h.step();
+    h.event(egui::Event::MouseWheel {
+        unit: egui::MouseWheelUnit::Point,
+        delta: vec2(0.0, 120.0),
+        modifiers: egui::Modifiers::NONE,
+    });
+    h.run_steps(20);
+    let r2 = viewer_boxes(&h)[0].image_rect;
+    assert!(r2.width() > 800.5, "{r2:?}");
+    let kept = ((under - r2.min) / (r2.width() / 640.0)) - vec2(320.0, 240.0);
+    assert!(
+        kept.length() < 1.0,
+        "the point under the pointer moved by {kept:?} pixels"
+    );
+
+    h.get_by_label("Copy boxes as JSON").click();
+    h.step();
+    let copied: Vec<String> = h
+        .output()
+        .platform_output
+        .commands
+        .iter()
+        .filter_map(|c| match c {
+            egui::OutputCommand::CopyText(t) => Some(t.clone()),
+            _ => None,
+        })
+        .collect();
+    let rows: serde_json::Value = serde_json::from_str(&copied[0]).unwrap();
+    assert_eq!(rows[0]["label"], "the cat");
+    assert_eq!(rows[0]["px"], serde_json::json!([64, 96, 320, 288]));
+    assert_eq!(rows[2]["label"], "狗");
+    assert_eq!(
+        rows[2]["px"].as_array().unwrap().len(),
+        8,
+        "a quad's four corners"
+    );
+
+    h.get_by_label("Close").click();
+    h.run_steps(2);
+    assert!(h.state().viewer.is_none());
+}
+
 fn app_clipboard(app: &mut QwenApp, w: u32, hgt: u32) {
     app.set_clipboard(Box::new(move || {
         Ok(Some((w, hgt, vec![200u8; (w * hgt * 4) as usize])))

@@ -166,6 +166,7 @@ impl QwenApp {
             docs: Default::default(),
             chat_search: String::new(),
             editing: None,
+            viewer: None,
             renaming: None,
         };
         let mut app = Self {

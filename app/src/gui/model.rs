@@ -177,6 +177,28 @@ pub struct Drawn {
     /// Outline points on screen (4 corners).
     pub outline: Vec<egui::Pos2>,
     pub highlighted: bool,
+    /// Drawn in the picture viewer (not the chat).
+    pub in_viewer: bool,
+}
+
+/// The picture viewer's state.
+#[derive(Debug, Clone, Default)]
+pub struct Viewer {
+    /// The picture, relative to the chat store.
+    pub image: String,
+    /// The reply whose objects are drawn over it.
+    pub turn: Option<usize>,
+    /// Points per picture pixel; `None`: fit the canvas.
+    pub zoom: Option<f32>,
+    pub pan: egui::Vec2,
+    /// Dragging draws a region instead of panning.
+    pub drawing: bool,
+    pub drag_start: Option<egui::Pos2>,
+    /// The composer's copy of the picture that regions go to, once there is one.
+    pub composer_image: Option<usize>,
+    /// The canvas of the last frame.
+    pub canvas: Option<Rect>,
+    pub close: bool,
 }
 
 /// A decoded picture on the GPU, with the original size.
@@ -234,6 +256,8 @@ pub struct AppState {
     pub editing: Option<(usize, String)>,
     /// A chat being renamed in the sidebar: its index and the title so far.
     pub renaming: Option<(usize, String)>,
+    /// The picture viewer, when open.
+    pub viewer: Option<Viewer>,
 }
 
 impl AppState {

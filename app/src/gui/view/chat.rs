@@ -8,7 +8,7 @@ use lm::prompt::Item;
 
 use super::super::geometry::{self, colour, fit, shape_on_screen};
 use super::super::markdown;
-use super::super::model::{AppState, Drawn};
+use super::super::model::{AppState, Drawn, Viewer};
 use super::super::state::TurnStatus;
 use crate::session::OCR_PROMPT;
 
@@ -48,6 +48,7 @@ pub fn show(app: &mut AppState, ui: &mut egui::Ui) {
 fn user_message(app: &mut AppState, ui: &mut egui::Ui, t: usize) {
     let items = app.chat().turns[t].user.clone();
     let mut ocr = None;
+    let mut open_viewer = None;
     let n_pictures = items
         .iter()
         .filter(|i| matches!(i, Item::Image { .. }))
@@ -76,7 +77,15 @@ fn user_message(app: &mut AppState, ui: &mut egui::Ui, t: usize) {
                             if let Some(tex) = app.texture(ui.ctx(), image) {
                                 let size =
                                     fit(tex.width, tex.height, egui::vec2(220.0, 160.0), 4.0);
-                                let r = ui.image((tex.handle.id(), size));
+                                let r = ui
+                                    .add(
+                                        egui::Image::new((tex.handle.id(), size))
+                                            .sense(Sense::click()),
+                                    )
+                                    .on_hover_text("Click to open it large");
+                                if r.clicked() {
+                                    open_viewer = Some(image.clone());
+                                }
                                 // The regions the user asked about refer to the message's last
                                 // picture.
                                 if k == n_pictures {
@@ -198,6 +207,12 @@ fn user_message(app: &mut AppState, ui: &mut egui::Ui, t: usize) {
             app.ask(Action::DeleteTurn(t));
         }
     });
+    if let Some(image) = open_viewer {
+        app.viewer = Some(Viewer {
+            image,
+            ..Default::default()
+        });
+    }
     if let Some(image) = ocr {
         app.ask(Action::Send(vec![
             Item::Image { image },
@@ -459,7 +474,15 @@ fn annotated_picture(
     };
     let avail = egui::vec2(ui.available_width().clamp(100.0, 560.0), 320.0);
     let size = fit(tex.width, tex.height, avail, 4.0);
-    let (rect, resp) = ui.allocate_exact_size(size, Sense::hover());
+    let (rect, resp) = ui.allocate_exact_size(size, Sense::click());
+    if resp.clicked() {
+        app.viewer = Some(Viewer {
+            image: rel.to_string(),
+            turn: Some(t),
+            ..Default::default()
+        });
+    }
+    let resp = resp.on_hover_text("Click to open it large");
     let label = format!(
         "Picture with {} found object(s): {}",
         objects.len(),
@@ -507,6 +530,7 @@ fn annotated_picture(
                 image_rect: rect,
                 outline: pts,
                 highlighted,
+                in_viewer: false,
             });
         }
         // The label sits on the first shape's top-left corner, as the reference draws it.

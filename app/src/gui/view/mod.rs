@@ -5,6 +5,7 @@ mod chat;
 mod composer;
 mod settings;
 mod sidebar;
+mod viewer;
 mod welcome;
 
 use super::action::Action;
@@ -28,6 +29,7 @@ pub fn frame(app: &mut AppState, ctx: &egui::Context) {
         app.show_connect &= open;
     }
     composer::show(app, ctx);
+    viewer::show(app, ctx);
     egui::CentralPanel::default().show(ctx, |ui| {
         banners(app, ui);
         let no_model = !matches!(app.model, ModelState::Ready(_));
