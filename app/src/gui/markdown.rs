@@ -324,16 +324,27 @@ impl Parse<'_> {
 }
 
 /// Parsed replies by their text, so a frame that shows the same text again does not parse it.
+///
+/// A reply being written changes every piece. [`Docs::streaming`] parses it in blank-line
+/// separated segments (outside code fences), each parsed once, so a frame parses only the last,
+/// growing segment: the work over a whole reply is linear in its length, not quadratic. The
+/// finished reply is parsed whole ([`Docs::get`]), so a list or a list item's paragraph that spans
+/// a blank line renders exactly as CommonMark says once the reply is done.
 #[derive(Default)]
 pub struct Docs {
     docs: HashMap<String, Arc<Doc>>,
+    /// Streaming segments by text: their blocks (chips numbered within the segment) and pieces.
+    segments: HashMap<String, Arc<(Doc, Vec<Piece>)>>,
+    /// Bytes of Markdown parsed so far (tests check the streaming work is linear).
+    pub parsed_bytes: usize,
 }
 
 impl Docs {
-    /// At most this many texts are kept (a long chat, each reply once; a streaming reply adds one
-    /// text per piece, which is why old ones are dropped).
+    /// At most this many texts are kept (a long chat, each reply once).
     const KEEP: usize = 256;
+    const KEEP_SEGMENTS: usize = 4096;
 
+    /// A finished reply, parsed whole.
     pub fn get(&mut self, text: &str, pieces: &[Piece]) -> Arc<Doc> {
         if let Some(d) = self.docs.get(text) {
             return d.clone();
@@ -341,9 +352,91 @@ impl Docs {
         if self.docs.len() >= Self::KEEP {
             self.docs.clear();
         }
+        self.parsed_bytes += text.len();
         let d = Arc::new(parse(pieces));
         self.docs.insert(text.to_string(), d.clone());
         d
+    }
+
+    /// A reply being written: its segments' blocks, chips numbered as in `pieces(text)`.
+    pub fn streaming(&mut self, text: &str) -> Doc {
+        if self.segments.len() >= Self::KEEP_SEGMENTS {
+            self.segments.clear();
+        }
+        let mut blocks = Vec::new();
+        let mut offset = 0usize;
+        let mut prev_ends_text = false;
+        for seg in segments(text) {
+            let entry = match self.segments.get(seg) {
+                Some(e) => e.clone(),
+                None => {
+                    self.parsed_bytes += seg.len();
+                    let pieces = super::geometry::pieces(seg);
+                    let e = Arc::new((parse(&pieces), pieces));
+                    self.segments.insert(seg.to_string(), e.clone());
+                    e
+                }
+            };
+            let (doc, pieces) = &*entry;
+            // Text at the end of one segment and the start of the next is one piece of the
+            // whole reply.
+            let merged = prev_ends_text && matches!(pieces.first(), Some(Piece::Text(_)));
+            let base = offset - usize::from(merged);
+            blocks.extend(doc.blocks.iter().map(|b| renumber(b, base)));
+            offset = base + pieces.len();
+            prev_ends_text = matches!(pieces.last(), Some(Piece::Text(_)));
+        }
+        Doc { blocks }
+    }
+}
+
+/// The text cut after each blank line that is outside a code fence.
+fn segments(text: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut start, mut at, mut fence) = (0, 0, false);
+    for line in text.split_inclusive('\n') {
+        let t = line.trim_start();
+        if t.starts_with("```") || t.starts_with("~~~") {
+            fence = !fence;
+        }
+        at += line.len();
+        if !fence && line.trim().is_empty() && line.ends_with('\n') && at - start > line.len() {
+            out.push(&text[start..at]);
+            start = at;
+        }
+    }
+    if start < text.len() {
+        out.push(&text[start..]);
+    }
+    out
+}
+
+fn renumber(b: &Block, base: usize) -> Block {
+    let spans = |s: &[Span]| -> Vec<Span> {
+        s.iter()
+            .map(|x| match x {
+                Span::Chip(i) => Span::Chip(base + i),
+                other => other.clone(),
+            })
+            .collect()
+    };
+    let blocks = |bs: &[Block]| bs.iter().map(|b| renumber(b, base)).collect();
+    match b {
+        Block::Para(s) => Block::Para(spans(s)),
+        Block::Heading(l, s) => Block::Heading(*l, spans(s)),
+        Block::List { start, items } => Block::List {
+            start: *start,
+            items: items.iter().map(|i| blocks(i)).collect(),
+        },
+        Block::Table { head, rows } => Block::Table {
+            head: head.iter().map(|c| spans(c)).collect(),
+            rows: rows
+                .iter()
+                .map(|r| r.iter().map(|c| spans(c)).collect())
+                .collect(),
+        },
+        Block::Quote(bs) => Block::Quote(blocks(bs)),
+        other => other.clone(),
     }
 }
 
@@ -619,6 +712,49 @@ mod tests {
             panic!()
         };
         assert!(!p.iter().any(|s| matches!(s, Span::Chip(_))), "{p:?}");
+    }
+
+    /// A reply streamed piece by piece: each frame's document equals the whole-text parse (for
+    /// blocks that do not span blank lines), chips keep the reply's numbering, and the Markdown
+    /// parsed over the whole reply stays linear in its length.
+    #[test]
+    fn streaming_parses_each_segment_once_with_the_same_result() {
+        let mut text = String::new();
+        for k in 0..150 {
+            text.push_str(&format!(
+                "## Part {k}\n\nSome **bold** text about <ref>thing {k}</ref><box>(1,2),(3,4)</box> here.\n\n\
+                 ```rust\nlet x = {k};\n\nlet y = x;\n```\n\n| a | b |\n|---|---|\n| {k} | 2 |\n\n"
+            ));
+        }
+        let mut docs = Docs::default();
+        let mut shown = String::new();
+        let mut frames = 0;
+        for piece in text.split_inclusive(' ') {
+            shown.push_str(piece);
+            frames += 1;
+            let streamed = docs.streaming(&shown);
+            if frames % 97 == 0 {
+                assert_eq!(
+                    streamed,
+                    parse(&super::super::geometry::pieces(&shown)),
+                    "{shown:?}"
+                );
+            }
+        }
+        assert_eq!(
+            docs.streaming(&text),
+            parse(&super::super::geometry::pieces(&text))
+        );
+        // Each complete segment is parsed once; a frame parses only the growing last one.
+        let longest = segments(&text).iter().map(|s| s.len()).max().unwrap();
+        let linear = 2 * text.len() + frames * longest;
+        let quadratic: usize = (1..=frames).map(|f| f * text.len() / frames).sum();
+        assert!(
+            docs.parsed_bytes <= linear && docs.parsed_bytes * 20 < quadratic,
+            "{} bytes parsed for a {}-byte reply over {frames} frames (whole text each frame: {quadratic})",
+            docs.parsed_bytes,
+            text.len()
+        );
     }
 
     #[test]

@@ -306,13 +306,23 @@ fn reply_markdown(app: &mut AppState, ui: &mut egui::Ui, t: usize, text: &str) {
     let pieces = geometry::pieces(text);
     let objs = geometry::piece_objects(&pieces);
     let numbers = box_numbers(&pieces);
-    let doc = app.docs.get(text, &pieces);
+    let streaming = app.is_generating()
+        && t + 1 == app.chat().turns.len()
+        && app.chat().turns[t].status == TurnStatus::Pending;
+    let doc = if streaming {
+        std::sync::Arc::new(app.docs.streaming(text))
+    } else {
+        app.docs.get(text, &pieces)
+    };
     let hovered = app.hovered;
     let mut hover_next = None;
     let mut draw_chip = |ui: &mut egui::Ui, i: usize| {
-        let obj = objs[i];
+        // A chip always names a piece of this text; a stale number draws nothing.
+        let (Some(piece), Some(&obj)) = (pieces.get(i), objs.get(i)) else {
+            return;
+        };
         let lit = obj.is_some() && hovered == obj.map(|o| (t, o));
-        if let (Some(r), Some(o)) = (chip(ui, &pieces[i], obj, lit, numbers[i]), obj) {
+        if let (Some(r), Some(o)) = (chip(ui, piece, obj, lit, numbers[i]), obj) {
             if r.hovered() {
                 hover_next = Some((t, o));
             }
