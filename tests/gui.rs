@@ -872,16 +872,7 @@ fn picture_viewer_zooms_keeps_boxes_and_maps_regions() {
 
     h.get_by_label("Copy boxes as JSON").click();
     h.step();
-    let copied: Vec<String> = h
-        .output()
-        .platform_output
-        .commands
-        .iter()
-        .filter_map(|c| match c {
-            egui::OutputCommand::CopyText(t) => Some(t.clone()),
-            _ => None,
-        })
-        .collect();
+    let copied = copied_texts(&h);
     let rows: serde_json::Value = serde_json::from_str(&copied[0]).unwrap();
     assert_eq!(rows[0]["label"], "the cat");
     assert_eq!(rows[0]["px"], serde_json::json!([64, 96, 320, 288]));
@@ -895,6 +886,19 @@ fn picture_viewer_zooms_keeps_boxes_and_maps_regions() {
     h.get_by_label("Close").click();
     h.run_steps(2);
     assert!(h.state().viewer.is_none());
+}
+
+/// What the last frame put on the clipboard.
+fn copied_texts(h: &Harness<'_, QwenApp>) -> Vec<String> {
+    h.output()
+        .platform_output
+        .commands
+        .iter()
+        .filter_map(|c| match c {
+            egui::OutputCommand::CopyText(t) => Some(t.clone()),
+            _ => None,
+        })
+        .collect()
 }
 
 fn app_clipboard(app: &mut QwenApp, w: u32, hgt: u32) {
@@ -984,16 +988,7 @@ fn markdown_replies_render_lists_tables_and_code_with_copy() {
     assert_eq!(h.state().hovered, Some((0, 0)));
     h.get_by_label("Copy code").click();
     h.step();
-    let copied: Vec<String> = h
-        .output()
-        .platform_output
-        .commands
-        .iter()
-        .filter_map(|c| match c {
-            egui::OutputCommand::CopyText(t) => Some(t.clone()),
-            _ => None,
-        })
-        .collect();
+    let copied = copied_texts(&h);
     assert_eq!(
         copied,
         ["from PIL import Image\nprint(Image.open(\"a.png\").size)"]
@@ -1229,16 +1224,7 @@ fn read_text_sends_the_ocr_prompt_and_the_reply_can_be_copied() {
     h.run_steps(2);
     h.get_by_label("Copy").click();
     h.step();
-    let copied: Vec<String> = h
-        .output()
-        .platform_output
-        .commands
-        .iter()
-        .filter_map(|c| match c {
-            egui::OutputCommand::CopyText(t) => Some(t.clone()),
-            _ => None,
-        })
-        .collect();
+    let copied = copied_texts(&h);
     assert_eq!(copied, vec!["Hello **world** `[1,2,3,4]`".to_string()]);
 }
 

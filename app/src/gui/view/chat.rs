@@ -2,7 +2,7 @@
 //! as chips and the boxes drawn over the latest picture, and per-reply actions.
 
 use super::super::action::Action;
-use egui::{Align2, Color32, FontId, RichText, Sense, Stroke};
+use egui::{Color32, RichText, Sense, Stroke};
 use lm::grounding::{self, Piece};
 use lm::prompt::Item;
 
@@ -547,17 +547,7 @@ fn annotated_picture(
         if let (Some(label), Some(first)) = (&obj.label, obj.shapes.first()) {
             let pts = shape_on_screen(first, tex.width, tex.height, rect);
             let at = egui::Rect::from_points(&pts).left_top();
-            let galley =
-                painter.layout_no_wrap(label.clone(), FontId::proportional(13.0), Color32::WHITE);
-            let bg = egui::Rect::from_min_size(at, galley.size() + egui::vec2(6.0, 2.0));
-            painter.rect_filled(bg, 2.0, c);
-            painter.text(
-                at + egui::vec2(3.0, 1.0),
-                Align2::LEFT_TOP,
-                label,
-                FontId::proportional(13.0),
-                Color32::WHITE,
-            );
+            super::label_tag(&painter, label, at, c, 13.0);
         }
     }
     if let Some((_, o)) = under {

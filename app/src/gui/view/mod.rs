@@ -203,3 +203,25 @@ fn drop_overlay(ctx: &egui::Context) {
         Color32::WHITE,
     );
 }
+
+/// An object's label as the reference draws it: white text on a tag of the object's colour,
+/// whose top-left corner is `at`.
+pub(super) fn label_tag(
+    painter: &egui::Painter,
+    label: &str,
+    at: egui::Pos2,
+    c: Color32,
+    size: f32,
+) {
+    let font = FontId::proportional(size);
+    let galley = painter.layout_no_wrap(label.to_string(), font.clone(), Color32::WHITE);
+    let bg = egui::Rect::from_min_size(at, galley.size() + egui::vec2(6.0, 2.0));
+    painter.rect_filled(bg, 2.0, c);
+    painter.text(
+        at + egui::vec2(3.0, 1.0),
+        Align2::LEFT_TOP,
+        label,
+        font,
+        Color32::WHITE,
+    );
+}

@@ -2,7 +2,7 @@
 //! with a reply's boxes and labels drawn over it at every zoom, a list of the boxes in pixels
 //! (copyable as JSON), and a region drawn on it to ask about.
 
-use egui::{Align2, Color32, FontId, Pos2, Rect, RichText, Sense, Stroke, Vec2};
+use egui::{Color32, Pos2, Rect, RichText, Sense, Stroke, Vec2};
 
 use super::super::geometry::{self, colour, shape_on_screen};
 use super::super::model::{AppState, Drawn, Region, Viewer};
@@ -190,17 +190,7 @@ fn draw_objects(
         if let (Some(label), Some(first)) = (&obj.label, obj.shapes.first()) {
             let pts = shape_on_screen(first, size.0, size.1, shown);
             let at = Rect::from_points(&pts).left_top();
-            let font = FontId::proportional(14.0);
-            let galley = painter.layout_no_wrap(label.clone(), font.clone(), Color32::WHITE);
-            let bg = Rect::from_min_size(at, galley.size() + Vec2::new(6.0, 2.0));
-            painter.rect_filled(bg, 2.0, c);
-            painter.text(
-                at + Vec2::new(3.0, 1.0),
-                Align2::LEFT_TOP,
-                label,
-                font,
-                Color32::WHITE,
-            );
+            super::label_tag(painter, label, at, c, 14.0);
         }
     }
 }
