@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use qwenvl_e2e::{expected_json, expected_tensors, fixtures_root, max_abs_diff, tiny_a};
+use qwenvl_e2e::{
+    expected_json, expected_tensors, fixtures_root, max_abs_diff, text_fixture, tiny_a,
+};
 use serde_json::Value;
 
 const NEAR_TIE: f64 = 2e-3;
@@ -130,7 +132,8 @@ fn check_against_reference(case: &Value, run: &Run, logits_ref: &candle_core::Te
                 run.json["text"], case["greedy"]["response"],
                 "{id}: reply text"
             );
-            assert_eq!(run.json["finish"], "Stop(151645)", "{id}: finish");
+            let stop = until_stop.last().unwrap();
+            assert_eq!(run.json["finish"], format!("Stop({stop})"), "{id}: finish");
         } else {
             assert_eq!(run.json["finish"], "Length", "{id}: finish");
         }
@@ -568,4 +571,84 @@ fn every_model_command_takes_a_device_and_refuses_a_missing_one() {
             "{args:?}: {err}"
         );
     }
+}
+
+/// The text-only Qwen fixtures (`tests/fixtures/tiny-text*`, generated from the upstream
+/// Qwen-7B-Chat code) through `qwenvl run --dtype f32 --greedy --json --logits-out`: prompt ids,
+/// logits, greedy ids and, where the reference stopped, its `chat()` response; one case under
+/// every CPU level.
+#[test]
+fn text_only_qwen_matches_the_reference_through_the_cli() {
+    let levels = kernels::cpu::levels_to_test("CLI text-only golden cases");
+    for name in ["tiny-text", "tiny-text-b"] {
+        let dir = text_fixture(name);
+        let expected: Value =
+            serde_json::from_slice(&std::fs::read(dir.join("expected/cases.json")).unwrap())
+                .unwrap();
+        let logits = candle_core::safetensors::load(
+            dir.join("expected/logits.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        for c in expected["cases"].as_array().unwrap() {
+            // The fixture ships Qwen-7B-Chat's repetition_penalty 1.1; the reference ids are plain
+            // argmax.
+            let args = [
+                "--dtype",
+                "f32",
+                "--greedy",
+                "--repetition-penalty",
+                "1",
+                "--max-new-tokens",
+                "24",
+            ];
+            let run = run_cli(&dir, c, &args);
+            check_against_reference(c, &run, &logits[c["logits_key"].as_str().unwrap()]);
+            if c["id"] == "en" {
+                for level in &levels {
+                    let env = [("QWENVL_CPU", level.name())];
+                    let run = run_cli_env(&dir, c, &args, &env);
+                    assert_eq!(run.json["timings"]["cpu"], level.name());
+                    check_against_reference(c, &run, &logits[c["logits_key"].as_str().unwrap()]);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn text_only_models_refuse_pictures_and_ocr_with_a_clear_message() {
+    let dir = text_fixture("tiny-text");
+    let scratch = tempfile::tempdir().unwrap();
+    let conv = scratch.path().join("c.json");
+    std::fs::write(
+        &conv,
+        r#"{"query": [{"image": "cat.png"}, {"text": "What is it?"}]}"#,
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_qwenvl"))
+        .args(["run", "--model"])
+        .arg(&dir)
+        .arg("--conversation")
+        .arg(&conv)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("text-only") && err.contains("cat.png"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_qwenvl"))
+        .args(["ocr", "--model"])
+        .arg(&dir)
+        .arg(tiny_a().join("images"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("text-only"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
 }

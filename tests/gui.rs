@@ -1488,3 +1488,46 @@ fn the_device_setting_names_a_missing_device_and_switches_back() {
             .unwrap();
     assert_eq!(saved["device"], serde_json::Value::Null);
 }
+
+/// A text-only Qwen (tests/fixtures/tiny-text) in the app: "Attach images…" is disabled with a
+/// one-line note, a dropped picture is refused with a message that says why (the message being
+/// written survives), and a text message is answered.
+#[test]
+fn text_only_model_disables_pictures_and_still_chats() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut opts = AppOptions::for_folder(tmp.path(), Box::new(EngineBackend::default()));
+    opts.model = Some(qwenvl_e2e::text_fixture("tiny-text"));
+    let mut h = harness(QwenApp::new(opts), vec2(1200.0, 860.0));
+    step_until(&mut h, 120, "tiny-text to load", ready);
+    assert!(!h.state().reads_pictures());
+    {
+        use egui_kittest::kittest::NodeT;
+        assert!(h
+            .get_by_label("Attach images…")
+            .accesskit_node()
+            .is_disabled());
+    }
+    h.get_by_label_contains("Text-only model: pictures cannot be attached");
+
+    type_message(&mut h, "Hello!");
+    drop_file(&mut h, image("tiny_50x40.png"));
+    h.step();
+    assert!(h.state().composer.images.is_empty());
+    assert!(
+        h.state().errors.iter().any(|e| e.contains("text-only")),
+        "{:?}",
+        h.state().errors
+    );
+    assert_eq!(h.state().composer.text, "Hello!");
+
+    h.state_mut().params.max_new_tokens = 4;
+    h.get_by_label("Send").click();
+    step_until(&mut h, 60, "the reply", |a| {
+        !a.is_generating()
+            && a.chat()
+                .turns
+                .last()
+                .is_some_and(|t| t.status == TurnStatus::Done)
+    });
+    assert!(!h.state().chat().turns[0].reply.is_empty());
+}

@@ -837,3 +837,34 @@ fn chat_body_messages(messages: Value) -> Vec<u8> {
     }))
     .unwrap()
 }
+
+/// A text-only Qwen checkpoint is served like Qwen-VL: `/v1/models` names it, text requests are
+/// answered, and a picture in a request is a 400 that says why (not a 500, not a crash).
+#[test]
+fn text_only_models_answer_text_and_refuse_pictures() {
+    let server = Server::start_model(&qwenvl_e2e::text_fixture("tiny-text"), &[]);
+    let (code, body) = curl(&format!("{}/v1/models", server.url), None, None);
+    assert_eq!(code, 200);
+    let models: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(models["data"][0]["id"], "tiny-text", "{models}");
+
+    let chat = format!("{}/v1/chat/completions", server.url);
+    let text = json!({"model": "tiny-text", "max_tokens": 8, "temperature": 0,
+                      "messages": [{"role": "user", "content": "你好！请用三句话介绍一下长城。"}]});
+    let (code, body) = curl(&chat, None, Some(&serde_json::to_vec(&text).unwrap()));
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 8, "{v}");
+
+    let url = qwenvl::openai::data_url(&tiny_a().join("images").join("tiny_50x40.png")).unwrap();
+    let pic = json!({"model": "tiny-text", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}]}]});
+    let (code, body) = curl(&chat, None, Some(&serde_json::to_vec(&pic).unwrap()));
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(code, 400, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("text-only"), "{msg}");
+    // Still up and answering.
+    let (code, _) = curl(&chat, None, Some(&serde_json::to_vec(&text).unwrap()));
+    assert_eq!(code, 200);
+}

@@ -22,9 +22,14 @@ pub struct Server {
 
 impl Server {
     pub fn start(extra: &[&str]) -> Server {
+        Self::start_model(&tiny_a(), extra)
+    }
+
+    /// `qwenvl serve` on the model folder `model`.
+    pub fn start_model(model: &Path, extra: &[&str]) -> Server {
         let mut child = Command::new(BIN)
             .args(["serve", "--port", "0", "--model"])
-            .arg(tiny_a())
+            .arg(model)
             .args(extra)
             .env_remove("QWENVL_API_KEY")
             .stdout(Stdio::piped())

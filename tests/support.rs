@@ -99,3 +99,10 @@ pub fn case_image_features(
         })
         .collect()
 }
+
+/// A text-only Qwen fixture committed under `tests/fixtures/` (`tiny-text`, `tiny-text-b`).
+pub fn text_fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}

@@ -83,7 +83,7 @@ struct BenchArgs {
     #[arg(long, conflicts_with = "random", required_unless_present_any = ["random", "kernels"])]
     model: Option<PathBuf>,
     /// Full-size random weights synthesised locally instead of a model folder.
-    #[arg(long, value_parser = ["qwen-vl-chat"])]
+    #[arg(long, value_parser = bench::RANDOM_PRESETS)]
     random: Option<String>,
     /// Weight type: q4k, q4_0, q8_0, bf16, f16 or f32.
     #[arg(long, default_value = "q4k", value_parser = parse_weight_type)]
@@ -348,7 +348,8 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     }
     let source = match (&args.model, &args.random) {
         (Some(dir), _) => bench::Source::Checkpoint(dir.clone()),
-        _ => bench::Source::Random,
+        (None, Some(name)) => bench::Source::Random(name.clone()),
+        (None, None) => anyhow::bail!("bench: give --model DIR or --random PRESET"),
     };
     let device = parse_device(&args.device)?;
     if args.streams.contains(&0) {

@@ -219,6 +219,16 @@ pub fn run(args: OcrArgs) -> Result<()> {
 
     // Everything that can be refused is refused before the model loads.
     let device = crate::session::parse_device(&args.device)?;
+    // A text-only Qwen reads no pictures: say so before anything is read or loaded. (A folder
+    // whose config cannot be read is reported by the load, with its own message.)
+    if let Ok(cfg) = lm::QwenConfig::from_file(&args.model.join("config.json")) {
+        anyhow::ensure!(
+            cfg.has_vision(),
+            "ocr: {} is a text-only Qwen model (its config.json has no `visual` section): it \
+             cannot read pictures; use a Qwen-VL checkpoint such as Qwen/Qwen-VL-Chat",
+            args.model.display()
+        );
+    }
     let inputs = expand_inputs(&args.files)?;
     let (mut out, done): (Box<dyn Write>, HashSet<(String, String)>) = match &args.out {
         Some(p) => {

@@ -1,5 +1,10 @@
-//! `config.json` and `generation_config.json` of a Qwen-VL checkpoint, mirrored as serde structs.
-//! Missing keys fall back to the values of the published Qwen-VL-Chat checkpoint.
+//! `config.json` and `generation_config.json` of a Qwen (v1) checkpoint, mirrored as serde structs:
+//! Qwen-VL-Chat, and the text-only Qwen / Qwen-Chat models of the same architecture (1.8B to 72B,
+//! Code-Qwen, Math-Qwen) whose `config.json` has no `visual` section. Missing keys fall back to the
+//! values of the published Qwen-VL-Chat checkpoint.
+//!
+//! Every switch of the upstream `configuration_qwen.py` is read. Those we do not implement are
+//! refused by name ([`QwenConfig::validate`]) rather than ignored.
 
 use std::path::Path;
 
@@ -61,6 +66,20 @@ pub struct QwenConfig {
     pub no_bias: bool,
     #[serde(default)]
     pub torch_dtype: Option<String>,
+    /// Upstream computes the attention softmax in f32 when set, else in the activation dtype; we
+    /// always compute it in f32 (the same result on the f32 path, never coarser otherwise).
+    #[serde(default)]
+    pub softmax_in_fp32: bool,
+    /// 8-bit KV cache of the upstream code (text-only Qwen); not implemented, refused when set.
+    #[serde(default)]
+    pub use_cache_quantization: bool,
+    /// Upstream's CUDA kernels for the quantized KV cache (only with `use_cache_quantization`).
+    #[serde(default)]
+    pub use_cache_kernel: bool,
+    /// `"auto"`, `true` or `false`: flash-attention on CUDA upstream. Numerically the same
+    /// attention; we run our own kernels whatever it says.
+    #[serde(default)]
+    pub use_flash_attn: Option<serde_json::Value>,
     /// The vision tower's own config; the `vision` crate parses it.
     #[serde(default)]
     pub visual: Option<serde_json::Value>,
@@ -69,41 +88,91 @@ pub struct QwenConfig {
 impl QwenConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let cfg: Self = read_json(path)?;
+        cfg.validate().map_err(|m| Error::checkpoint(path, m))?;
+        Ok(cfg)
+    }
+
+    /// Whether this is Qwen-VL (a `visual` section) rather than a text-only Qwen LM.
+    pub fn has_vision(&self) -> bool {
+        self.visual.is_some()
+    }
+
+    /// Refuses what this implementation does not run exactly as the upstream code does, naming
+    /// the setting.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let cfg = self;
         if let Some(mt) = &cfg.model_type {
             if mt != "qwen" {
-                return Err(Error::checkpoint(
-                    path,
-                    format!("unsupported model_type {mt:?} (expected \"qwen\")"),
+                return Err(format!(
+                    "unsupported model_type {mt:?} (expected \"qwen\": Qwen v1 / Qwen-VL; \
+                     Qwen1.5 and later are \"qwen2\" models, which qwenvl does not run)"
                 ));
             }
+        }
+        if cfg.use_cache_quantization {
+            return Err(
+                "use_cache_quantization is true: the 8-bit KV cache of the upstream code \
+                 is not supported; set it to false in config.json"
+                    .into(),
+            );
+        }
+        if !cfg.scale_attn_weights {
+            return Err(
+                "scale_attn_weights is false: the upstream code always scales attention \
+                 by 1/sqrt(head_dim) whatever this says, so the checkpoint's intent is unclear"
+                    .into(),
+            );
         }
         if cfg.num_attention_heads == 0
             || (cfg.kv_channels.is_none()
                 && !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads))
         {
-            return Err(Error::checkpoint(
-                path,
-                format!(
-                    "hidden_size {} is not a multiple of num_attention_heads {}",
-                    cfg.hidden_size, cfg.num_attention_heads
-                ),
+            return Err(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                cfg.hidden_size, cfg.num_attention_heads
             ));
         }
-        if cfg.rotary_dim() < 2
+        // Upstream splits `c_attn`'s output at `hidden_size` and the heads at
+        // `hidden_size / num_attention_heads`: any other kv_channels breaks its own model.
+        if let Some(kv) = cfg.kv_channels {
+            if kv * cfg.num_attention_heads != cfg.hidden_size {
+                return Err(format!(
+                    "kv_channels {kv} x num_attention_heads {} is not hidden_size {}",
+                    cfg.num_attention_heads, cfg.hidden_size
+                ));
+            }
+        }
+        if !(cfg.rotary_pct > 0.0 && cfg.rotary_pct <= 1.0) {
+            return Err(format!("rotary_pct {} is not in (0, 1]", cfg.rotary_pct));
+        }
+        if cfg.rotary_dim() < 4
             || !cfg.rotary_dim().is_multiple_of(2)
             || cfg.rotary_dim() > cfg.head_dim()
         {
-            return Err(Error::checkpoint(
-                path,
-                format!(
-                    "head dim {} / rotary_pct {} give an unusable rotary dimension {}",
-                    cfg.head_dim(),
-                    cfg.rotary_pct,
-                    cfg.rotary_dim()
-                ),
+            return Err(format!(
+                "head dim {} / rotary_pct {} give an unusable rotary dimension {}",
+                cfg.head_dim(),
+                cfg.rotary_pct,
+                cfg.rotary_dim()
             ));
         }
-        Ok(cfg)
+        if cfg.seq_length == 0 || cfg.max_position_embeddings == 0 {
+            return Err("seq_length and max_position_embeddings must be positive".into());
+        }
+        if !(cfg.rotary_emb_base.is_finite() && cfg.rotary_emb_base > 1.0) {
+            return Err(format!(
+                "rotary_emb_base {} must be above 1",
+                cfg.rotary_emb_base
+            ));
+        }
+        if cfg.vocab_size < crate::tokenizer::N_RANKS + 3 {
+            return Err(format!(
+                "vocab_size {} is smaller than the Qwen vocabulary ({} tokens and the chat specials)",
+                cfg.vocab_size,
+                crate::tokenizer::N_RANKS + 3
+            ));
+        }
+        Ok(())
     }
 
     pub fn head_dim(&self) -> usize {

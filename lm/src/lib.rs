@@ -12,6 +12,7 @@ pub mod grounding;
 pub mod model;
 pub mod prompt;
 pub mod quant;
+pub mod react;
 pub mod tokenizer;
 
 pub use checkpoint::Checkpoint;

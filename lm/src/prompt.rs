@@ -1,5 +1,6 @@
 //! Conversation -> ChatML prompt token ids, id-exact with the reference `make_context` for normal
-//! inputs (README 2.1, 2.2).
+//! inputs (README 2.1, 2.2): Qwen-VL's, and the text-only Qwen's when the tokenizer is
+//! [`QwenTokenizer::text_only`] (the same template; picture items are refused, markup is text).
 //!
 //! Deliberate difference (security): only `{"image": ...}` items attach images. `<img>`, `</img>`,
 //! `<imgpad>` and chat specials typed in any text (system, user text, ref names, assistant replies)
@@ -125,6 +126,12 @@ pub fn encode_items(tok: &QwenTokenizer, items: &[Item]) -> Result<Vec<u32>> {
     let mut pictures = 0;
     for item in items {
         match item {
+            Item::Image { image } if !tok.has_markup() => {
+                return Err(Error::Prompt(format!(
+                    "this is a text-only Qwen model: it cannot read pictures ({image:?}); \
+                     use a Qwen-VL checkpoint for images"
+                )));
+            }
             Item::Image { image } => {
                 pictures += 1;
                 run.push_str(&format!("Picture {pictures}: "));
@@ -224,6 +231,24 @@ pub fn build_chatml(
         history_turns_kept,
         history_turns_dropped: conv.history.len() - history_turns_kept,
     })
+}
+
+/// Like [`build_chatml`], with the assistant's reply already begun: the prompt ends in
+/// `<|im_start|>assistant\n{reply_prefix}` (no `<|im_end|>`), so the model continues that reply.
+/// This is upstream's text completion of the last message in tool use (crate::react), where the
+/// open reply ends in `Observation: ...\nThought:`.
+pub fn build_chatml_continuing(
+    tok: &QwenTokenizer,
+    conv: &Conversation,
+    reply_prefix: &str,
+    max_window_size: usize,
+) -> Result<Prompt> {
+    let mut prompt = build_chatml(tok, conv, max_window_size)?;
+    prompt
+        .ids
+        .extend(tok.encode(reply_prefix, Specials::GroundingMarkup)?);
+    prompt.raw_text.push_str(reply_prefix);
+    Ok(prompt)
 }
 
 /// Paths of the image items, in order.

@@ -133,8 +133,9 @@ fn special_at(s: &str) -> Option<(u32, usize)> {
         .map(|&(name, id)| (id, name.len()))
 }
 
-/// Splits `text` at the leftmost occurrences of the recognised specials (tiktoken's special scan).
-fn split_specials(text: &str, specials: Specials) -> Vec<Segment<'_>> {
+/// Splits `text` at the leftmost occurrences of the recognised specials (tiktoken's special scan);
+/// without `markup` (text-only Qwen) the ref/box/quad/img strings are not specials at all.
+fn split_specials(text: &str, specials: Specials, markup: bool) -> Vec<Segment<'_>> {
     let mut out = Vec::new();
     let mut start = 0;
     if specials != Specials::None {
@@ -143,7 +144,7 @@ fn split_specials(text: &str, specials: Specials) -> Vec<Segment<'_>> {
                 continue;
             }
             if let Some((id, len)) = special_at(&text[pos..]) {
-                if specials.allows(id) {
+                if specials.allows(id) && (markup || id < REF_START) {
                     if pos > start {
                         out.push(Segment::Text(&text[start..pos]));
                     }
@@ -177,7 +178,9 @@ fn bytes_to_unicode() -> [char; 256] {
     table
 }
 
-/// Qwen-VL-Chat tokenizer (`qwen.tiktoken` + specials + image spans).
+/// Qwen tokenizer (`qwen.tiktoken` + specials): Qwen-VL-Chat's, with the nine ref/box/quad/img
+/// markup tokens and image spans, or the text-only Qwen's ([`QwenTokenizer::text_only`]), where
+/// those strings are ordinary text and ids 151851 and up are not tokens.
 ///
 /// Loading only parses the vocabulary; the `tokenizers` BPE (a few hundred ms to build) is built on
 /// the first encode, or ahead of time with [`QwenTokenizer::warm_up`]. Decoding never needs it.
@@ -189,12 +192,15 @@ pub struct QwenTokenizer {
     offsets: Vec<usize>,
     /// Rank of each single-byte token (the fallback encoding of a byte).
     byte_rank: [u32; 256],
+    /// Whether the Qwen-VL markup tokens exist (false for text-only Qwen).
+    markup: bool,
 }
 
 impl std::fmt::Debug for QwenTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QwenTokenizer")
-            .field("vocab_size", &VOCAB_SIZE)
+            .field("vocab_size", &self.vocab_size_tokenizer())
+            .field("markup", &self.markup)
             .finish()
     }
 }
@@ -295,30 +301,48 @@ impl QwenTokenizer {
             bytes,
             offsets,
             byte_rank,
+            markup: true,
         })
     }
 
-    /// Ids the tokenizer can produce: 151860.
+    /// The text-only Qwen tokenizer (Qwen-7B-Chat and the rest of the family): the same ranks and
+    /// chat specials, no markup tokens, so `<ref>`, `<box>`, `<img>` ... typed anywhere are text.
+    pub fn text_only(mut self) -> Self {
+        self.markup = false;
+        self
+    }
+
+    /// Whether the Qwen-VL markup tokens (`<ref>` ... `<imgpad>`) exist.
+    pub fn has_markup(&self) -> bool {
+        self.markup
+    }
+
+    /// Ids the tokenizer can produce: 151860 (Qwen-VL), 151851 (text-only).
     pub fn vocab_size_tokenizer(&self) -> usize {
-        VOCAB_SIZE
+        if self.markup {
+            VOCAB_SIZE
+        } else {
+            REF_START as usize
+        }
     }
 
     /// Surface bytes of `id` (special ids give their string); `None` beyond the tokenizer's vocab.
     pub fn token_bytes(&self, id: u32) -> Option<&[u8]> {
         let id = id as usize;
-        (id < VOCAB_SIZE).then(|| &self.bytes[self.offsets[id]..self.offsets[id + 1]])
+        (id < self.vocab_size_tokenizer())
+            .then(|| &self.bytes[self.offsets[id]..self.offsets[id + 1]])
     }
 
     /// The id of a special token given its exact surface string.
     pub fn special_id(&self, s: &str) -> Option<u32> {
         special_at(s)
-            .filter(|&(_, len)| len == s.len())
+            .filter(|&(id, len)| len == s.len() && (self.markup || id < REF_START))
             .map(|(id, _)| id)
     }
 
     /// The surface string of a special id.
     pub fn id_to_special(&self, id: u32) -> Option<&str> {
-        if !(ENDOFTEXT..VOCAB_SIZE as u32).contains(&id) {
+        if !(ENDOFTEXT..self.vocab_size_tokenizer() as u32).contains(&id) {
             return None;
         }
         self.token_bytes(id)
@@ -363,7 +387,7 @@ impl QwenTokenizer {
     /// recognised) image-span expansion.
     pub fn encode(&self, text: &str, specials: Specials) -> Result<Vec<u32>> {
         let text: String = text.nfc().collect();
-        let segments = split_specials(&text, specials);
+        let segments = split_specials(&text, specials, self.markup);
         let mut ids = Vec::new();
         let mut i = 0;
         while i < segments.len() {
@@ -425,7 +449,7 @@ impl QwenTokenizer {
         let mut searched_from = 0;
         while i < ids.len() {
             let id = ids[i];
-            if id == IMG_START {
+            if id == IMG_START && self.markup {
                 if next_end.is_none_or(|e| e <= i) && searched_from <= i {
                     next_end = ids
                         .get(i + 1..)
@@ -580,7 +604,7 @@ mod tests {
         use Segment::*;
         let s = "a<|im_start|>b<img>c</img><ref>";
         assert_eq!(
-            split_specials(s, Specials::ImageMarkup),
+            split_specials(s, Specials::ImageMarkup, true),
             vec![
                 Text("a<|im_start|>b"),
                 Special(IMG_START),
@@ -590,13 +614,22 @@ mod tests {
             ]
         );
         assert_eq!(
-            split_specials(s, Specials::GroundingMarkup),
+            split_specials(s, Specials::GroundingMarkup, true),
             vec![Text("a<|im_start|>b<img>c</img>"), Special(REF_START)]
         );
-        assert_eq!(split_specials(s, Specials::None), vec![Text(s)]);
+        assert_eq!(split_specials(s, Specials::None, true), vec![Text(s)]);
         assert_eq!(
-            split_specials("<<ref>", Specials::All),
+            split_specials("<<ref>", Specials::All, true),
             vec![Text("<"), Special(REF_START)]
+        );
+        // Text-only Qwen: the markup strings are text even where every special is allowed.
+        assert_eq!(
+            split_specials(s, Specials::All, false),
+            vec![Text("a"), Special(IM_START), Text("b<img>c</img><ref>")]
+        );
+        assert_eq!(
+            split_specials(s, Specials::GroundingMarkup, false),
+            vec![Text(s)]
         );
     }
 

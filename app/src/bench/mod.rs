@@ -30,7 +30,27 @@ use lm::QwenConfig;
 /// Where the weights come from.
 pub enum Source {
     Checkpoint(PathBuf),
-    Random,
+    /// A named preset of [`random_preset_config`].
+    Random(String),
+}
+
+/// The presets `--random` accepts.
+pub const RANDOM_PRESETS: [&str; 4] = [
+    "qwen-vl-chat",
+    "qwen-1.8b-chat",
+    "qwen-7b-chat",
+    "qwen-14b-chat",
+];
+
+/// `config.json` of a `--random` preset: the published checkpoint's shapes and switches.
+pub fn random_preset_config(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "qwen-vl-chat" => QWEN_VL_CHAT_CONFIG,
+        "qwen-1.8b-chat" => random::QWEN_1_8B_CHAT_CONFIG,
+        "qwen-7b-chat" => random::QWEN_7B_CHAT_CONFIG,
+        "qwen-14b-chat" => random::QWEN_14B_CHAT_CONFIG,
+        _ => return None,
+    })
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -49,9 +69,10 @@ pub struct BenchReport {
     /// Peak RSS when each phase ended (load, cache write, vision, prefill): where the peak is set.
     pub peak_rss_by_phase_gb: Vec<(String, f64)>,
     pub lm_weight_bytes_per_token: u64,
-    pub vision_encode_s: f64,
-    pub vision_gflop: f64,
-    pub vision_gflops: f64,
+    /// Vision encode of one picture; `None` for text-only models.
+    pub vision_encode_s: Option<f64>,
+    pub vision_gflop: Option<f64>,
+    pub vision_gflops: Option<f64>,
     pub prefill_tokens: usize,
     pub prefill_s: f64,
     pub prefill_tokens_per_s: f64,
@@ -265,14 +286,20 @@ pub fn run(
     let progress = std::sync::Arc::new(lm::checkpoint::LoadProgress::default());
     let mut total = 0;
     let (cfg, vb, model_name): (QwenConfig, VarBuilder, String) = match &source {
-        Source::Random => {
-            let cfg: QwenConfig = serde_json::from_str(QWEN_VL_CHAT_CONFIG)?;
+        Source::Random(name) => {
+            let json = random_preset_config(name).with_context(|| {
+                format!(
+                    "unknown preset {name:?}: one of {}",
+                    RANDOM_PRESETS.join(", ")
+                )
+            })?;
+            let cfg: QwenConfig = serde_json::from_str(json)?;
             let vb = VarBuilder::from_backend(
                 Box::new(RandomBackend::new(0x5eed)),
                 wt.compute_dtype(&device),
                 device.clone(),
             );
-            (cfg, vb, "random qwen-vl-chat".into())
+            (cfg, vb, format!("random {name}"))
         }
         Source::Checkpoint(dir) => {
             let ck = lm::Checkpoint::open(dir)
@@ -287,16 +314,10 @@ pub fn run(
             (ck.config.clone(), vb, dir.display().to_string())
         }
     };
-    let vcfg: vision::Config = serde_json::from_value(
-        cfg.visual
-            .clone()
-            .context("config has no `visual` section")?,
-    )?;
-
     eprintln!("loading ({wt}) ...");
     let t0 = Instant::now();
-    let (lm, visual) = crate::cli_load::with_bar(total, &progress, || {
-        crate::engine::build_models(&cfg, &vcfg, &vb, &q, table)
+    let (lm, vision) = crate::cli_load::with_bar(total, &progress, || {
+        crate::engine::build_models(&cfg, &vb, &q, table)
     })?;
     let load_s = t0.elapsed().as_secs_f64();
     let mut phases = vec![("load".to_string(), peak_rss_bytes() as f64 / 1e9)];
@@ -308,37 +329,51 @@ pub fn run(
     }
 
     // One 448×448 picture of noise, through the real preprocessing.
-    let s = vcfg.image_size as u32;
-    let img = vision::image::RgbImage::from_fn(s, s, |x, y| {
-        let v = ((x * 31 + y * 17) % 251) as u8;
-        vision::image::Rgb([v, v.wrapping_mul(3), v.wrapping_add(91)])
-    });
-    eprintln!("vision encode ...");
-    let t1 = Instant::now();
-    let pixels = vision::preprocess(&img, vcfg.image_size)?
-        .unsqueeze(0)?
-        .to_device(&device)?
-        .to_dtype(lm.dtype())?;
-    let feats = visual.forward(&pixels)?;
-    // GPU work is queued: wait for it before reading the clock.
-    device.synchronize()?;
-    let vision_encode_s = t1.elapsed().as_secs_f64();
-    phases.push(("vision".into(), peak_rss_bytes() as f64 / 1e9));
+    let feats = match &vision {
+        Some(v) => {
+            let s = v.config.image_size as u32;
+            let img = vision::image::RgbImage::from_fn(s, s, |x, y| {
+                let v = ((x * 31 + y * 17) % 251) as u8;
+                vision::image::Rgb([v, v.wrapping_mul(3), v.wrapping_add(91)])
+            });
+            eprintln!("vision encode ...");
+            let t1 = Instant::now();
+            let pixels = vision::preprocess(&img, v.config.image_size)?
+                .unsqueeze(0)?
+                .to_device(&device)?
+                .to_dtype(lm.dtype())?;
+            let feats = v.encoder.forward(&pixels)?;
+            // GPU work is queued: wait for it before reading the clock.
+            device.synchronize()?;
+            let vision_encode_s = t1.elapsed().as_secs_f64();
+            phases.push(("vision".into(), peak_rss_bytes() as f64 / 1e9));
+            Some((feats.get(0)?, vision_encode_s))
+        }
+        None => None,
+    };
+    let vision_encode_s = feats.as_ref().map(|f| f.1);
 
-    // The reference's measurement: one image + a 40-word question in the chat template.
+    // The reference's measurement: one image + a 40-word question in the chat template; a
+    // text-only model gets text in the picture's 258 positions, so both prefill 324 tokens.
     let mut ids: Vec<u32> = vec![151644, 8948, 198];
     ids.extend((0..8).map(|i| 1000 + i * 37));
     ids.extend([151645, 198, 151644, 872, 198, 24669, 220, 16, 25, 220]);
     let img_start = ids.len();
-    ids.push(151857);
-    ids.extend(std::iter::repeat_n(151859u32, 256));
-    ids.push(151858);
+    let mut images = Vec::new();
+    match feats {
+        Some((features, _)) => {
+            ids.push(151857);
+            ids.extend(std::iter::repeat_n(151859u32, 256));
+            ids.push(151858);
+            images.push(ImageFeatures {
+                first_position: img_start + 1,
+                features,
+            });
+        }
+        None => ids.extend((0..258u32).map(|i| 3000 + i * 97)),
+    }
     ids.extend((0..40u32).map(|i| 2000 + i * 53));
     ids.extend([151645, 198, 151644, 77091, 198]);
-    let images = [ImageFeatures {
-        first_position: img_start + 1,
-        features: feats.get(0)?,
-    }];
     eprintln!("prefill {} tokens ...", ids.len());
     let t2 = Instant::now();
     let mut cache = lm.new_cache();
@@ -346,7 +381,7 @@ pub fn run(
     let mut next = lm::generate::argmax(&logits.to_vec1::<f32>()?);
     let prefill_s = t2.elapsed().as_secs_f64();
     phases.push(("prefill".into(), peak_rss_bytes() as f64 / 1e9));
-    let time_to_first_token_s = vision_encode_s + prefill_s;
+    let time_to_first_token_s = vision_encode_s.unwrap_or(0.0) + prefill_s;
 
     eprintln!("decode {decode_tokens} tokens ...");
     // On the CPU the read bandwidth is sampled between stretches of decoding (untimed): on a
@@ -378,7 +413,7 @@ pub fn run(
         samples.push(buf.read_pass());
         peak_rss = peak_before_decode.max(peak_rss.saturating_sub(held));
     }
-    drop(visual);
+    drop(vision);
     let streams = streams
         .iter()
         .map(|&s| measure_streams(&lm, &cache, next, s, decode_tokens))
@@ -399,7 +434,8 @@ pub fn run(
     let bytes = lm_bytes_per_token(&cfg, wt);
     let decode_tokens_per_s = decode_tokens as f64 / decode_s;
     let limit = bandwidth_gb_s * 1e9 / bytes as f64;
-    let vision_gflop = vision_flop(&vcfg, cfg.hidden_size) / 1e9;
+    let vision_gflop =
+        crate::engine::visual_config(&cfg)?.map(|vc| vision_flop(&vc, cfg.hidden_size) / 1e9);
     Ok(BenchReport {
         model: model_name,
         device: match device.location() {
@@ -417,7 +453,7 @@ pub fn run(
         lm_weight_bytes_per_token: bytes,
         vision_encode_s,
         vision_gflop,
-        vision_gflops: vision_gflop / vision_encode_s,
+        vision_gflops: vision_gflop.zip(vision_encode_s).map(|(f, s)| f / s),
         prefill_tokens: ids.len(),
         prefill_s,
         prefill_tokens_per_s: ids.len() as f64 / prefill_s,
@@ -480,12 +516,12 @@ pub fn table(r: &BenchReport) -> String {
         ),
         (
             "vision encode (1 image)",
-            format!(
-                "{}  ({:.0} GFLOP, {:.0} GFLOP/s)",
-                duration(r.vision_encode_s),
-                r.vision_gflop,
-                r.vision_gflops
-            ),
+            match (r.vision_encode_s, r.vision_gflop, r.vision_gflops) {
+                (Some(s), Some(f), Some(rate)) => {
+                    format!("{}  ({f:.0} GFLOP, {rate:.0} GFLOP/s)", duration(s))
+                }
+                _ => "none (text-only model)".into(),
+            },
         ),
         (
             "prefill",

@@ -20,6 +20,45 @@ pub const QWEN_VL_CHAT_CONFIG: &str = r#"{
   "vocab_size": 151936
 }"#;
 
+/// `config.json` of Qwen/Qwen-7B-Chat (upstream v1.1: 8k training context, 32k positions).
+pub const QWEN_7B_CHAT_CONFIG: &str = r#"{
+  "architectures": ["QWenLMHeadModel"], "bf16": false, "fp16": false, "fp32": false,
+  "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 22016, "kv_channels": 128,
+  "layer_norm_epsilon": 1e-06, "max_position_embeddings": 32768, "model_type": "qwen",
+  "no_bias": true, "num_attention_heads": 32, "num_hidden_layers": 32, "rotary_emb_base": 10000,
+  "rotary_pct": 1.0, "scale_attn_weights": true, "seq_length": 8192, "tie_word_embeddings": false,
+  "tokenizer_class": "QWenTokenizer", "torch_dtype": "bfloat16", "use_cache": true,
+  "use_dynamic_ntk": true, "use_logn_attn": true, "softmax_in_fp32": false,
+  "use_cache_quantization": false, "use_cache_kernel": false, "use_flash_attn": "auto",
+  "vocab_size": 151936
+}"#;
+
+/// `config.json` of Qwen/Qwen-14B-Chat.
+pub const QWEN_14B_CHAT_CONFIG: &str = r#"{
+  "architectures": ["QWenLMHeadModel"], "bf16": false, "fp16": false, "fp32": false,
+  "hidden_size": 5120, "initializer_range": 0.02, "intermediate_size": 27392, "kv_channels": 128,
+  "layer_norm_epsilon": 1e-06, "max_position_embeddings": 8192, "model_type": "qwen",
+  "no_bias": true, "num_attention_heads": 40, "num_hidden_layers": 40, "rotary_emb_base": 10000,
+  "rotary_pct": 1.0, "scale_attn_weights": true, "seq_length": 2048, "tie_word_embeddings": false,
+  "tokenizer_class": "QWenTokenizer", "torch_dtype": "bfloat16", "use_cache": true,
+  "use_dynamic_ntk": true, "use_logn_attn": true, "softmax_in_fp32": false,
+  "use_cache_quantization": false, "use_cache_kernel": false, "use_flash_attn": "auto",
+  "vocab_size": 152064
+}"#;
+
+/// `config.json` of Qwen/Qwen-1_8B-Chat.
+pub const QWEN_1_8B_CHAT_CONFIG: &str = r#"{
+  "architectures": ["QWenLMHeadModel"], "bf16": false, "fp16": false, "fp32": false,
+  "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 11008, "kv_channels": 128,
+  "layer_norm_epsilon": 1e-06, "max_position_embeddings": 8192, "model_type": "qwen",
+  "no_bias": true, "num_attention_heads": 16, "num_hidden_layers": 24, "rotary_emb_base": 10000,
+  "rotary_pct": 1.0, "scale_attn_weights": true, "seq_length": 8192, "tie_word_embeddings": false,
+  "tokenizer_class": "QWenTokenizer", "torch_dtype": "bfloat16", "use_cache": true,
+  "use_dynamic_ntk": true, "use_logn_attn": true, "softmax_in_fp32": false,
+  "use_cache_quantization": false, "use_cache_kernel": false, "use_flash_attn": "auto",
+  "vocab_size": 151936
+}"#;
+
 /// Values every synthetic tensor is cut from: 16 M floats, uniform in ±0.02·√3 (std 0.02, the
 /// checkpoint's `initializer_range`).
 const POOL_LEN: usize = 1 << 24;

@@ -29,10 +29,44 @@ pub const DEFAULT_REPO: &str = "Qwen/Qwen-VL-Chat";
 pub const DEFAULT_RETRIES: usize = 5;
 const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 
+/// The checkpoints qwenvl runs, by short name (`qwenvl download qwen-7b-chat`): Qwen-VL and the
+/// text-only Qwen (v1) chat models of the same architecture.
+pub const KNOWN_MODELS: [(&str, &str); 8] = [
+    ("qwen-vl-chat", "Qwen/Qwen-VL-Chat"),
+    ("qwen-vl", "Qwen/Qwen-VL"),
+    ("qwen-1.8b-chat", "Qwen/Qwen-1_8B-Chat"),
+    ("qwen-7b-chat", "Qwen/Qwen-7B-Chat"),
+    ("qwen-14b-chat", "Qwen/Qwen-14B-Chat"),
+    ("qwen-72b-chat", "Qwen/Qwen-72B-Chat"),
+    ("qwen-7b", "Qwen/Qwen-7B"),
+    ("qwen-14b", "Qwen/Qwen-14B"),
+];
+
+/// The hub repository of a short name of [`KNOWN_MODELS`], or `repo` itself when it is an
+/// `org/name`; anything else is refused with the known names.
+pub fn resolve_repo(repo: &str) -> Result<String> {
+    if repo.contains('/') {
+        return Ok(repo.to_string());
+    }
+    let key = repo.to_ascii_lowercase();
+    match KNOWN_MODELS.iter().find(|(name, _)| *name == key) {
+        Some((_, id)) => Ok(id.to_string()),
+        None => bail!(
+            "{repo:?} is neither a hub repository (org/name) nor a known model: {}",
+            KNOWN_MODELS
+                .iter()
+                .map(|(n, id)| format!("{n} ({id})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
 /// `qwenvl download [REPO]`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct DownloadArgs {
-    /// Model repository on the hub (`org/name`).
+    /// Model repository on the hub (`org/name`), or a short name: qwen-vl-chat, qwen-vl,
+    /// qwen-1.8b-chat, qwen-7b-chat, qwen-14b-chat, qwen-72b-chat, qwen-7b, qwen-14b.
     #[arg(default_value = DEFAULT_REPO)]
     pub repo: String,
     /// Branch, tag or commit to download.
@@ -442,7 +476,7 @@ pub fn run(args: DownloadArgs) -> Result<()> {
     use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 
     let opts = DownloadOptions {
-        repo: args.repo,
+        repo: resolve_repo(&args.repo)?,
         revision: args.revision,
         all_files: args.all,
         retries: args.retries,
@@ -528,4 +562,18 @@ pub fn run(args: DownloadArgs) -> Result<()> {
     );
     println!("{}", snapshot.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod known_model_tests {
+    use super::*;
+
+    #[test]
+    fn short_names_resolve_to_hub_repositories() {
+        assert_eq!(resolve_repo("qwen-7b-chat").unwrap(), "Qwen/Qwen-7B-Chat");
+        assert_eq!(resolve_repo("Qwen-14B-Chat").unwrap(), "Qwen/Qwen-14B-Chat");
+        assert_eq!(resolve_repo("someone/model").unwrap(), "someone/model");
+        let e = resolve_repo("llama").unwrap_err().to_string();
+        assert!(e.contains("qwen-vl-chat (Qwen/Qwen-VL-Chat)"), "{e}");
+    }
 }

@@ -122,12 +122,36 @@ struct Reuse {
     prefix: Option<CachedPrefix>,
 }
 
+/// Qwen-VL's vision tower with its config.
+pub struct Vision {
+    pub encoder: vision::VisualEncoder,
+    pub config: vision::Config,
+}
+
+/// The `visual` section of a Qwen-VL `config.json`, checked against the prompt layout; `None` for
+/// a text-only Qwen.
+pub fn visual_config(cfg: &lm::QwenConfig) -> Result<Option<vision::Config>> {
+    let Some(value) = cfg.visual.clone() else {
+        return Ok(None);
+    };
+    let vc: vision::Config =
+        serde_json::from_value(value).context("config.json: invalid `visual` section")?;
+    // The prompt reserves one position per visual feature between `<img>` and `</img>`.
+    anyhow::ensure!(
+        vc.n_queries == lm::tokenizer::IMG_SPAN,
+        "config.json: visual.n_queries is {}, but the Qwen-VL prompt holds {} features per image",
+        vc.n_queries,
+        lm::tokenizer::IMG_SPAN
+    );
+    Ok(Some(vc))
+}
+
 pub struct Engine {
     pub checkpoint: Checkpoint,
     pub tokenizer: QwenTokenizer,
     pub lm: QwenLm,
-    pub visual: vision::VisualEncoder,
-    pub visual_config: vision::Config,
+    /// The vision tower; `None` for a text-only Qwen checkpoint.
+    pub vision: Option<Vision>,
     pub device: Device,
     /// The dtype activations are computed in.
     pub dtype: DType,
@@ -234,37 +258,55 @@ pub fn build_visual(
     Ok(vision::VisualEncoder::new_with_linear(cfg, vb, linear)?.with_bf16_attention(true))
 }
 
-/// The language model and the vision tower of a checkpoint (`vb` rooted at its top level), built
-/// as the engine runs them; the benchmark builds them the same way. A quantized model looks its
-/// token embeddings up in `table` (the mapped checkpoint's own) instead of holding a copy.
+/// The language model and (for Qwen-VL) the vision tower of a checkpoint (`vb` rooted at its top
+/// level), built as the engine runs them; the benchmark builds them the same way. A quantized
+/// model looks its token embeddings up in `table` (the mapped checkpoint's own) instead of holding
+/// a copy.
 pub fn build_models(
     cfg: &lm::QwenConfig,
-    visual_config: &vision::Config,
     vb: &candle_nn::VarBuilder,
     q: &Quantizer,
     table: Option<lm::checkpoint::MappedRows>,
-) -> Result<(QwenLm, vision::VisualEncoder)> {
+) -> Result<(QwenLm, Option<Vision>)> {
+    let visual_config = visual_config(cfg)?;
     let lm = QwenLm::load_with_table(cfg, vb.clone(), q.clone(), table)
         .context("cannot build the language model")?;
     release_free_heap();
-    let visual = build_visual(visual_config, vb.pp("transformer").pp("visual"), q)
-        .context("cannot build the vision tower")?;
-    release_free_heap();
+    let vision = match visual_config {
+        Some(config) => {
+            let encoder = build_visual(&config, vb.pp("transformer").pp("visual"), q)
+                .context("cannot build the vision tower")?;
+            release_free_heap();
+            Some(Vision { encoder, config })
+        }
+        None => None,
+    };
     if !vb.device().is_cpu() {
-        warm_up(&lm, &visual, visual_config).context("cannot run the model on the GPU")?;
+        warm_up(&lm, vision.as_ref()).context("cannot run the model on the GPU")?;
     }
-    Ok((lm, visual))
+    Ok((lm, vision))
 }
 
-/// One picture and a short prompt through the whole model, results dropped. On a GPU the first
-/// call of each kernel loads (JIT-compiles) its module and cuBLAS picks its algorithms: ~0.1 s per
-/// stage that would otherwise land on the user's first reply.
-fn warm_up(lm: &QwenLm, visual: &vision::VisualEncoder, cfg: &vision::Config) -> Result<()> {
+/// One picture (Qwen-VL) and a short prompt through the whole model, results dropped. On a GPU the
+/// first call of each kernel loads (JIT-compiles) its module and cuBLAS picks its algorithms:
+/// ~0.1 s per stage that would otherwise land on the user's first reply.
+fn warm_up(lm: &QwenLm, vision: Option<&Vision>) -> Result<()> {
+    use lm::tokenizer::NEWLINE;
+    let Some(Vision {
+        encoder: visual,
+        config: cfg,
+    }) = vision
+    else {
+        let mut cache = lm.new_cache();
+        lm.forward(&[NEWLINE, NEWLINE], &[], &mut cache)?;
+        lm.forward(&[NEWLINE], &[], &mut cache)?.to_vec1::<f32>()?;
+        return Ok(());
+    };
     let s = cfg.image_size;
     let pixels = Tensor::zeros((1, 3, s, s), visual.dtype(), lm.device())?;
     let features = visual.forward(&pixels)?.get(0)?;
     // A prompt's shape: `<img>`, one pad per feature, `</img>`, a newline; then one decode step.
-    use lm::tokenizer::{IMG_END, IMG_PAD, IMG_START, NEWLINE};
+    use lm::tokenizer::{IMG_END, IMG_PAD, IMG_START};
     let mut ids = vec![IMG_START];
     ids.extend(std::iter::repeat_n(IMG_PAD, cfg.n_queries));
     ids.extend([IMG_END, NEWLINE]);
@@ -301,26 +343,13 @@ impl Engine {
         let checkpoint = Checkpoint::open(dir)
             .with_context(|| format!("cannot open the model folder {}", dir.display()))?;
         let tok_path = checkpoint.tokenizer_file();
-        let tokenizer = QwenTokenizer::from_file(&tok_path)
+        let tokenizer = checkpoint
+            .tokenizer()
             .with_context(|| format!("cannot load the tokenizer {}", tok_path.display()))?;
         // Build the BPE now rather than on the first message.
         tokenizer
             .warm_up()
             .with_context(|| format!("cannot build the tokenizer {}", tok_path.display()))?;
-        let visual_value = checkpoint
-            .config
-            .visual
-            .clone()
-            .context("config.json has no `visual` section: this is not a Qwen-VL checkpoint")?;
-        let visual_config: vision::Config = serde_json::from_value(visual_value)
-            .context("config.json: invalid `visual` section")?;
-        // The prompt reserves one position per visual feature between `<img>` and `</img>`.
-        anyhow::ensure!(
-            visual_config.n_queries == lm::tokenizer::IMG_SPAN,
-            "config.json: visual.n_queries is {}, but the Qwen-VL prompt holds {} features per image",
-            visual_config.n_queries,
-            lm::tokenizer::IMG_SPAN
-        );
         let dtype = wt.compute_dtype(device);
         let mut q = quantizer_for(dir, wt)?;
         let vb = match progress {
@@ -333,7 +362,7 @@ impl Engine {
         };
         let cache = q.cache.clone();
         let table = checkpoint.mapped_rows("transformer.wte.weight");
-        let (lm, visual) = build_models(&checkpoint.config, &visual_config, &vb, &q, table)
+        let (lm, vision) = build_models(&checkpoint.config, &vb, &q, table)
             .with_context(|| format!("cannot build the model from {}", dir.display()))?;
         if let Some(c) = &cache {
             // A cache that cannot be written only costs the next start its speed.
@@ -348,8 +377,7 @@ impl Engine {
             checkpoint,
             tokenizer,
             lm,
-            visual,
-            visual_config,
+            vision,
             device: device.clone(),
             dtype,
             weight_type: wt,
@@ -399,7 +427,7 @@ impl Engine {
     /// [`advance_images`](Self::advance_images) runs the vision tower's blocks a few at a time and
     /// [`finish_images`](Self::finish_images) gives each prompt its features.
     pub fn start_images(&self, prompts: &[(&Prompt, &Path)]) -> ImageJob {
-        let size = self.visual_config.image_size;
+        let size = self.vision.as_ref().map_or(448, |v| v.config.image_size);
         let mut known: HashMap<ImageKey, (Tensor, u32, u32)> = HashMap::new();
         // New pictures of all prompts: content key, pixels, width, height.
         let mut todo: Vec<(ImageKey, Tensor, u32, u32)> = Vec::new();
@@ -457,7 +485,11 @@ impl Engine {
                 let batch = Tensor::stack(&pixels, 0)?
                     .to_device(&self.device)?
                     .to_dtype(self.dtype)?;
-                Ok(self.visual.begin(&batch)?)
+                let vision = self
+                    .vision
+                    .as_ref()
+                    .context("this is a text-only Qwen model: it cannot read pictures")?;
+                Ok(vision.encoder.begin(&batch)?)
             })();
             match started {
                 Ok(e) => job.encoding = Some(e),
@@ -473,7 +505,10 @@ impl Engine {
         let Some(enc) = job.encoding.as_mut() else {
             return true;
         };
-        match self.visual.advance(enc, blocks) {
+        let Some(vision) = self.vision.as_ref() else {
+            return true;
+        };
+        match vision.encoder.advance(enc, blocks) {
             Ok(done) => done,
             Err(e) => {
                 job.failed = Some(format!("{e:#}"));
@@ -495,8 +530,9 @@ impl Engine {
             mut failed,
         } = job;
         debug_assert!(done || encoding.is_none() || failed.is_some());
-        if let Some(enc) = encoding.filter(|_| failed.is_none()) {
-            match self.visual.finish(enc) {
+        let vision = self.vision.as_ref();
+        if let Some((enc, vision)) = encoding.filter(|_| failed.is_none()).zip(vision) {
+            match vision.encoder.finish(enc) {
                 Ok(feats) => match self.reuse.lock() {
                     Ok(mut reuse) => {
                         if reuse.features.len() + pictures.len() > FEATURE_CACHE_IMAGES {

@@ -161,6 +161,8 @@ pub struct ModelInfo {
     pub description: String,
     pub defaults: Params,
     pub load_ms: f64,
+    /// Whether the model reads pictures (Qwen-VL); false for a text-only Qwen.
+    pub vision: bool,
 }
 
 /// Numbers of one finished (or stopped) reply.
@@ -256,6 +258,7 @@ impl Backend for EngineBackend {
             ),
             defaults: Params::from_generation_config(&engine.checkpoint.generation),
             load_ms: engine.load_ms,
+            vision: engine.vision.is_some(),
         };
         self.engine = Some(engine);
         Ok(info)
@@ -322,6 +325,8 @@ impl EngineBackend {
             description,
             defaults: Params::default(),
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
+            // A server that cannot read pictures says so when one is sent (a 400).
+            vision: true,
         })
     }
 }
@@ -442,11 +447,17 @@ impl Backend for ScriptedBackend {
             ),
             Err(_) => Params::default(),
         };
+        // Like the real model: a config.json without a `visual` section is a text-only Qwen.
+        let vision = std::fs::read(dir.join("config.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .is_none_or(|c| c.get("visual").is_some());
         Ok(ModelInfo {
             source: source.clone(),
             description: "scripted replies".into(),
             defaults,
             load_ms: 0.0,
+            vision,
         })
     }
 

@@ -292,12 +292,19 @@ impl AppState {
         }
     }
 
+    /// Whether pictures can be attached: false while a text-only Qwen is loaded.
+    pub fn reads_pictures(&self) -> bool {
+        !matches!(&self.model, ModelState::Ready(info) if !info.vision)
+    }
+
     /// Why a message cannot be sent now, if it cannot.
     pub fn send_blocked(&self) -> Option<&'static str> {
         if self.pending.is_some() {
             Some("Wait for the reply to finish, or press Stop.")
         } else if !matches!(self.model, ModelState::Ready(_)) {
             Some("Open a model first.")
+        } else if !self.reads_pictures() && !self.composer.images.is_empty() {
+            Some("This model is text-only: remove the pictures, or load a Qwen-VL model.")
         } else {
             None
         }

@@ -216,6 +216,17 @@ impl Checkpoint {
         self.dir.join(TOKENIZER)
     }
 
+    /// The checkpoint's tokenizer: Qwen-VL's, or the text-only Qwen's when `config.json` has no
+    /// `visual` section (there `<ref>`, `<img>` ... are ordinary text).
+    pub fn tokenizer(&self) -> Result<crate::tokenizer::QwenTokenizer> {
+        let tok = crate::tokenizer::QwenTokenizer::from_file(&self.tokenizer_file())?;
+        Ok(if self.config.has_vision() {
+            tok
+        } else {
+            tok.text_only()
+        })
+    }
+
     /// The storage layout found by [`Checkpoint::open`].
     pub fn format(&self) -> WeightsFormat {
         self.weights.format

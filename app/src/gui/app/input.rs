@@ -28,9 +28,16 @@ pub fn system_clipboard_image() -> ClipboardImage {
     })
 }
 
+/// What a text-only model says about pictures.
+pub const TEXT_ONLY_NOTE: &str =
+    "This model is text-only: it cannot read pictures. Load a Qwen-VL model to attach them.";
+
 impl QwenApp {
     /// Attaches image files (validated and copied into the chat store).
     pub fn attach_files(&mut self, paths: &[PathBuf]) {
+        if !self.refuse_pictures() {
+            return;
+        }
         for p in paths {
             match self.store.import_file(p) {
                 Ok(s) => self.composer.images.push(s),
@@ -40,15 +47,29 @@ impl QwenApp {
     }
 
     pub fn attach_bytes(&mut self, name: &str, bytes: &[u8]) {
+        if !self.refuse_pictures() {
+            return;
+        }
         match self.store.import_bytes(bytes) {
             Ok(s) => self.composer.images.push(s),
             Err(e) => self.errors.push(format!("{name}: {e:#}")),
         }
     }
 
+    /// Whether pictures may be attached; says why not (once per attempt) when a text-only model
+    /// is loaded.
+    fn refuse_pictures(&mut self) -> bool {
+        if self.reads_pictures() {
+            return true;
+        }
+        self.errors.push(TEXT_ONLY_NOTE.into());
+        false
+    }
+
     /// Ctrl+V: a picture on the clipboard becomes an attachment (text pastes as usual).
     pub fn paste_image(&mut self) {
         match (self.clipboard)() {
+            Ok(Some(_)) if !self.refuse_pictures() => {}
             Ok(Some((w, h, rgba))) => match self.store.import_rgba(w, h, rgba) {
                 Ok(s) => self.composer.images.push(s),
                 Err(e) => self.errors.push(format!("Pasted picture: {e:#}")),
@@ -103,7 +124,8 @@ impl QwenApp {
         if new {
             self.apply(Action::NewChat);
         }
-        if open {
+        // Ctrl+O with a text-only model says why instead of opening a dialog it cannot use.
+        if open && self.refuse_pictures() {
             if let Some(paths) = super::super::dialogs::pick_images() {
                 self.attach_files(&paths);
             }

@@ -18,6 +18,12 @@ pub fn show(app: &mut AppState, ctx: &egui::Context) {
             }
             region_chips(app, ui);
             input_row(app, ui);
+            if !app.reads_pictures() {
+                ui.label(
+                    RichText::new("Text-only model: pictures cannot be attached.")
+                        .color(ui.visuals().weak_text_color()),
+                );
+            }
             if let Some(n) = &app.notice {
                 ui.label(RichText::new(n).color(Color32::from_rgb(230, 170, 60)));
             }
@@ -174,8 +180,9 @@ fn region_chips(app: &mut AppState, ui: &mut egui::Ui) {
 fn input_row(app: &mut AppState, ui: &mut egui::Ui) {
     ui.horizontal(|ui| {
         if ui
-            .button("Attach images…")
+            .add_enabled(app.reads_pictures(), egui::Button::new("Attach images…"))
             .on_hover_text("Ctrl+O; or drop pictures on the window, or paste one with Ctrl+V")
+            .on_disabled_hover_text("This model is text-only: it cannot read pictures")
             .clicked()
         {
             if let Some(paths) = super::super::dialogs::pick_images() {
