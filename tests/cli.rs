@@ -6,12 +6,10 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use qwenvl_e2e::{
-    expected_json, expected_tensors, fixtures_root, max_abs_diff, text_fixture, tiny_a,
+    assert_greedy_matches, expected_json, expected_tensors, fixtures_root, max_abs_diff,
+    text_fixture, tiny_a,
 };
 use serde_json::Value;
-
-const NEAR_TIE: f64 = 2e-3;
-const STOP_IDS: [u64; 3] = [151645, 151644, 151643];
 
 fn cases() -> &'static Vec<Value> {
     static C: OnceLock<Vec<Value>> = OnceLock::new();
@@ -106,26 +104,12 @@ fn check_against_reference(case: &Value, run: &Run, logits_ref: &candle_core::Te
     let d = max_abs_diff(&run.logits, logits_ref);
     assert!(d < 1e-3, "{id}: final logits differ by {d}");
 
-    let reference = u64s(&case["greedy"]["ids"]);
-    let until_stop = match reference.iter().position(|x| STOP_IDS.contains(x)) {
-        Some(p) => &reference[..=p],
-        None => &reference[..],
-    };
-    let firm = case["greedy"]["step_top2_margins"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .position(|m| m.as_f64().unwrap() < NEAR_TIE)
-        .unwrap_or(until_stop.len())
-        .min(until_stop.len());
-    let ours = u64s(&run.json["generated_ids"]);
-    assert_eq!(
-        &ours[..firm.min(ours.len())],
-        &until_stop[..firm],
-        "{id}: greedy ids"
-    );
-    if firm == until_stop.len() {
-        assert_eq!(ours, until_stop, "{id}: greedy ids (full)");
+    let ours: Vec<u32> = u64s(&run.json["generated_ids"])
+        .into_iter()
+        .map(|x| x as u32)
+        .collect();
+    let (until_stop, all_firm) = assert_greedy_matches(case, &ours, id);
+    if all_firm {
         if case["greedy"]["stopped"].as_bool().unwrap() {
             // With a stop token the reference's `chat()` response is exactly our reply text.
             assert_eq!(

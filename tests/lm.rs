@@ -15,12 +15,12 @@ use lm::generate::{self, Decoding, Flow, GenerateOptions, CHAT_STOP_IDS};
 use lm::model::QwenLm;
 use lm::Checkpoint;
 use qwenvl_e2e::{
-    case_image_features, expected_json, expected_tensors, ids_of, max_abs_diff, tiny_a,
+    assert_greedy_matches, case_image_features, expected_json, expected_tensors, ids_of,
+    max_abs_diff, tiny_a,
 };
 use serde_json::Value;
 
 const LOGITS_TOL: f32 = 1e-3;
-const NEAR_TIE: f64 = 2e-3;
 
 struct Model {
     lm: QwenLm,
@@ -83,15 +83,6 @@ fn per_layer_hidden_states_match_reference() {
     }
 }
 
-/// The reference's greedy ids up to and including the first chat stop token (our generation ends
-/// there; the reference additionally forces `<|endoftext|>` after `<|im_end|>`).
-fn reference_until_stop(ids: &[u32]) -> &[u32] {
-    match ids.iter().position(|id| CHAT_STOP_IDS.contains(id)) {
-        Some(p) => &ids[..=p],
-        None => ids,
-    }
-}
-
 #[test]
 fn final_logits_and_greedy_generation_match_reference_for_every_case() {
     let m = model();
@@ -149,28 +140,7 @@ fn final_logits_and_greedy_generation_match_reference_for_every_case() {
             |_| Flow::Continue,
         )
         .unwrap();
-        let reference = ids_of(&c["greedy"]["ids"]);
-        let margins: Vec<f64> = c["greedy"]["step_top2_margins"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m.as_f64().unwrap())
-            .collect();
-        let expected = reference_until_stop(&reference);
-        // Steps from the first near-tie on may legitimately differ.
-        let firm = margins
-            .iter()
-            .position(|&m| m < NEAR_TIE)
-            .unwrap_or(expected.len())
-            .min(expected.len());
-        assert_eq!(
-            &gen.ids[..firm.min(gen.ids.len())],
-            &expected[..firm],
-            "{id}: greedy ids"
-        );
-        if firm == expected.len() {
-            assert_eq!(gen.ids, expected, "{id}: greedy ids (full)");
-        }
+        assert_greedy_matches(c, &gen.ids, id);
         report.push(format!("{id}: max |Δlogit| {d:.2e}"));
     }
     eprintln!("{}", report.join("\n"));

@@ -106,3 +106,44 @@ pub fn text_fixture(name: &str) -> PathBuf {
         .join("fixtures")
         .join(name)
 }
+
+/// Greedy steps whose best and second-best logits are closer than this are near-ties: from the
+/// first one on, a correct implementation may pick the other token.
+pub const NEAR_TIE: f64 = 2e-3;
+
+/// Checks greedy ids `ours` against the reference of a `cases.json` case (`greedy.ids`,
+/// `greedy.step_top2_margins`): equal up to the reference's first chat stop token (inclusive,
+/// where our generation ends; the reference then forces `<|endoftext|>`), or only up to its first
+/// near-tie step, and then exactly equal when there is none. Returns the reference ids up to the
+/// stop and whether every step was firm.
+pub fn assert_greedy_matches(
+    case: &serde_json::Value,
+    ours: &[u32],
+    what: &str,
+) -> (Vec<u32>, bool) {
+    let reference = ids_of(&case["greedy"]["ids"]);
+    let until_stop = match reference
+        .iter()
+        .position(|id| lm::generate::CHAT_STOP_IDS.contains(id))
+    {
+        Some(p) => reference[..=p].to_vec(),
+        None => reference,
+    };
+    let firm = case["greedy"]["step_top2_margins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|m| m.as_f64().unwrap() < NEAR_TIE)
+        .unwrap_or(until_stop.len())
+        .min(until_stop.len());
+    assert_eq!(
+        &ours[..firm.min(ours.len())],
+        &until_stop[..firm],
+        "{what}: greedy ids"
+    );
+    let all_firm = firm == until_stop.len();
+    if all_firm {
+        assert_eq!(ours, &until_stop[..], "{what}: greedy ids (full)");
+    }
+    (until_stop, all_firm)
+}

@@ -413,7 +413,8 @@ pub fn run(
         samples.push(buf.read_pass());
         peak_rss = peak_before_decode.max(peak_rss.saturating_sub(held));
     }
-    drop(vision);
+    // Its config is all the report still needs of the vision tower.
+    let vision_gflop = vision.map(|v| vision_flop(&v.config, cfg.hidden_size) / 1e9);
     let streams = streams
         .iter()
         .map(|&s| measure_streams(&lm, &cache, next, s, decode_tokens))
@@ -434,8 +435,6 @@ pub fn run(
     let bytes = lm_bytes_per_token(&cfg, wt);
     let decode_tokens_per_s = decode_tokens as f64 / decode_s;
     let limit = bandwidth_gb_s * 1e9 / bytes as f64;
-    let vision_gflop =
-        crate::engine::visual_config(&cfg)?.map(|vc| vision_flop(&vc, cfg.hidden_size) / 1e9);
     Ok(BenchReport {
         model: model_name,
         device: match device.location() {

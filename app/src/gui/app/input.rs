@@ -35,7 +35,7 @@ pub const TEXT_ONLY_NOTE: &str =
 impl QwenApp {
     /// Attaches image files (validated and copied into the chat store).
     pub fn attach_files(&mut self, paths: &[PathBuf]) {
-        if !self.refuse_pictures() {
+        if !self.pictures_allowed() {
             return;
         }
         for p in paths {
@@ -47,7 +47,7 @@ impl QwenApp {
     }
 
     pub fn attach_bytes(&mut self, name: &str, bytes: &[u8]) {
-        if !self.refuse_pictures() {
+        if !self.pictures_allowed() {
             return;
         }
         match self.store.import_bytes(bytes) {
@@ -56,9 +56,9 @@ impl QwenApp {
         }
     }
 
-    /// Whether pictures may be attached; says why not (once per attempt) when a text-only model
-    /// is loaded.
-    fn refuse_pictures(&mut self) -> bool {
+    /// Whether pictures may be attached; when not (a text-only model is loaded), says why, once
+    /// per attempt.
+    fn pictures_allowed(&mut self) -> bool {
         if self.reads_pictures() {
             return true;
         }
@@ -69,7 +69,7 @@ impl QwenApp {
     /// Ctrl+V: a picture on the clipboard becomes an attachment (text pastes as usual).
     pub fn paste_image(&mut self) {
         match (self.clipboard)() {
-            Ok(Some(_)) if !self.refuse_pictures() => {}
+            Ok(Some(_)) if !self.pictures_allowed() => {}
             Ok(Some((w, h, rgba))) => match self.store.import_rgba(w, h, rgba) {
                 Ok(s) => self.composer.images.push(s),
                 Err(e) => self.errors.push(format!("Pasted picture: {e:#}")),
@@ -125,7 +125,7 @@ impl QwenApp {
             self.apply(Action::NewChat);
         }
         // Ctrl+O with a text-only model says why instead of opening a dialog it cannot use.
-        if open && self.refuse_pictures() {
+        if open && self.pictures_allowed() {
             if let Some(paths) = super::super::dialogs::pick_images() {
                 self.attach_files(&paths);
             }
