@@ -636,3 +636,125 @@ fn text_only_models_refuse_pictures_and_ocr_with_a_clear_message() {
     assert!(err.contains("text-only"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// A golden ReAct case's messages in the OpenAI form of today's clients: `tool_calls` with ids
+/// and `tool` results naming them (upstream's own `function_call` / `function` form otherwise).
+fn openai_tool_messages(messages: &Value, modern: bool) -> Value {
+    if !modern {
+        return messages.clone();
+    }
+    let mut calls = 0;
+    let out: Vec<Value> = messages
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let mut m = m.clone();
+            if let Some(f) = m.as_object_mut().unwrap().remove("function_call") {
+                calls += 1;
+                m["tool_calls"] =
+                    serde_json::json!([{"id": format!("call_{calls}"), "type": "function", "function": f}]);
+            }
+            if m["role"] == "function" {
+                m["role"] = "tool".into();
+                m["tool_call_id"] = format!("call_{calls}").into();
+            }
+            m
+        })
+        .collect();
+    Value::Array(out)
+}
+
+fn run_tool_file(model: &Path, file: &Value, extra: &[&str]) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("conversation.json");
+    std::fs::write(&path, serde_json::to_vec(file).unwrap()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_qwenvl"))
+        .args(["run", "--json", "--greedy", "--dtype", "f32", "--model"])
+        .arg(model)
+        .arg("--conversation")
+        .arg(&path)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `run --conversation` takes OpenAI chat messages with tools: every golden ReAct case builds
+/// upstream's prompt ids exactly (in both message forms), and a scripted model's call and answer
+/// come back as `tool_calls` and `content`.
+#[test]
+fn tool_conversations_build_upstream_prompts_and_read_calls() {
+    let g: Value = serde_json::from_slice(
+        &std::fs::read(qwenvl_e2e::text_fixture("tools").join("react_prompts.json")).unwrap(),
+    )
+    .unwrap();
+    let tiny_text = qwenvl_e2e::text_fixture("tiny-text");
+    for (k, c) in g["prompts"].as_array().unwrap().iter().enumerate() {
+        let id = c["id"].as_str().unwrap();
+        let tools: Vec<Value> = c["functions"]
+            .as_array()
+            .map(|f| {
+                f.iter()
+                    .map(|f| serde_json::json!({"type": "function", "function": f}))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let file = serde_json::json!({
+            "tools": tools,
+            "messages": openai_tool_messages(&c["messages"], k % 2 == 0),
+        });
+        let out = run_tool_file(&tiny_text, &file, &["--max-new-tokens", "2"]);
+        assert_eq!(out["prompt_ids"], c["prompt_ids"], "{id}: prompt ids");
+        assert_eq!(out.get("tool_calls").is_some(), !tools.is_empty(), "{id}");
+    }
+
+    use qwenvl_e2e::scripted;
+    let dir = tempfile::tempdir().unwrap();
+    scripted::write_weather_model(dir.path());
+    let case = |id: &str| {
+        g["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["id"] == id)
+            .unwrap()
+            .clone()
+    };
+    let tools = |c: &Value| -> Value {
+        c["functions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| serde_json::json!({"type": "function", "function": f}))
+            .collect()
+    };
+    let q = case("one_tool_question");
+    let out = run_tool_file(
+        dir.path(),
+        &serde_json::json!({"tools": tools(&q), "messages": q["messages"]}),
+        &[],
+    );
+    assert_eq!(out["prompt_ids"], q["prompt_ids"]);
+    assert_eq!(out["content"], scripted::WEATHER_THOUGHT, "{out}");
+    assert_eq!(
+        out["tool_calls"],
+        serde_json::json!([{"name": "get_weather", "arguments": scripted::WEATHER_ARGUMENTS}]),
+        "{out}"
+    );
+    assert_eq!(out["finish"], "StopString", "{out}");
+    let a = case("after_observation");
+    let out = run_tool_file(
+        dir.path(),
+        &serde_json::json!({"tools": tools(&a), "messages": openai_tool_messages(&a["messages"], true)}),
+        &[],
+    );
+    assert_eq!(out["prompt_ids"], a["prompt_ids"]);
+    assert_eq!(out["content"], scripted::WEATHER_ANSWER, "{out}");
+    assert_eq!(out["tool_calls"], Value::Null, "{out}");
+}

@@ -284,6 +284,7 @@ fn replies_generated_together_equal_the_same_requests_alone() {
     let outs: Vec<Rc<RefCell<Collected>>> = (0..requests.len()).map(|_| Rc::default()).collect();
     let request = |i: usize| Request {
         conversation: requests[i].0.clone(),
+        reply_prefix: String::new(),
         base_dir: dir.to_path_buf(),
         options: requests[i].1.clone(),
         sink: Box::new(Collect {
@@ -349,6 +350,7 @@ fn replies_generated_together_equal_the_same_requests_alone() {
     batch.admit(vec![
         Request {
             conversation: requests[0].0.clone(),
+            reply_prefix: String::new(),
             base_dir: dir.to_path_buf(),
             options: requests[0].1.clone(),
             sink: Box::new(Collect {
@@ -358,6 +360,7 @@ fn replies_generated_together_equal_the_same_requests_alone() {
         },
         Request {
             conversation: requests[1].0.clone(),
+            reply_prefix: String::new(),
             base_dir: dir.to_path_buf(),
             options: requests[1].1.clone(),
             sink: Box::new(Collect {
@@ -403,6 +406,7 @@ fn a_bad_picture_fails_only_its_own_request_in_a_batch() {
             .zip(&outs)
             .map(|(pic, out)| Request {
                 conversation: conv(pic),
+                reply_prefix: String::new(),
                 base_dir: tmp.path().to_path_buf(),
                 options: greedy(4),
                 sink: Box::new(Collect {

@@ -1508,6 +1508,9 @@ fn text_only_model_disables_pictures_and_still_chats() {
             .is_disabled());
     }
     h.get_by_label_contains("Text-only model: pictures cannot be attached");
+    // The empty chat does not invite pictures.
+    h.get_by_label("Ask anything");
+    assert!(h.query_by_label("Ask about pictures").is_none());
 
     type_message(&mut h, "Hello!");
     drop_file(&mut h, image("tiny_50x40.png"));

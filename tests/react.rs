@@ -3,7 +3,7 @@
 //! messages → turns mapping, the prompt's text and token ids (with the text-only tokenizer), the
 //! reply parsing and the stop words.
 
-use lm::prompt::{build_chatml, build_chatml_continuing, Conversation, Item};
+use lm::prompt::{build_chatml, build_chatml_continuing};
 use lm::react::{self, Message, Role, Tool, ToolCall};
 use lm::Checkpoint;
 use serde_json::Value;
@@ -34,10 +34,6 @@ fn messages(v: &Value) -> Vec<Message> {
         .collect()
 }
 
-fn text(s: &str) -> Vec<Item> {
-    vec![Item::Text { text: s.into() }]
-}
-
 #[test]
 fn react_prompts_match_upstream_openai_api() {
     let g = golden();
@@ -59,31 +55,13 @@ fn react_prompts_match_upstream_openai_api() {
         assert_eq!(turns.history, want_history, "{id}: history");
         assert_eq!(turns.query.as_deref(), c["query"].as_str(), "{id}: query");
 
-        let prompt = match &turns.query {
-            Some(q) => {
-                let conv = Conversation {
-                    system: turns.system.clone(),
-                    history: turns
-                        .history
-                        .iter()
-                        .map(|(u, a)| (text(u), a.clone()))
-                        .collect(),
-                    query: text(q),
-                };
-                build_chatml(&tok, &conv, 6144).unwrap()
-            }
-            None => {
-                let (last_q, open_reply) = turns.history.last().unwrap().clone();
-                let conv = Conversation {
-                    system: turns.system.clone(),
-                    history: turns.history[..turns.history.len() - 1]
-                        .iter()
-                        .map(|(u, a)| (text(u), a.clone()))
-                        .collect(),
-                    query: text(&last_q),
-                };
-                build_chatml_continuing(&tok, &conv, &open_reply, 6144).unwrap()
-            }
+        let continuing = turns.query.is_none();
+        let (conv, prefix) = turns.into_conversation();
+        assert_eq!(prefix.is_empty(), !continuing, "{id}: open reply");
+        let prompt = if continuing {
+            build_chatml_continuing(&tok, &conv, &prefix, 6144).unwrap()
+        } else {
+            build_chatml(&tok, &conv, 6144).unwrap()
         };
         assert_eq!(
             prompt.raw_text,
@@ -117,6 +95,12 @@ fn replies_parse_like_upstream() {
     let stops = react::add_extra_stop_words(&["\nObservation:".into(), "Observation:".into()]);
     let want: Vec<String> = serde_json::from_value(g["add_extra_stop_words"].clone()).unwrap();
     assert_eq!(stops, want);
+    // With tools offered upstream adds `Observation:` to the caller's stops (none: only it).
+    assert_eq!(react::stop_words(&[]), ["Observation:"]);
+    assert_eq!(
+        react::stop_words(&["\nEND".into()]),
+        ["\nEND", "END", "Observation:"]
+    );
 }
 
 #[test]

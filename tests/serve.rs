@@ -868,3 +868,224 @@ fn text_only_models_answer_text_and_refuse_pictures() {
     let (code, _) = curl(&chat, None, Some(&serde_json::to_vec(&text).unwrap()));
     assert_eq!(code, 200);
 }
+
+/// The official client's tool round trip, plain and streamed: the question with `tools` gets
+/// `tool_calls` (finish `tool_calls`), the call and a `tool` result sent back get the answer.
+/// Both prompts are upstream's own (`prompt_tokens` equals the golden prompt's length, and the
+/// scripted model only answers after that prompt's last ids).
+const OPENAI_TOOLS: &str = r#"
+import json, sys
+import openai
+url, tools_file, question = sys.argv[1], sys.argv[2], sys.argv[3]
+client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+tools = json.load(open(tools_file))
+messages = [{"role": "user", "content": question}]
+
+def ask(messages, stream):
+    kw = dict(model="weather", messages=messages, tools=tools, temperature=0, max_tokens=64)
+    if not stream:
+        r = client.chat.completions.create(**kw)
+        m = r.choices[0].message
+        calls = [{"id": c.id, "type": c.type, "name": c.function.name,
+                  "arguments": c.function.arguments} for c in (m.tool_calls or [])]
+        return {"content": m.content, "calls": calls, "finish": r.choices[0].finish_reason,
+                "prompt_tokens": r.usage.prompt_tokens}
+    content, calls, finish = "", {}, None
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        if not chunk.choices:
+            continue
+        d = chunk.choices[0].delta
+        content += d.content or ""
+        for c in d.tool_calls or []:
+            e = calls.setdefault(c.index, {"id": "", "type": "", "name": "", "arguments": ""})
+            e["id"] += c.id or ""
+            e["type"] += c.type or ""
+            e["name"] += (c.function.name or "") if c.function else ""
+            e["arguments"] += (c.function.arguments or "") if c.function else ""
+        finish = chunk.choices[0].finish_reason or finish
+    return {"content": content, "calls": [calls[i] for i in sorted(calls)], "finish": finish}
+
+out = {"call": ask(messages, False), "call_streamed": ask(messages, True)}
+c = out["call"]["calls"][0]
+messages.append({"role": "assistant", "content": out["call"]["content"], "tool_calls": [
+    {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}]})
+messages.append({"role": "tool", "tool_call_id": c["id"], "content": sys.argv[4]})
+out["answer"] = ask(messages, False)
+out["answer_streamed"] = ask(messages, True)
+print(json.dumps(out))
+"#;
+
+#[test]
+fn tool_calls_round_trip_through_the_openai_client() {
+    use qwenvl_e2e::scripted;
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("weather");
+    scripted::write_weather_model(&model);
+    let g: Value = serde_json::from_slice(
+        &std::fs::read(qwenvl_e2e::text_fixture("tools").join("react_prompts.json")).unwrap(),
+    )
+    .unwrap();
+    let case = |id: &str| {
+        g["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["id"] == id)
+            .unwrap()
+            .clone()
+    };
+    let q = case("one_tool_question");
+    let a = case("after_observation");
+    let tools: Vec<Value> = q["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| json!({"type": "function", "function": f}))
+        .collect();
+    let tools_file = dir.path().join("tools.json");
+    std::fs::write(&tools_file, serde_json::to_vec(&tools).unwrap()).unwrap();
+    let result = a["messages"][2]["content"].as_str().unwrap();
+
+    let server = Server::start_model(&model, &[]);
+    let out = python(
+        OPENAI_TOOLS,
+        &[
+            &server.url,
+            tools_file.to_str().unwrap(),
+            q["messages"][0]["content"].as_str().unwrap(),
+            result,
+        ],
+    );
+    for key in ["call", "call_streamed"] {
+        let r = &out[key];
+        assert_eq!(r["finish"], "tool_calls", "{key}: {r}");
+        assert_eq!(r["content"], scripted::WEATHER_THOUGHT, "{key}: {r}");
+        let calls = r["calls"].as_array().unwrap();
+        assert_eq!(calls.len(), 1, "{key}: {r}");
+        assert_eq!(calls[0]["name"], "get_weather", "{key}: {r}");
+        assert_eq!(
+            calls[0]["arguments"],
+            scripted::WEATHER_ARGUMENTS,
+            "{key}: {r}"
+        );
+        assert_eq!(calls[0]["type"], "function", "{key}: {r}");
+        assert!(
+            calls[0]["id"].as_str().unwrap().starts_with("call_"),
+            "{key}: {r}"
+        );
+    }
+    assert_eq!(
+        out["call"]["prompt_tokens"],
+        q["prompt_ids"].as_array().unwrap().len(),
+        "the question's prompt is upstream's"
+    );
+    for key in ["answer", "answer_streamed"] {
+        let r = &out[key];
+        assert_eq!(r["finish"], "stop", "{key}: {r}");
+        assert_eq!(r["content"], scripted::WEATHER_ANSWER, "{key}: {r}");
+        assert_eq!(r["calls"], json!([]), "{key}: {r}");
+    }
+    assert_eq!(
+        out["answer"]["prompt_tokens"],
+        a["prompt_ids"].as_array().unwrap().len(),
+        "the continued reply's prompt is upstream's"
+    );
+}
+
+/// Tool requests the ReAct format cannot honour are refused by name; `functions` (the older
+/// form Qwen's own example reads) is answered with `function_call`.
+#[test]
+fn tool_requests_are_checked_and_functions_get_function_call() {
+    use qwenvl_e2e::scripted;
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("weather");
+    scripted::write_weather_model(&model);
+    let server = Server::start_model(&model, &[]);
+    let chat = format!("{}/v1/chat/completions", server.url);
+    let weather = json!({"name": "get_weather", "description": "Current weather of a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "城市名, e.g. 北京"}}, "required": ["city"]}});
+    let question = json!([{"role": "user", "content": "What's the weather in Paris?"}]);
+    let post = |body: Value| {
+        let (code, out) = curl(&chat, None, Some(&serde_json::to_vec(&body).unwrap()));
+        (code, serde_json::from_slice::<Value>(&out).unwrap())
+    };
+    let tools = json!([{"type": "function", "function": weather}]);
+    for (extra, param, needle) in [
+        (
+            json!({"tool_choice": "required"}),
+            "tool_choice",
+            "decides itself",
+        ),
+        (
+            json!({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}),
+            "tool_choice",
+            "get_weather",
+        ),
+        (json!({"functions": [weather]}), "functions", "not both"),
+        (
+            json!({"tools": [{"type": "retrieval", "function": weather}]}),
+            "tools[0].type",
+            "retrieval",
+        ),
+    ] {
+        let mut body = json!({"model": "weather", "messages": question, "tools": tools});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (code, v) = post(body);
+        assert_eq!(code, 400, "{v}");
+        assert_eq!(v["error"]["param"], param, "{v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(needle), "{msg}");
+    }
+    // A tool result for a call that was never made, and a call left without a result.
+    let bad = json!([
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}},
+            {"id": "b", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "b", "content": "x"}
+    ]);
+    let (code, v) = post(json!({"model": "weather", "messages": bad, "tools": tools}));
+    assert_eq!(code, 400, "{v}");
+    assert_eq!(v["error"]["param"], "messages[2].tool_call_id", "{v}");
+    let (code, v) = post(json!({"model": "weather", "messages": [bad[0], bad[1]], "tools": tools}));
+    assert_eq!(code, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no result"),
+        "{v}"
+    );
+
+    // The older `functions` form.
+    let (code, v) = post(
+        json!({"model": "weather", "messages": question, "functions": [weather],
+                                "temperature": 0}),
+    );
+    assert_eq!(code, 200, "{v}");
+    let choice = &v["choices"][0];
+    assert_eq!(choice["finish_reason"], "function_call", "{v}");
+    assert_eq!(
+        choice["message"]["function_call"]["name"], "get_weather",
+        "{v}"
+    );
+    assert_eq!(
+        choice["message"]["function_call"]["arguments"],
+        scripted::WEATHER_ARGUMENTS,
+        "{v}"
+    );
+    assert!(choice["message"].get("tool_calls").is_none(), "{v}");
+    // tool_choice "none": no tools offered, the reply is plain text (whatever this model says).
+    let (code, v) = post(
+        json!({"model": "weather", "messages": question, "tools": tools,
+                                "tool_choice": "none", "max_tokens": 4, "temperature": 0}),
+    );
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+    assert!(
+        v["choices"][0]["message"].get("tool_calls").is_none(),
+        "{v}"
+    );
+}

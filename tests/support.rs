@@ -53,6 +53,10 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// Hand-built checkpoints whose greedy replies are scripted (the tool-use tests).
+#[path = "scripted_model.rs"]
+pub mod scripted;
+
 /// Generators of hostile inputs (broken pictures, bombs, broken checkpoints) for `hostile.rs`
 /// and `cli_hostile.rs`.
 #[path = "hostile_support.rs"]

@@ -13,6 +13,8 @@ use lm::prompt::Conversation;
 
 use lm::quant::WeightType;
 use qwenvl::engine::{Engine, Reply};
+use qwenvl::openai;
+use qwenvl::session::text::TextFilter;
 use qwenvl::session::{parse_device, GenerateRequest};
 use qwenvl::{bench, gui, parse_weight_type};
 
@@ -35,7 +37,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Answer one conversation file (the neutral JSON format) and print the reply.
+    /// Answer one conversation file (the neutral JSON format, or OpenAI chat messages with
+    /// tools) and print the reply.
     Run(RunArgs),
     /// Measure load time, memory, vision encode, prefill and decode speed against this machine's
     /// bandwidth and matmul throughput.
@@ -129,7 +132,9 @@ struct RunArgs {
     /// Model folder (config.json, generation_config.json, qwen.tiktoken, weights).
     #[arg(long)]
     model: PathBuf,
-    /// Conversation JSON: {"system", "history", "query"}; image paths relative to its folder.
+    /// Conversation JSON: {"system", "history", "query"}, or OpenAI chat form {"messages",
+    /// "tools", "stop"} (tool calls and `tool` results included); image paths relative to its
+    /// folder.
     #[arg(long)]
     conversation: PathBuf,
     /// Dense weight type in memory (f32 is the exact reference path).
@@ -237,7 +242,74 @@ fn generate_options(args: &RunArgs, engine: &Engine) -> Result<GenerateOptions> 
 /// context window).
 const MAX_CONVERSATION_BYTES: u64 = 256 << 20;
 
-fn read_conversation(path: &Path) -> Result<Conversation> {
+/// What `run --conversation` answers.
+struct Question {
+    conversation: Conversation,
+    /// The reply already begun (after a tool's result).
+    reply_prefix: String,
+    /// Stop strings (the file's `stop`, and `Observation:` with tools).
+    stops: Vec<String>,
+    /// Tools were offered: the reply is read as an answer or a call.
+    tools: bool,
+}
+
+/// The OpenAI chat form of a conversation file.
+#[derive(serde::Deserialize)]
+struct ChatFile {
+    messages: Vec<openai::Message>,
+    #[serde(default)]
+    tools: Vec<openai::ToolSpec>,
+    #[serde(default)]
+    stop: Option<openai::Stop>,
+}
+
+fn read_question(path: &Path) -> Result<Question> {
+    let value = read_conversation(path)?;
+    let invalid = || format!("{}: not a valid conversation JSON", path.display());
+    if value.get("messages").is_none() {
+        let conversation = serde_json::from_value(value).with_context(invalid)?;
+        return Ok(Question {
+            conversation,
+            reply_prefix: String::new(),
+            stops: Vec::new(),
+            tools: false,
+        });
+    }
+    let file: ChatFile = serde_json::from_value(value).with_context(invalid)?;
+    let stops = file.stop.map(openai::Stop::into_vec).unwrap_or_default();
+    let at = |e: openai::MessageError| anyhow!("{}: {}: {}", path.display(), e.param, e.message);
+    if file.tools.is_empty() && !openai::has_tool_exchange(&file.messages) {
+        // Image URLs are paths (relative to the file's folder) or file:// URLs.
+        let conversation = openai::to_conversation(&file.messages, &mut |url, _| {
+            Ok(url.strip_prefix("file://").unwrap_or(url).to_string())
+        })
+        .map_err(at)?;
+        return Ok(Question {
+            conversation,
+            reply_prefix: String::new(),
+            stops,
+            tools: false,
+        });
+    }
+    if let Some(i) = file.tools.iter().position(|t| t.kind != "function") {
+        bail!(
+            "{}: tools[{i}].type: only `function` tools are supported",
+            path.display()
+        );
+    }
+    let tools: Vec<_> = file.tools.into_iter().map(|t| t.function).collect();
+    let messages = openai::to_react(&file.messages).map_err(at)?;
+    let p = qwenvl::session::tools::prepare(&messages, &tools, &stops)
+        .map_err(|e| anyhow!("{}: messages: {e}", path.display()))?;
+    Ok(Question {
+        conversation: p.conversation,
+        reply_prefix: p.reply_prefix,
+        stops: p.stops,
+        tools: p.offered,
+    })
+}
+
+fn read_conversation(path: &Path) -> Result<serde_json::Value> {
     // A pipe or device would block or never end: only regular files are read.
     let meta = std::fs::metadata(path)
         .with_context(|| format!("cannot read the conversation {}", path.display()))?;
@@ -262,7 +334,7 @@ fn read_conversation(path: &Path) -> Result<Conversation> {
 }
 
 fn run(args: RunArgs) -> Result<()> {
-    let conv = read_conversation(&args.conversation)?;
+    let q = read_question(&args.conversation)?;
     let base_dir = args
         .conversation
         .parent()
@@ -273,15 +345,34 @@ fn run(args: RunArgs) -> Result<()> {
     let engine = qwenvl::cli_load::load(&args.model, requested, &device)?;
     let opts = generate_options(&args, &engine)?;
     let cancel = AtomicBool::new(false);
-    let stream = !args.json;
+    // With tools the text is read at its end (an answer or a call), so it is not streamed.
+    let stream = !args.json && !q.tools;
     let mut stdout = std::io::stdout().lock();
-    let reply = engine.reply(&conv, &base_dir, &opts, &cancel, |piece| {
-        if stream {
-            // A closed pipe must not abort generation bookkeeping; ignore write errors here.
-            let _ = stdout.write_all(piece.as_bytes());
-            let _ = stdout.flush();
-        }
-    })?;
+    let mut filter = TextFilter::new(q.stops.clone());
+    let reply = engine.reply_continuing(
+        &q.conversation,
+        &q.reply_prefix,
+        &base_dir,
+        &opts,
+        &cancel,
+        |piece| {
+            let out = filter.push(piece);
+            if filter.stopped() {
+                cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            if stream {
+                // A closed pipe must not abort generation bookkeeping; ignore write errors here.
+                let _ = stdout.write_all(out.as_bytes());
+                let _ = stdout.flush();
+            }
+        },
+    )?;
+    let tail = filter.finish();
+    if stream {
+        let _ = stdout.write_all(tail.as_bytes());
+    }
+    let text = filter.text().to_string();
+    let tool = q.tools.then(|| qwenvl::session::tools::read_reply(&text));
     if let Some(path) = &args.logits_out {
         write_logits(path, &reply.last_logits)?;
     }
@@ -292,8 +383,27 @@ fn run(args: RunArgs) -> Result<()> {
         );
     }
     if args.json {
-        let out = json_output(&engine, &reply);
+        let mut out = json_output(&engine, &reply);
+        if !q.stops.is_empty() {
+            out["text"] = text.into();
+        }
+        if filter.stopped() {
+            // Cut at a stop string (the engine saw a cancel).
+            out["finish"] = "StopString".into();
+        }
+        if let Some(t) = &tool {
+            out["content"] = t.content.clone().into();
+            out["tool_calls"] = match &t.call {
+                Some(c) => serde_json::json!([{"name": c.name, "arguments": c.arguments}]),
+                None => serde_json::Value::Null,
+            };
+        }
         writeln!(stdout, "{}", serde_json::to_string(&out)?)?;
+    } else if let Some(t) = &tool {
+        writeln!(stdout, "{}", t.content)?;
+        if let Some(c) = &t.call {
+            writeln!(stdout, "→ call {} with {}", c.name, c.arguments)?;
+        }
     } else {
         writeln!(stdout)?;
     }

@@ -307,6 +307,7 @@ pub fn run(args: OcrArgs) -> Result<()> {
             match conversation(&args.prompt, abs) {
                 Ok(conversation) => new.push(Request {
                     conversation,
+                    reply_prefix: String::new(),
                     base_dir: PathBuf::from("/"),
                     options: opts.clone(),
                     sink: Box::new(OcrSink {

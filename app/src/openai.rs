@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 /// `POST /v1/chat/completions` body. Fields OpenAI defines that do not apply here (penalties,
 /// `user`, `response_format`, …) are ignored; the ones that would change the answer's meaning
-/// (`n > 1`, `logprobs`, `tools`) are refused by the server.
+/// (`n > 1`, `logprobs`, a `tool_choice` that forces a call) are refused by the server.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ChatRequest {
     pub model: String,
@@ -40,8 +40,15 @@ pub struct ChatRequest {
     pub n: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<bool>,
+    /// Tools the model may call ([`crate::session::tools`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tools: Option<serde_json::Value>,
+    pub tools: Option<Vec<ToolSpec>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<ToolChoice>,
+    /// The older form of `tools` (what Qwen's own `openai_api.py` reads): answered with
+    /// `function_call` instead of `tool_calls`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub functions: Option<Vec<lm::react::Tool>>,
     /// vLLM's extensions, accepted for the same meaning.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_k: Option<i64>,
@@ -75,11 +82,71 @@ impl Stop {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Message {
     pub role: String,
     #[serde(default)]
     pub content: Option<Content>,
+    /// The calls an assistant message made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallOut>>,
+    /// Which call a `tool` message answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// The older form of `tool_calls`: one call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function_call: Option<FunctionCall>,
+    /// The tool's name on `tool` and `function` messages (not needed: results follow calls).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// `tools[i]`: `{"type": "function", "function": {"name", "description", "parameters"}}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ToolSpec {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: lm::react::Tool,
+}
+
+/// `tool_choice`: `"auto"`, `"none"`, `"required"`, or `{"type": "function", "function":
+/// {"name": …}}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ToolChoice {
+    Mode(String),
+    Named {
+        #[serde(rename = "type")]
+        kind: String,
+        function: NamedFunction,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NamedFunction {
+    pub name: String,
+}
+
+/// A call the model made: `{"id", "type": "function", "function": {"name", "arguments"}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCallOut {
+    #[serde(default)]
+    pub id: String,
+    #[serde(rename = "type", default = "function_kind")]
+    pub kind: String,
+    pub function: FunctionCall,
+}
+
+fn function_kind() -> String {
+    "function".into()
+}
+
+/// The function and its arguments, a JSON text as the model wrote it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionCall {
+    pub name: String,
+    #[serde(default)]
+    pub arguments: String,
 }
 
 /// Message content: plain text or a list of parts.
@@ -162,6 +229,10 @@ pub struct ReplyMessage {
     pub content: String,
     #[serde(default)]
     pub boxes: Vec<BoxOut>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallOut>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function_call: Option<FunctionCall>,
 }
 
 /// One server-sent event of a streamed reply.
@@ -192,6 +263,18 @@ pub struct Delta {
     pub role: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<DeltaToolCall>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function_call: Option<FunctionCall>,
+}
+
+/// A call in a streamed reply; each is sent whole, in one chunk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeltaToolCall {
+    pub index: u32,
+    #[serde(flatten)]
+    pub call: ToolCallOut,
 }
 
 /// `GET /v1/models`.
@@ -339,6 +422,157 @@ pub fn to_conversation(
     })
 }
 
+/// Whether `messages` hold a tool exchange (calls or results), which only the ReAct prompt of
+/// [`crate::session::tools`] can express.
+pub fn has_tool_exchange(messages: &[Message]) -> bool {
+    messages.iter().any(|m| {
+        matches!(m.role.as_str(), "tool" | "function")
+            || m.tool_calls.as_ref().is_some_and(|c| !c.is_empty())
+            || m.function_call.is_some()
+    })
+}
+
+/// The messages as a tool-using exchange ([`lm::react::Message`]): an assistant message with
+/// several calls becomes one call per step, each followed by its result, as the ReAct format
+/// writes them; results must come in the order of the calls. Pictures cannot be part of it.
+pub fn to_react(messages: &[Message]) -> Result<Vec<lm::react::Message>, MessageError> {
+    use lm::react::{Message as RMessage, Role, ToolCall};
+    let mut out: Vec<RMessage> = Vec::new();
+    // Calls of the last assistant message still waiting for their result: (id, call).
+    let mut waiting: std::collections::VecDeque<(String, ToolCall)> = Default::default();
+    // The ids of the last assistant message's calls, and how many results came since.
+    let (mut call_ids, mut answered) = (Vec::<String>::new(), 0usize);
+    // A later call of a several-call message, written out and waiting for its result.
+    let mut unanswered: Option<String> = None;
+    for (i, m) in messages.iter().enumerate() {
+        let at = format!("messages[{i}]");
+        let content = match &m.content {
+            None => String::new(),
+            Some(Content::Text(t)) => t.clone(),
+            Some(Content::Parts(parts)) => {
+                let mut text = String::new();
+                for (j, p) in parts.iter().enumerate() {
+                    match p {
+                        Part::Text { text: t } => text.push_str(t),
+                        Part::ImageUrl { .. } => {
+                            return Err(bad(
+                                format!("{at}.content[{j}].image_url"),
+                                "pictures cannot be part of a tool-using exchange: send them \
+                                 in a request without tools",
+                            ))
+                        }
+                    }
+                }
+                text
+            }
+        };
+        let role = m.role.as_str();
+        if !matches!(role, "tool" | "function") {
+            if let Some(id) = unanswered.as_ref().or(waiting.front().map(|(id, _)| id)) {
+                return Err(bad(
+                    format!("{at}.role"),
+                    format!("the tool call `{id}` has no result before this message"),
+                ));
+            }
+        }
+        match role {
+            "system" | "developer" => match out.as_mut_slice() {
+                // Several system messages at the start are one system prompt.
+                [prev] if prev.role == Role::System => {
+                    prev.content.push('\n');
+                    prev.content.push_str(&content);
+                }
+                _ => out.push(RMessage {
+                    role: Role::System,
+                    content,
+                    call: None,
+                }),
+            },
+            "user" => out.push(RMessage {
+                role: Role::User,
+                content,
+                call: None,
+            }),
+            "assistant" => {
+                let mut calls: Vec<(String, ToolCall)> = Vec::new();
+                if let Some(f) = &m.function_call {
+                    calls.push((
+                        String::new(),
+                        react_call(f, &format!("{at}.function_call"))?,
+                    ));
+                }
+                for (j, c) in m.tool_calls.iter().flatten().enumerate() {
+                    calls.push((
+                        c.id.clone(),
+                        react_call(&c.function, &format!("{at}.tool_calls[{j}].function"))?,
+                    ));
+                }
+                call_ids = calls.iter().map(|(id, _)| id.clone()).collect();
+                answered = 0;
+                let mut calls = calls.into_iter();
+                out.push(RMessage {
+                    role: Role::Assistant,
+                    content,
+                    call: calls.next().map(|(_, c)| c),
+                });
+                waiting.extend(calls);
+            }
+            "tool" | "function" => {
+                let want = call_ids.get(answered);
+                answered += 1;
+                if let (Some(want), Some(got)) = (want, m.tool_call_id.as_deref()) {
+                    if !want.is_empty() && want != got {
+                        return Err(bad(
+                            format!("{at}.tool_call_id"),
+                            format!(
+                                "tool results must come in the order of the calls: \
+                                 expected the result of `{want}`, got `{got}`"
+                            ),
+                        ));
+                    }
+                }
+                out.push(RMessage {
+                    role: Role::Tool,
+                    content,
+                    call: None,
+                });
+                unanswered = None;
+                if let Some((id, call)) = waiting.pop_front() {
+                    unanswered = Some(id);
+                    out.push(RMessage {
+                        role: Role::Assistant,
+                        content: String::new(),
+                        call: Some(call),
+                    });
+                }
+            }
+            other => {
+                return Err(bad(
+                    format!("{at}.role"),
+                    format!("role `{other}` is not supported (system, user, assistant or tool)"),
+                ))
+            }
+        }
+    }
+    if let Some(id) = unanswered.as_ref().or(waiting.front().map(|(id, _)| id)) {
+        return Err(bad(
+            "messages".into(),
+            format!("the tool call `{id}` has no result"),
+        ));
+    }
+    Ok(out)
+}
+
+fn react_call(f: &FunctionCall, param: &str) -> Result<lm::react::ToolCall, MessageError> {
+    if f.name.trim().is_empty() {
+        return Err(bad(param.into(), "a tool call needs the tool's name"));
+    }
+    Ok(lm::react::ToolCall {
+        name: f.name.clone(),
+        arguments: f.arguments.clone(),
+    })
+}
+
 fn items_text(items: &[Item]) -> String {
     items
         .iter()
@@ -355,6 +589,7 @@ pub fn to_messages(conv: &Conversation, base_dir: &Path) -> anyhow::Result<Vec<M
     let mut out = vec![Message {
         role: "system".into(),
         content: Some(Content::Text(conv.system.clone())),
+        ..Message::default()
     }];
     let user = |items: &[Item]| -> anyhow::Result<Message> {
         let mut parts = Vec::new();
@@ -375,6 +610,7 @@ pub fn to_messages(conv: &Conversation, base_dir: &Path) -> anyhow::Result<Vec<M
         Ok(Message {
             role: "user".into(),
             content: Some(Content::Parts(parts)),
+            ..Message::default()
         })
     };
     for (items, reply) in &conv.history {
@@ -382,6 +618,7 @@ pub fn to_messages(conv: &Conversation, base_dir: &Path) -> anyhow::Result<Vec<M
         out.push(Message {
             role: "assistant".into(),
             content: Some(Content::Text(reply.clone())),
+            ..Message::default()
         });
     }
     out.push(user(&conv.query)?);
@@ -482,6 +719,45 @@ mod tests {
         .unwrap_err();
         assert!(e.message.contains("only the user's"), "{e}");
         assert!(to_conversation(&[], &mut no_images).is_err());
+    }
+
+    #[test]
+    fn several_calls_become_one_step_each_with_its_result() {
+        use lm::react::Role;
+        let m = msgs(serde_json::json!([
+            {"role": "system", "content": "A"},
+            {"role": "developer", "content": "B"},
+            {"role": "user", "content": "Rome and Oslo?"},
+            {"role": "assistant", "content": "Both.", "tool_calls": [
+                {"id": "r", "type": "function", "function": {"name": "w", "arguments": "{\"c\": \"Rome\"}"}},
+                {"id": "o", "type": "function", "function": {"name": "w", "arguments": "{\"c\": \"Oslo\"}"}}]},
+            {"role": "tool", "tool_call_id": "r", "content": "sun"},
+            {"role": "tool", "tool_call_id": "o", "content": "rain"}
+        ]));
+        assert!(has_tool_exchange(&m));
+        let r = to_react(&m).unwrap();
+        let roles: Vec<Role> = r.iter().map(|m| m.role).collect();
+        use Role::*;
+        assert_eq!(roles, [System, User, Assistant, Tool, Assistant, Tool]);
+        assert_eq!(r[0].content, "A\nB");
+        assert_eq!(r[2].content, "Both.");
+        assert_eq!(r[2].call.as_ref().unwrap().arguments, "{\"c\": \"Rome\"}");
+        assert_eq!(r[3].content, "sun");
+        assert_eq!(r[4].content, "");
+        assert_eq!(r[4].call.as_ref().unwrap().arguments, "{\"c\": \"Oslo\"}");
+        assert_eq!(r[5].content, "rain");
+        // A user message while a call waits for its result is refused.
+        let mut early = m[..5].to_vec();
+        early.push(m[2].clone());
+        let e = to_react(&early).unwrap_err();
+        assert!(e.message.contains("`o` has no result"), "{e}");
+        // Pictures cannot be part of it.
+        let pic = msgs(serde_json::json!([{"role": "user", "content": [
+            {"type": "image_url", "image_url": "x"}]}, {"role": "tool", "content": "r"}]));
+        assert_eq!(
+            to_react(&pic).unwrap_err().param,
+            "messages[0].content[0].image_url"
+        );
     }
 
     #[test]

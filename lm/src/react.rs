@@ -310,3 +310,41 @@ pub fn add_extra_stop_words(words: &[String]) -> Vec<String> {
     }
     out
 }
+
+impl ReactTurns {
+    /// The conversation to prompt with, and the reply already begun: empty when the model
+    /// answers [`ReactTurns::query`], else the open reply of the last turn (ending in
+    /// `Observation: ...\nThought:`), which [`crate::prompt::build_chatml_continuing`] continues.
+    pub fn into_conversation(mut self) -> (crate::prompt::Conversation, String) {
+        use crate::prompt::{Conversation, Item};
+        let text = |s: String| vec![Item::Text { text: s }];
+        let (query, prefix) = match self.query {
+            Some(q) => (q, String::new()),
+            // parse_messages only leaves no query when the last turn is an open reply.
+            None => self.history.pop().unwrap_or_default(),
+        };
+        let conversation = Conversation {
+            system: self.system,
+            history: self
+                .history
+                .into_iter()
+                .map(|(u, a)| (text(u), a))
+                .collect(),
+            query: text(query),
+        };
+        (conversation, prefix)
+    }
+}
+
+/// The stop strings of a request that offers tools, as upstream sets them: the caller's own
+/// (with their forms without leading newlines) and `Observation:`, where the model waits for
+/// the tool's result.
+pub fn stop_words(caller: &[String]) -> Vec<String> {
+    let mut words = add_extra_stop_words(caller);
+    for w in STOP_WORDS {
+        if !words.iter().any(|s| s == w) {
+            words.push(w.to_string());
+        }
+    }
+    words
+}

@@ -40,6 +40,8 @@ pub trait ReplySink {
 /// One conversation to answer.
 pub struct Request<'a> {
     pub conversation: Conversation,
+    /// The reply already begun, which the model continues (empty: a fresh reply).
+    pub reply_prefix: String,
     /// The folder image paths in the conversation are relative to.
     pub base_dir: PathBuf,
     pub options: GenerateOptions,
@@ -177,7 +179,7 @@ impl<'e, 'a> Batcher<'e, 'a> {
         let t0 = Instant::now();
         let mut prompted = Vec::with_capacity(requests.len());
         for mut r in requests {
-            match engine.prompt(&r.conversation) {
+            match engine.prompt_continuing(&r.conversation, &r.reply_prefix) {
                 Ok(p) => prompted.push((r, p)),
                 Err(e) => r.sink.done(Err(e)),
             }
@@ -569,6 +571,19 @@ impl Engine {
         cancel: &AtomicBool,
         on_text: impl FnMut(&str),
     ) -> Result<Reply> {
+        self.reply_continuing(conv, "", base_dir, opts, cancel, on_text)
+    }
+
+    /// [`reply`](Self::reply) continuing the reply begun by `reply_prefix` (tool use).
+    pub fn reply_continuing(
+        &self,
+        conv: &Conversation,
+        reply_prefix: &str,
+        base_dir: &Path,
+        opts: &GenerateOptions,
+        cancel: &AtomicBool,
+        on_text: impl FnMut(&str),
+    ) -> Result<Reply> {
         struct One<'c, F> {
             cancel: &'c AtomicBool,
             on_text: F,
@@ -590,6 +605,7 @@ impl Engine {
             let mut batch = Batcher::new(self, BatchLimits::one());
             batch.admit(vec![Request {
                 conversation: conv.clone(),
+                reply_prefix: reply_prefix.to_string(),
                 base_dir: base_dir.to_path_buf(),
                 options: opts.clone(),
                 sink: Box::new(One {

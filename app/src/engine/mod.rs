@@ -389,8 +389,18 @@ impl Engine {
 
     /// Builds the prompt of a conversation with the checkpoint's history window.
     pub fn prompt(&self, conv: &Conversation) -> Result<Prompt> {
+        self.prompt_continuing(conv, "")
+    }
+
+    /// [`prompt`](Self::prompt) with the assistant's reply already begun by `reply_prefix`
+    /// (empty: a fresh reply), which the model continues (tool use: after a tool's result).
+    pub fn prompt_continuing(&self, conv: &Conversation, reply_prefix: &str) -> Result<Prompt> {
         let window = self.checkpoint.generation.max_window_size;
-        let prompt = lm::prompt::build_chatml(&self.tokenizer, conv, window)?;
+        let prompt = if reply_prefix.is_empty() {
+            lm::prompt::build_chatml(&self.tokenizer, conv, window)?
+        } else {
+            lm::prompt::build_chatml_continuing(&self.tokenizer, conv, reply_prefix, window)?
+        };
         // Refused before any image is decoded or the model runs.
         prompt.check_context(self.checkpoint.config.max_position_embeddings)?;
         Ok(prompt)

@@ -12,10 +12,10 @@ use lm::generate::Finish;
 use super::error::ApiError;
 use super::metrics::Metrics;
 use super::queue::FairQueue;
-use super::state::{Job, JobEvent, Outcome};
-use super::text::TextFilter;
+use super::state::{Job, JobEvent, Outcome, ToolForm};
 use crate::engine::{BatchLimits, Batcher, Engine, Reply, ReplySink, Request};
-use crate::openai::{BoxOut, Usage};
+use crate::openai::{BoxOut, FunctionCall, ToolCallOut, Usage};
+use crate::session::text::TextFilter;
 
 /// The inference thread: runs the batch until the queue closes and every request is answered.
 pub(super) fn inference_loop(
@@ -68,6 +68,7 @@ pub(super) fn inference_loop(
 fn request<'a>(job: Job, metrics: Arc<Metrics>) -> Request<'a> {
     Request {
         conversation: job.conversation.clone(),
+        reply_prefix: job.reply_prefix.clone(),
         base_dir: job.images.path().to_path_buf(),
         options: job.options.clone(),
         sink: Box::new(JobSink {
@@ -110,7 +111,9 @@ impl ReplySink for JobSink {
         if self.filter.stopped() {
             self.job.cancel.store(true, Ordering::SeqCst);
         }
-        if !out.is_empty() {
+        // With tools offered, whether the text is an answer or a call is known only at its
+        // end: it is sent then, read.
+        if !out.is_empty() && self.job.tools == ToolForm::Off {
             let _ = self.job.events.send(JobEvent::Text(out));
         }
     }
@@ -152,10 +155,10 @@ impl JobSink {
             }
         })?;
         let tail = self.filter.finish();
-        if !tail.is_empty() {
+        if !tail.is_empty() && self.job.tools == ToolForm::Off {
             let _ = self.job.events.send(JobEvent::Text(tail));
         }
-        let finish_reason = if self.filter.stopped() {
+        let mut finish_reason = if self.filter.stopped() {
             "stop"
         } else {
             match reply.generation.finish {
@@ -164,7 +167,29 @@ impl JobSink {
                 Finish::Cancelled => "cancelled",
             }
         };
-        let text = self.filter.text().to_string();
+        let mut text = self.filter.text().to_string();
+        let (mut tool_calls, mut function_call) = (None, None);
+        if self.job.tools != ToolForm::Off {
+            let read = crate::session::tools::read_reply(&text);
+            text = read.content;
+            if let Some(call) = read.call {
+                let call = FunctionCall {
+                    name: call.name,
+                    arguments: call.arguments,
+                };
+                if self.job.tools == ToolForm::Tools {
+                    finish_reason = "tool_calls";
+                    tool_calls = Some(vec![ToolCallOut {
+                        id: format!("call_{:016x}", crate::session::fresh_seed()),
+                        kind: "function".into(),
+                        function: call,
+                    }]);
+                } else {
+                    finish_reason = "function_call";
+                    function_call = Some(call);
+                }
+            }
+        }
         let boxes = crate::session::reply_boxes(&reply, &text)
             .into_iter()
             .map(|b| BoxOut {
@@ -185,6 +210,9 @@ impl JobSink {
                 total_tokens: prompt_tokens + completion_tokens,
             },
             boxes,
+            tool_calls,
+            function_call,
+            text_held: self.job.tools != ToolForm::Off,
         })
     }
 }

@@ -24,7 +24,6 @@ mod request;
 mod routes;
 mod sse;
 mod state;
-pub mod text;
 
 use std::io::Write as _;
 use std::net::SocketAddr;

@@ -15,9 +15,9 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use super::args::ServeArgs;
 use super::error::ApiError;
-use super::state::{Job, JobEvent, Server};
+use super::state::{Job, JobEvent, Server, ToolForm};
 use crate::engine::Engine;
-use crate::openai::{self, ChatRequest, MessageError};
+use crate::openai::{self, ChatRequest, MessageError, ToolChoice};
 
 pub(super) type Prepared = (Job, bool, bool, UnboundedReceiver<JobEvent>);
 
@@ -70,9 +70,7 @@ pub(super) async fn prepare(
     if req.logprobs == Some(true) {
         return Err(ApiError::invalid("logprobs are not supported").param("logprobs"));
     }
-    if req.tools.is_some() {
-        return Err(ApiError::invalid("tools are not supported by Qwen-VL-Chat").param("tools"));
-    }
+    let (form, tools) = offered_tools(&req)?;
     let engine = st.engine()?.clone();
     let options = generate_options(&engine, &req)?;
     let stops = req.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
@@ -82,7 +80,7 @@ pub(super) async fn prepare(
 
     // Images are decoded from base64 and written out off the async threads.
     let st2 = st.clone();
-    let (conversation, images) = tokio::task::spawn_blocking(move || {
+    let (conversation, reply_prefix, stops, images) = tokio::task::spawn_blocking(move || {
         let images = tempfile::Builder::new()
             .prefix("qwenvl-serve-")
             .tempdir()
@@ -94,6 +92,15 @@ pub(super) async fn prepare(
                     format!("cannot create a folder for the request's images: {e}"),
                 )
             })?;
+        if form != ToolForm::Off || openai::has_tool_exchange(&req.messages) {
+            let messages = openai::to_react(&req.messages)?;
+            let p = crate::session::tools::prepare(&messages, &tools, &stops)
+                .map_err(|e| ApiError::invalid(e).param("messages"))?;
+            engine
+                .prompt_continuing(&p.conversation, &p.reply_prefix)
+                .map_err(|e| ApiError::invalid(format!("{e:#}")).param("messages"))?;
+            return Ok::<_, ApiError>((p.conversation, p.reply_prefix, p.stops, images));
+        }
         let mut count = 0usize;
         let conversation = openai::to_conversation(&req.messages, &mut |url, param| {
             count += 1;
@@ -116,7 +123,7 @@ pub(super) async fn prepare(
         engine
             .prompt(&conversation)
             .map_err(|e| ApiError::invalid(format!("{e:#}")).param("messages"))?;
-        Ok::<_, ApiError>((conversation, images))
+        Ok::<_, ApiError>((conversation, String::new(), stops, images))
     })
     .await
     .map_err(|e| {
@@ -131,6 +138,8 @@ pub(super) async fn prepare(
     let job = Job {
         label: String::new(),
         conversation,
+        reply_prefix,
+        tools: form,
         images,
         options,
         stops,
@@ -140,6 +149,70 @@ pub(super) async fn prepare(
     };
     let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
     Ok((job, req.stream, include_usage, rx))
+}
+
+/// The tools the request offers and the form its call is answered in. `tool_choice: "none"`
+/// offers none (a tool exchange in the messages is still read); a choice that forces a call is
+/// refused: in the ReAct format the model decides itself whether to call.
+fn offered_tools(req: &ChatRequest) -> Result<(ToolForm, Vec<lm::react::Tool>), ApiError> {
+    let (form, tools) = match (&req.tools, &req.functions) {
+        (Some(_), Some(_)) => {
+            return Err(
+                ApiError::invalid("send `tools` or the older `functions`, not both")
+                    .param("functions"),
+            )
+        }
+        (Some(specs), None) => {
+            if let Some(i) = specs.iter().position(|t| t.kind != "function") {
+                return Err(ApiError::invalid(format!(
+                    "tool type `{}` is not supported: only `function` tools",
+                    specs[i].kind
+                ))
+                .param(format!("tools[{i}].type")));
+            }
+            let tools = specs.iter().map(|t| t.function.clone()).collect();
+            (ToolForm::Tools, tools)
+        }
+        (None, Some(f)) => (ToolForm::Functions, f.clone()),
+        (None, None) => (ToolForm::Off, Vec::new()),
+    };
+    if let Some(i) = tools.iter().position(|t| t.name.trim().is_empty()) {
+        let field = if form == ToolForm::Tools {
+            format!("tools[{i}].function.name")
+        } else {
+            format!("functions[{i}].name")
+        };
+        return Err(ApiError::invalid("every tool needs a name").param(field));
+    }
+    match &req.tool_choice {
+        None => {}
+        Some(ToolChoice::Mode(m)) if m == "auto" => {}
+        Some(ToolChoice::Mode(m)) if m == "none" => return Ok((ToolForm::Off, Vec::new())),
+        Some(ToolChoice::Mode(m)) if m == "required" => {
+            return Err(forced_choice("`required`"));
+        }
+        Some(ToolChoice::Named { function, .. }) => {
+            return Err(forced_choice(&format!("the tool `{}`", function.name)));
+        }
+        Some(ToolChoice::Mode(m)) => {
+            return Err(ApiError::invalid(format!(
+                "tool_choice `{m}` is not one of auto, none, required"
+            ))
+            .param("tool_choice"))
+        }
+    }
+    if tools.is_empty() {
+        return Ok((ToolForm::Off, tools));
+    }
+    Ok((form, tools))
+}
+
+fn forced_choice(what: &str) -> ApiError {
+    ApiError::invalid(format!(
+        "tool_choice {what} cannot be honoured: Qwen decides itself whether to call a tool \
+         (ReAct prompting); send \"auto\" or \"none\""
+    ))
+    .param("tool_choice")
 }
 
 /// The request's settings over the checkpoint's defaults, by the rules every front end shares

@@ -186,6 +186,8 @@ async fn full_response(
                             role: "assistant".into(),
                             content: o.text,
                             boxes: o.boxes,
+                            tool_calls: o.tool_calls,
+                            function_call: o.function_call,
                         },
                         finish_reason: o.finish_reason.into(),
                     }],

@@ -7,7 +7,7 @@ use axum::response::IntoResponse;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::state::{now_s, CancelOnDrop, JobEvent, Server};
-use crate::openai::{BoxOut, ChatChunk, ChunkChoice, Delta};
+use crate::openai::{BoxOut, ChatChunk, ChunkChoice, Delta, DeltaToolCall};
 
 struct StreamState {
     st: Arc<Server>,
@@ -61,6 +61,7 @@ pub(super) fn stream_response(
         Delta {
             role: Some("assistant".into()),
             content: Some(String::new()),
+            ..Delta::default()
         },
         None,
         None,
@@ -81,8 +82,8 @@ pub(super) fn stream_response(
                 Some(JobEvent::Text(t)) => {
                     let c = s.chunk(
                         Delta {
-                            role: None,
                             content: Some(t),
+                            ..Delta::default()
                         },
                         None,
                         None,
@@ -90,6 +91,38 @@ pub(super) fn stream_response(
                     s.pending.push_back(c);
                 }
                 Some(JobEvent::Done(o)) => {
+                    // A reply to a request with tools comes whole at its end: its text (the
+                    // thought or the answer), then its call.
+                    let tools = o.tool_calls.is_some() || o.function_call.is_some();
+                    if o.text_held && !o.text.is_empty() {
+                        let c = s.chunk(
+                            Delta {
+                                content: Some(o.text.clone()),
+                                ..Delta::default()
+                            },
+                            None,
+                            None,
+                        );
+                        s.pending.push_back(c);
+                    }
+                    if tools {
+                        let delta = Delta {
+                            tool_calls: o.tool_calls.clone().map(|calls| {
+                                calls
+                                    .into_iter()
+                                    .enumerate()
+                                    .map(|(i, call)| DeltaToolCall {
+                                        index: i as u32,
+                                        call,
+                                    })
+                                    .collect()
+                            }),
+                            function_call: o.function_call.clone(),
+                            ..Delta::default()
+                        };
+                        let c = s.chunk(delta, None, None);
+                        s.pending.push_back(c);
+                    }
                     let c = s.chunk(Delta::default(), Some(o.finish_reason), Some(o.boxes));
                     s.pending.push_back(c);
                     if s.include_usage {

@@ -14,7 +14,7 @@ use super::error::ApiError;
 use super::metrics::Metrics;
 use super::queue::FairQueue;
 use crate::engine::Engine;
-use crate::openai::{BoxOut, Usage};
+use crate::openai::{BoxOut, FunctionCall, ToolCallOut, Usage};
 
 /// What a request gets back from the inference thread.
 pub(super) enum JobEvent {
@@ -28,12 +28,31 @@ pub(super) struct Outcome {
     pub(super) finish_reason: &'static str,
     pub(super) usage: Usage,
     pub(super) boxes: Vec<BoxOut>,
+    /// The call the model made, in the form the request asked for.
+    pub(super) tool_calls: Option<Vec<ToolCallOut>>,
+    pub(super) function_call: Option<FunctionCall>,
+    /// The text was not streamed as it came (tools were offered): a stream sends it now.
+    pub(super) text_held: bool,
+}
+
+/// Whether a request offered tools, and in which form: the reply's call comes back in the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ToolForm {
+    /// No tools offered: the reply is plain text.
+    Off,
+    /// `tools`: answered with `tool_calls` and `finish_reason: "tool_calls"`.
+    Tools,
+    /// The older `functions`: answered with `function_call` and `"function_call"`.
+    Functions,
 }
 
 pub(super) struct Job {
     /// `chatcmpl-N from ADDR`, for the request log.
     pub(super) label: String,
     pub(super) conversation: Conversation,
+    /// The reply already begun (a tool's result came back), which the model continues.
+    pub(super) reply_prefix: String,
+    pub(super) tools: ToolForm,
     /// The request's decoded images; deleted when the job is dropped.
     pub(super) images: tempfile::TempDir,
     pub(super) options: GenerateOptions,

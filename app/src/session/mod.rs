@@ -1,12 +1,15 @@
 //! The decisions every front end (`run`, `ocr`, `serve`, the desktop app) shares, made in one
 //! place: which generation options a request means ([`options`]), which device a word names
-//! ([`device`]), which weight type a model is loaded as and whether it fits ([`load`]), the
+//! ([`device`]), how a tool-using exchange is prompted and its reply read ([`tools`]), where
+//! the shown text stops ([`text`]), which weight type a model is loaded as and whether it fits ([`load`]), the
 //! question behind "read the text" ([`OCR_PROMPT`]) and where a reply's grounding boxes lie in
 //! its picture ([`reply_boxes`]). The engine ([`crate::engine`]) does the work; front ends only
 //! turn their input into these types and the results into their output.
 
 pub mod device;
 pub mod options;
+pub mod text;
+pub mod tools;
 
 use std::path::Path;
 use std::sync::Arc;

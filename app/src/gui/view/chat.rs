@@ -18,16 +18,28 @@ const REGION_COLOUR: Color32 = Color32::from_rgb(90, 160, 255);
 pub fn show(app: &mut AppState, ui: &mut egui::Ui) {
     let n = app.chat().turns.len();
     if n == 0 {
+        let pictures = app.reads_pictures();
         ui.vertical_centered(|ui| {
             ui.add_space(ui.available_height() / 3.0);
-            ui.label(RichText::new("Ask about pictures").size(22.0));
-            ui.label(
-                RichText::new(
-                    "Drop pictures on the window, paste one with Ctrl+V, or use Attach images…\n\
-                     To find things, ask e.g. \"Output the bounding box of the red square\".",
-                )
-                .weak(),
-            );
+            if pictures {
+                ui.label(RichText::new("Ask about pictures").size(22.0));
+                ui.label(
+                    RichText::new(
+                        "Drop pictures on the window, paste one with Ctrl+V, or use Attach images…\n\
+                         To find things, ask e.g. \"Output the bounding box of the red square\".",
+                    )
+                    .weak(),
+                );
+            } else {
+                ui.label(RichText::new("Ask anything").size(22.0));
+                ui.label(
+                    RichText::new(
+                        "This is a text-only Qwen model: write your question below.\n\
+                         Pictures need a Qwen-VL model (Open model…).",
+                    )
+                    .weak(),
+                );
+            }
         });
         return;
     }

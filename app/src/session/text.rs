@@ -1,4 +1,4 @@
-//! The reply text as the server sends it: trimmed like the engine's final text (so that the
+//! The reply text as a front end shows it: trimmed like the engine's final text (so that the
 //! streamed pieces add up to exactly the non-streamed `content`), and cut at the first `stop`
 //! string, which is never sent.
 
