@@ -53,6 +53,10 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// GPTQ Int4 copies of a checkpoint, and dense copies of their dequantised weights.
+#[path = "gptq_support.rs"]
+pub mod gptq;
+
 /// Hand-built checkpoints whose greedy replies are scripted (the tool-use tests).
 #[path = "scripted_model.rs"]
 pub mod scripted;

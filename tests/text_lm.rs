@@ -94,6 +94,37 @@ fn check_fixture(name: &str) {
     eprintln!("{}", report.join("\n"));
 }
 
+/// GPTQ Int4 (`tests/fixtures/tiny-gptq`, packed as auto-gptq packs Qwen's *-Int4 checkpoints
+/// from known int4 values, zeros and f16 scales; group size 128, the MLP's c_proj two groups):
+/// loaded directly, it matches the upstream model run on the dequantised float weights.
+#[test]
+fn tiny_gptq_matches_upstream_on_the_dequantised_weights() {
+    let ckpt = Checkpoint::open(&fixture("tiny-gptq")).unwrap();
+    let q = ckpt
+        .config
+        .quantization_config
+        .clone()
+        .expect("a GPTQ config");
+    assert_eq!((q.bits, q.group_size, q.desc_act), (4, Some(128), false));
+    check_fixture("tiny-gptq");
+}
+
+#[test]
+fn gptq_settings_we_do_not_run_are_refused_by_name() {
+    let base: Value = read_json(fixture("tiny-gptq").join("config.json"));
+    for (key, value, needle) in [
+        ("bits", serde_json::json!(8), "bits 8"),
+        ("quant_method", serde_json::json!("awq"), "\"awq\""),
+        ("checkpoint_format", serde_json::json!("gptq_v2"), "gptq_v2"),
+    ] {
+        let mut cfg = base.clone();
+        cfg["quantization_config"][key] = value;
+        let cfg: lm::QwenConfig = serde_json::from_value(cfg).unwrap();
+        let e = cfg.validate().unwrap_err();
+        assert!(e.contains(needle), "{key}: {e}");
+    }
+}
+
 #[test]
 fn tiny_text_matches_upstream_qwen_7b_chat_code() {
     check_fixture("tiny-text");

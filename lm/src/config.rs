@@ -83,6 +83,28 @@ pub struct QwenConfig {
     /// The vision tower's own config; the `vision` crate parses it.
     #[serde(default)]
     pub visual: Option<serde_json::Value>,
+    /// GPTQ Int4 checkpoints (`Qwen/*-Int4`): how their linear layers were packed.
+    #[serde(default)]
+    pub quantization_config: Option<GptqConfig>,
+}
+
+/// `quantization_config` of a GPTQ checkpoint (auto-gptq's `quantize_config.json`). The packed
+/// tensors describe their own groups (`g_idx`, `scales`), so `group_size` and `desc_act` need no
+/// handling of their own; what would change the arithmetic is checked.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct GptqConfig {
+    #[serde(default)]
+    pub quant_method: Option<String>,
+    pub bits: u32,
+    #[serde(default)]
+    pub group_size: Option<i64>,
+    #[serde(default)]
+    pub desc_act: bool,
+    #[serde(default)]
+    pub sym: Option<bool>,
+    /// auto-gptq's storage format: `gptq` (v1, zeros stored minus one) unless it says otherwise.
+    #[serde(default)]
+    pub checkpoint_format: Option<String>,
 }
 
 impl QwenConfig {
@@ -106,6 +128,26 @@ impl QwenConfig {
                 return Err(format!(
                     "unsupported model_type {mt:?} (expected \"qwen\": Qwen v1 / Qwen-VL; \
                      Qwen1.5 and later are \"qwen2\" models, which qwenvl does not run)"
+                ));
+            }
+        }
+        if let Some(q) = &cfg.quantization_config {
+            if let Some(m) = q.quant_method.as_deref().filter(|m| *m != "gptq") {
+                return Err(format!(
+                    "quantization_config.quant_method {m:?} is not supported (only GPTQ Int4, \
+                     as Qwen's *-Int4 checkpoints)"
+                ));
+            }
+            if q.bits != 4 {
+                return Err(format!(
+                    "quantization_config.bits {} is not supported: only 4-bit GPTQ",
+                    q.bits
+                ));
+            }
+            if let Some(f) = q.checkpoint_format.as_deref().filter(|f| *f != "gptq") {
+                return Err(format!(
+                    "quantization_config.checkpoint_format {f:?} is not supported: only \
+                     auto-gptq's \"gptq\" layout (zeros stored minus one)"
                 ));
             }
         }

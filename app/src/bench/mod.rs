@@ -35,11 +35,13 @@ pub enum Source {
 }
 
 /// The presets `--random` accepts.
-pub const RANDOM_PRESETS: [&str; 4] = [
+pub const RANDOM_PRESETS: [&str; 6] = [
     "qwen-vl-chat",
     "qwen-1.8b-chat",
     "qwen-7b-chat",
     "qwen-14b-chat",
+    "qwen-7b-chat-int4",
+    "qwen-14b-chat-int4",
 ];
 
 /// `config.json` of a `--random` preset: the published checkpoint's shapes and switches.
@@ -48,7 +50,8 @@ pub fn random_preset_config(name: &str) -> Option<&'static str> {
         "qwen-vl-chat" => QWEN_VL_CHAT_CONFIG,
         "qwen-1.8b-chat" => random::QWEN_1_8B_CHAT_CONFIG,
         "qwen-7b-chat" => random::QWEN_7B_CHAT_CONFIG,
-        "qwen-14b-chat" => random::QWEN_14B_CHAT_CONFIG,
+        "qwen-14b-chat" | "qwen-14b-chat-int4" => random::QWEN_14B_CHAT_CONFIG,
+        "qwen-7b-chat-int4" => random::QWEN_7B_CHAT_CONFIG,
         _ => return None,
     })
 }
@@ -293,9 +296,18 @@ pub fn run(
                     RANDOM_PRESETS.join(", ")
                 )
             })?;
-            let cfg: QwenConfig = serde_json::from_str(json)?;
+            let mut cfg: QwenConfig = serde_json::from_str(json)?;
+            // The Int4 presets: the LM's linear layers GPTQ-packed as Qwen's *-Int4 ship them
+            // (4 bits, groups of 128), dequantised and repacked at load like a real checkpoint.
+            let int4 = name.ends_with("-int4");
+            if int4 {
+                cfg.quantization_config = Some(serde_json::from_value(serde_json::json!({
+                    "quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": false,
+                    "sym": true
+                }))?);
+            }
             let vb = VarBuilder::from_backend(
-                Box::new(RandomBackend::new(0x5eed)),
+                Box::new(RandomBackend::new(0x5eed).with_gptq(int4)),
                 wt.compute_dtype(&device),
                 device.clone(),
             );

@@ -67,7 +67,12 @@ const POOL_LEN: usize = 1 << 24;
 /// weights are 1, everything else is a window of the shared random pool chosen by the name.
 pub struct RandomBackend {
     pool: Arc<Vec<f32>>,
+    /// The LM's linear layers are served GPTQ-packed (`qweight`, `qzeros`, `scales`, `g_idx`).
+    gptq: bool,
 }
+
+/// The tensors of a GPTQ-packed linear layer.
+const GPTQ_PARTS: [&str; 4] = [".qweight", ".qzeros", ".scales", ".g_idx"];
 
 impl RandomBackend {
     pub fn new(seed: u64) -> Self {
@@ -85,7 +90,40 @@ impl RandomBackend {
             .collect();
         Self {
             pool: Arc::new(pool),
+            gptq: false,
         }
+    }
+
+    /// Serves the LM's linear layers (`transformer.h.*`) GPTQ-packed, as an Int4 checkpoint.
+    pub fn with_gptq(mut self, gptq: bool) -> Self {
+        self.gptq = gptq;
+        self
+    }
+
+    /// A packed GPTQ tensor: random 4-bit values (from the pool's bits), symmetric zeros (8,
+    /// stored as 7), scales giving the weights the pool's spread, groups of 128 in order.
+    fn gptq_tensor(&self, name: &str, s: &Shape, dtype: DType, dev: &Device) -> Option<Tensor> {
+        let n = s.elem_count();
+        let t = if name.ends_with(".qweight") {
+            let v = self.values(name, n);
+            let words: Vec<i32> = v.iter().map(|x| x.to_bits() as i32).collect();
+            Tensor::from_vec(words, s, dev)
+        } else if name.ends_with(".qzeros") {
+            Tensor::from_vec(vec![0x7777_7777i32; n], s, dev)
+        } else if name.ends_with(".scales") {
+            // q - 8 spans ±8: scale 0.02·√3 / 8 gives the pool's range.
+            Tensor::from_vec(vec![0.02f32 * 3f32.sqrt() / 8.0; n], s, dev)
+                .and_then(|t| t.to_dtype(dtype))
+        } else if name.ends_with(".g_idx") {
+            Tensor::from_vec((0..n as i32).map(|i| i / 128).collect::<Vec<_>>(), s, dev)
+        } else {
+            return None;
+        };
+        t.ok()
+    }
+
+    fn is_gptq_layer(&self, name: &str) -> bool {
+        self.gptq && name.starts_with("transformer.h.")
     }
 
     fn values(&self, name: &str, n: usize) -> Vec<f32> {
@@ -118,6 +156,11 @@ impl SimpleBackend for RandomBackend {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
+        if self.is_gptq_layer(name) {
+            if let Some(t) = self.gptq_tensor(name, &s, dtype, dev) {
+                return Ok(t);
+            }
+        }
         let v = self.values(name, s.elem_count());
         Tensor::from_vec(v, s, dev)?.to_dtype(dtype)
     }
@@ -126,7 +169,44 @@ impl SimpleBackend for RandomBackend {
         candle_core::bail!("random weights need a shape for {name}")
     }
 
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
+    fn contains_tensor(&self, name: &str) -> bool {
+        // Packed layers only in the Int4 presets; every other tensor is there.
+        !GPTQ_PARTS.iter().any(|p| name.ends_with(p)) || self.is_gptq_layer(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_nn::VarBuilder;
+
+    /// The Int4 presets serve the LM's linear layers GPTQ-packed, which the loader dequantises to
+    /// weights of the pool's spread (4-bit steps of 0.02·√3 / 8); other presets never look packed.
+    #[test]
+    fn int4_presets_serve_packed_lm_layers_only() {
+        let dev = Device::Cpu;
+        let vb = |gptq| {
+            VarBuilder::from_backend(
+                Box::new(RandomBackend::new(7).with_gptq(gptq)),
+                DType::F32,
+                dev.clone(),
+            )
+        };
+        let layer = "transformer.h.0.mlp.w1";
+        assert!(!lm::quant::gptq::is_packed(&vb(false).pp(layer)));
+        assert!(!lm::quant::gptq::is_packed(
+            &vb(true).pp("transformer.visual.x")
+        ));
+        let packed = vb(true).pp(layer);
+        assert!(lm::quant::gptq::is_packed(&packed));
+        let w = lm::quant::gptq::dequantize(&packed, (16, 256)).unwrap();
+        let v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let step = 0.02 * 3f32.sqrt() / 8.0;
+        assert!(v.iter().all(|x| {
+            let k = x / step;
+            (k - k.round()).abs() < 1e-4 && (-8.0..=7.0).contains(&k.round())
+        }));
+        // Not all one value: the 4-bit codes come from the pool.
+        assert!(v.iter().any(|&x| x != v[0]));
     }
 }

@@ -31,7 +31,7 @@ const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 
 /// The checkpoints qwenvl runs, by short name (`qwenvl download qwen-7b-chat`): Qwen-VL and the
 /// text-only Qwen (v1) chat models of the same architecture.
-pub const KNOWN_MODELS: [(&str, &str); 8] = [
+pub const KNOWN_MODELS: [(&str, &str); 13] = [
     ("qwen-vl-chat", "Qwen/Qwen-VL-Chat"),
     ("qwen-vl", "Qwen/Qwen-VL"),
     ("qwen-1.8b-chat", "Qwen/Qwen-1_8B-Chat"),
@@ -40,6 +40,11 @@ pub const KNOWN_MODELS: [(&str, &str); 8] = [
     ("qwen-72b-chat", "Qwen/Qwen-72B-Chat"),
     ("qwen-7b", "Qwen/Qwen-7B"),
     ("qwen-14b", "Qwen/Qwen-14B"),
+    ("qwen-vl-chat-int4", "Qwen/Qwen-VL-Chat-Int4"),
+    ("qwen-1.8b-chat-int4", "Qwen/Qwen-1_8B-Chat-Int4"),
+    ("qwen-7b-chat-int4", "Qwen/Qwen-7B-Chat-Int4"),
+    ("qwen-14b-chat-int4", "Qwen/Qwen-14B-Chat-Int4"),
+    ("qwen-72b-chat-int4", "Qwen/Qwen-72B-Chat-Int4"),
 ];
 
 /// The hub repository of a short name of [`KNOWN_MODELS`], or `repo` itself when it is an
@@ -66,7 +71,9 @@ pub fn resolve_repo(repo: &str) -> Result<String> {
 #[derive(clap::Args, Debug, Clone)]
 pub struct DownloadArgs {
     /// Model repository on the hub (`org/name`), or a short name: qwen-vl-chat, qwen-vl,
-    /// qwen-1.8b-chat, qwen-7b-chat, qwen-14b-chat, qwen-72b-chat, qwen-7b, qwen-14b.
+    /// qwen-1.8b-chat, qwen-7b-chat, qwen-14b-chat, qwen-72b-chat, qwen-7b, qwen-14b,
+    /// qwen-vl-chat-int4, qwen-1.8b-chat-int4, qwen-7b-chat-int4, qwen-14b-chat-int4,
+    /// qwen-72b-chat-int4.
     #[arg(default_value = DEFAULT_REPO)]
     pub repo: String,
     /// Branch, tag or commit to download.
@@ -571,6 +578,30 @@ mod known_model_tests {
     #[test]
     fn short_names_resolve_to_hub_repositories() {
         assert_eq!(resolve_repo("qwen-7b-chat").unwrap(), "Qwen/Qwen-7B-Chat");
+        assert_eq!(
+            resolve_repo("qwen-7b-chat-int4").unwrap(),
+            "Qwen/Qwen-7B-Chat-Int4"
+        );
+        // The help lists every short name (it is written by hand).
+        use clap::Args;
+        let cmd = DownloadArgs::augment_args(clap::Command::new("download"));
+        let help = cmd
+            .get_arguments()
+            .find(|a| a.get_id() == "repo")
+            .and_then(|a| a.get_help())
+            .unwrap()
+            .to_string();
+        let listed: Vec<&str> = help
+            .split([',', ' ', ':', '\n'])
+            .map(|w| w.trim_end_matches('.'))
+            .filter(|w| w.starts_with("qwen"))
+            .collect();
+        for (name, _) in KNOWN_MODELS {
+            assert!(
+                listed.contains(&name),
+                "{name} is missing from the help: {help}"
+            );
+        }
         assert_eq!(resolve_repo("Qwen-14B-Chat").unwrap(), "Qwen/Qwen-14B-Chat");
         assert_eq!(resolve_repo("someone/model").unwrap(), "someone/model");
         let e = resolve_repo("llama").unwrap_err().to_string();

@@ -20,7 +20,7 @@ use lm::checkpoint::LoadProgress;
 use lm::quant::WeightType;
 
 use crate::engine::{Engine, Reply};
-use crate::model_dir::{check_memory, choose_weights, weights_bytes};
+use crate::model_dir::{check_memory, choose_weights, sixteen_bit_bytes, weights_bytes};
 
 pub use device::{available_devices, parse_device, DeviceError};
 pub use options::{fresh_seed, GenerateRequest, OptionError};
@@ -38,11 +38,12 @@ pub fn plan_load(
 ) -> Result<(WeightType, u64)> {
     // A broken folder is left to the engine, whose errors name the missing or broken file.
     let bytes = weights_bytes(dir);
+    let size = sixteen_bit_bytes(dir, bytes);
     let wt = match requested {
         Some(wt) => wt,
-        None => choose_weights(bytes, device)?,
+        None => choose_weights(size, device)?,
     };
-    check_memory(bytes, wt, device)?;
+    check_memory(size, wt, device)?;
     Ok((wt, bytes))
 }
 

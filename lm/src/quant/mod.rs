@@ -7,6 +7,8 @@ pub use kernels::dense16;
 pub use kernels::quant as cpu;
 pub use kernels::CpuMatmul;
 
+pub mod gptq;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -414,13 +416,22 @@ fn quantized_weight_bytes(
         q.count_read(&name);
         return Ok(b);
     }
-    let w = vb.get((out_dim, in_dim), "weight")?;
+    let w = linear_weight(vb, (out_dim, in_dim))?;
     let w = if pad > 0 {
         w.pad_with_zeros(1, 0, pad)?
     } else {
         w
     };
     quantize_rows_bytes(&w, g)
+}
+
+/// A linear layer's dense `[out, in]` weight: the checkpoint's `weight`, or its GPTQ-packed
+/// `qweight`/`qzeros`/`scales`/`g_idx` dequantised ([`gptq`]).
+fn linear_weight(vb: &VarBuilder, (out_dim, in_dim): (usize, usize)) -> Result<Tensor> {
+    if gptq::is_packed(vb) {
+        return gptq::dequantize(vb, (out_dim, in_dim));
+    }
+    vb.get((out_dim, in_dim), "weight")
 }
 
 fn cpu_weight(
@@ -526,13 +537,13 @@ impl QLinear {
                     WeightType::F16 => dense16::Half::F16,
                     _ => dense16::Half::Bf16,
                 };
-                let w = vb.get((out_dim, in_dim), "weight")?.to_dtype(DType::F32)?;
+                let w = linear_weight(&vb, (out_dim, in_dim))?.to_dtype(DType::F32)?;
                 let w = w.flatten_all()?.to_vec1::<f32>()?;
                 LinearWeight::Dense16(Arc::new(dense16::HalfWeight::from_rows(
                     half, out_dim, in_dim, &w,
                 )))
             }
-            None => LinearWeight::Candle(QMatMul::Tensor(vb.get((out_dim, in_dim), "weight")?)),
+            None => LinearWeight::Candle(QMatMul::Tensor(linear_weight(&vb, (out_dim, in_dim))?)),
         };
         let bias = if bias {
             Some(vb.get(out_dim, "bias")?)
