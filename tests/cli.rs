@@ -28,11 +28,16 @@ fn case(id: &str) -> &'static Value {
 /// A scratch folder holding the conversation file, with `images/` linked to the fixture images so
 /// the case's relative paths resolve against the conversation's folder.
 fn conversation_dir(case: &Value) -> tempfile::TempDir {
+    conversation_file_dir(&case["conversation"])
+}
+
+/// [`conversation_dir`] for any conversation file's contents.
+fn conversation_file_dir(conversation: &Value) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::os::unix::fs::symlink(tiny_a().join("images"), dir.path().join("images")).unwrap();
     std::fs::write(
         dir.path().join("conversation.json"),
-        serde_json::to_vec(&case["conversation"]).unwrap(),
+        serde_json::to_vec(conversation).unwrap(),
     )
     .unwrap();
     dir
@@ -57,7 +62,17 @@ fn run_cli(model: &Path, case: &Value, args: &[&str]) -> Run {
 }
 
 fn run_cli_env(model: &Path, case: &Value, args: &[&str], env: &[(&str, &str)]) -> Run {
-    let dir = conversation_dir(case);
+    run_conversation(model, &case["conversation"], args, env)
+}
+
+/// `qwenvl run --json --logits-out` on a conversation file holding `conversation`.
+fn run_conversation(
+    model: &Path,
+    conversation: &Value,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Run {
+    let dir = conversation_file_dir(conversation);
     let logits_path = dir.path().join("logits.safetensors");
     let out = Command::new(env!("CARGO_BIN_EXE_qwenvl"))
         .envs(env.iter().copied())
@@ -73,8 +88,7 @@ fn run_cli_env(model: &Path, case: &Value, args: &[&str], env: &[(&str, &str)]) 
         .unwrap();
     assert!(
         out.status.success(),
-        "qwenvl run failed for {}: {}",
-        case["id"],
+        "qwenvl run failed for {conversation}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     let json: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -731,23 +745,12 @@ fn openai_tool_messages(messages: &Value, modern: bool) -> Value {
 }
 
 fn run_tool_file(model: &Path, file: &Value, extra: &[&str]) -> Value {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("conversation.json");
-    std::fs::write(&path, serde_json::to_vec(file).unwrap()).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_qwenvl"))
-        .args(["run", "--json", "--greedy", "--dtype", "f32", "--model"])
-        .arg(model)
-        .arg("--conversation")
-        .arg(&path)
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let args: Vec<&str> = ["--greedy", "--dtype", "f32"]
+        .iter()
+        .chain(extra)
+        .copied()
+        .collect();
+    run_conversation(model, file, &args, &[]).json
 }
 
 /// `run --conversation` takes OpenAI chat messages with tools: every golden ReAct case builds
@@ -755,21 +758,16 @@ fn run_tool_file(model: &Path, file: &Value, extra: &[&str]) -> Value {
 /// come back as `tool_calls` and `content`.
 #[test]
 fn tool_conversations_build_upstream_prompts_and_read_calls() {
-    let g: Value = serde_json::from_slice(
-        &std::fs::read(qwenvl_e2e::text_fixture("tools").join("react_prompts.json")).unwrap(),
-    )
-    .unwrap();
+    use qwenvl_e2e::{openai_tools, react_case, react_golden};
     let tiny_text = qwenvl_e2e::text_fixture("tiny-text");
-    for (k, c) in g["prompts"].as_array().unwrap().iter().enumerate() {
+    for (k, c) in react_golden()["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
         let id = c["id"].as_str().unwrap();
-        let tools: Vec<Value> = c["functions"]
-            .as_array()
-            .map(|f| {
-                f.iter()
-                    .map(|f| serde_json::json!({"type": "function", "function": f}))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let tools = openai_tools(c);
         let file = serde_json::json!({
             "tools": tools,
             "messages": openai_tool_messages(&c["messages"], k % 2 == 0),
@@ -782,27 +780,10 @@ fn tool_conversations_build_upstream_prompts_and_read_calls() {
     use qwenvl_e2e::scripted;
     let dir = tempfile::tempdir().unwrap();
     scripted::write_weather_model(dir.path());
-    let case = |id: &str| {
-        g["prompts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["id"] == id)
-            .unwrap()
-            .clone()
-    };
-    let tools = |c: &Value| -> Value {
-        c["functions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|f| serde_json::json!({"type": "function", "function": f}))
-            .collect()
-    };
-    let q = case("one_tool_question");
+    let q = react_case("one_tool_question");
     let out = run_tool_file(
         dir.path(),
-        &serde_json::json!({"tools": tools(&q), "messages": q["messages"]}),
+        &serde_json::json!({"tools": openai_tools(&q), "messages": q["messages"]}),
         &[],
     );
     assert_eq!(out["prompt_ids"], q["prompt_ids"]);
@@ -813,10 +794,10 @@ fn tool_conversations_build_upstream_prompts_and_read_calls() {
         "{out}"
     );
     assert_eq!(out["finish"], "StopString", "{out}");
-    let a = case("after_observation");
+    let a = react_case("after_observation");
     let out = run_tool_file(
         dir.path(),
-        &serde_json::json!({"tools": tools(&a), "messages": openai_tool_messages(&a["messages"], true)}),
+        &serde_json::json!({"tools": openai_tools(&a), "messages": openai_tool_messages(&a["messages"], true)}),
         &[],
     );
     assert_eq!(out["prompt_ids"], a["prompt_ids"]);

@@ -8,11 +8,6 @@ use lm::react::{self, Message, Role, Tool, ToolCall};
 use lm::Checkpoint;
 use serde_json::Value;
 
-fn golden() -> Value {
-    let p = qwenvl_e2e::text_fixture("tools").join("react_prompts.json");
-    serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
-}
-
 fn messages(v: &Value) -> Vec<Message> {
     v.as_array()
         .unwrap()
@@ -36,7 +31,7 @@ fn messages(v: &Value) -> Vec<Message> {
 
 #[test]
 fn react_prompts_match_upstream_openai_api() {
-    let g = golden();
+    let g = qwenvl_e2e::react_golden();
     let tok = Checkpoint::open(&qwenvl_e2e::text_fixture("tiny-text"))
         .unwrap()
         .tokenizer()
@@ -75,7 +70,7 @@ fn react_prompts_match_upstream_openai_api() {
 
 #[test]
 fn replies_parse_like_upstream() {
-    let g = golden();
+    let g = qwenvl_e2e::react_golden();
     for c in g["parse_response"].as_array().unwrap() {
         let r = c["response"].as_str().unwrap();
         let p = react::parse_response(r);

@@ -233,19 +233,6 @@ pub const WEATHER_THOUGHT: &str = "I should call the weather tool.";
 pub const WEATHER_ARGUMENTS: &str = "{\"city\": \"Paris\"}";
 pub const WEATHER_ANSWER: &str = "It is clear and 21 C in Paris.";
 
-/// The ids of a golden ReAct prompt of `tests/fixtures/tools/react_prompts.json`.
-pub fn react_prompt_ids(id: &str) -> Vec<u32> {
-    let p = crate::text_fixture("tools").join("react_prompts.json");
-    let g: serde_json::Value = serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
-    let case = g["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["id"] == id)
-        .unwrap_or_else(|| panic!("no golden prompt {id}"));
-    crate::ids_of(&case["prompt_ids"])
-}
-
 /// A scripted model for the golden exchange `one_tool_question` → `after_observation`: after
 /// the question it calls `get_weather` with [`WEATHER_ARGUMENTS`] (thought
 /// [`WEATHER_THOUGHT`]) and stops at `Observation:`; after the tool's result it answers
@@ -255,7 +242,7 @@ pub fn write_weather_model(dir: &Path) {
     let from = crate::text_fixture("tiny-text");
     let tok = lm::Checkpoint::open(&from).unwrap().tokenizer().unwrap();
     let tail = |id: &str| {
-        let ids = react_prompt_ids(id);
+        let ids = crate::ids_of(&crate::react_case(id)["prompt_ids"]);
         ids[ids.len() - (MAX_BACK + 1)..].to_vec()
     };
     let call = format!(

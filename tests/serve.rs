@@ -921,27 +921,9 @@ fn tool_calls_round_trip_through_the_openai_client() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("weather");
     scripted::write_weather_model(&model);
-    let g: Value = serde_json::from_slice(
-        &std::fs::read(qwenvl_e2e::text_fixture("tools").join("react_prompts.json")).unwrap(),
-    )
-    .unwrap();
-    let case = |id: &str| {
-        g["prompts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["id"] == id)
-            .unwrap()
-            .clone()
-    };
-    let q = case("one_tool_question");
-    let a = case("after_observation");
-    let tools: Vec<Value> = q["functions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| json!({"type": "function", "function": f}))
-        .collect();
+    let q = qwenvl_e2e::react_case("one_tool_question");
+    let a = qwenvl_e2e::react_case("after_observation");
+    let tools = qwenvl_e2e::openai_tools(&q);
     let tools_file = dir.path().join("tools.json");
     std::fs::write(&tools_file, serde_json::to_vec(&tools).unwrap()).unwrap();
     let result = a["messages"][2]["content"].as_str().unwrap();

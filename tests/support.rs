@@ -53,6 +53,35 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// The golden ReAct prompts of upstream `openai_api.py` (`tests/fixtures/tools/react_prompts.json`).
+pub fn react_golden() -> serde_json::Value {
+    let p = text_fixture("tools").join("react_prompts.json");
+    serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap()
+}
+
+/// One prompt case of [`react_golden`] by id.
+pub fn react_case(id: &str) -> serde_json::Value {
+    react_golden()["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == id)
+        .unwrap_or_else(|| panic!("no golden ReAct prompt {id}"))
+        .clone()
+}
+
+/// A golden case's `functions` in the OpenAI `tools` form (none: empty).
+pub fn openai_tools(case: &serde_json::Value) -> Vec<serde_json::Value> {
+    case["functions"]
+        .as_array()
+        .map(|f| {
+            f.iter()
+                .map(|f| serde_json::json!({"type": "function", "function": f}))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// GPTQ Int4 copies of a checkpoint, and dense copies of their dequantised weights.
 #[path = "gptq_support.rs"]
 pub mod gptq;

@@ -291,13 +291,7 @@ fn read_question(path: &Path) -> Result<Question> {
             tools: false,
         });
     }
-    if let Some(i) = file.tools.iter().position(|t| t.kind != "function") {
-        bail!(
-            "{}: tools[{i}].type: only `function` tools are supported",
-            path.display()
-        );
-    }
-    let tools: Vec<_> = file.tools.into_iter().map(|t| t.function).collect();
+    let tools = openai::function_tools(&file.tools).map_err(at)?;
     let messages = openai::to_react(&file.messages).map_err(at)?;
     let p = qwenvl::session::tools::prepare(&messages, &tools, &stops)
         .map_err(|e| anyhow!("{}: messages: {e}", path.display()))?;

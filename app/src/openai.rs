@@ -438,12 +438,11 @@ pub fn has_tool_exchange(messages: &[Message]) -> bool {
 pub fn to_react(messages: &[Message]) -> Result<Vec<lm::react::Message>, MessageError> {
     use lm::react::{Message as RMessage, Role, ToolCall};
     let mut out: Vec<RMessage> = Vec::new();
-    // Calls of the last assistant message still waiting for their result: (id, call).
+    // Calls of the last assistant message not written out yet: (id, call).
     let mut waiting: std::collections::VecDeque<(String, ToolCall)> = Default::default();
-    // The ids of the last assistant message's calls, and how many results came since.
-    let (mut call_ids, mut answered) = (Vec::<String>::new(), 0usize);
-    // A later call of a several-call message, written out and waiting for its result.
-    let mut unanswered: Option<String> = None;
+    // The call written out last, whose result comes next: (id, whether it must have one, as a
+    // call split off a several-call message must).
+    let mut open: Option<(String, bool)> = None;
     for (i, m) in messages.iter().enumerate() {
         let at = format!("messages[{i}]");
         let content = match &m.content {
@@ -468,7 +467,7 @@ pub fn to_react(messages: &[Message]) -> Result<Vec<lm::react::Message>, Message
         };
         let role = m.role.as_str();
         if !matches!(role, "tool" | "function") {
-            if let Some(id) = unanswered.as_ref().or(waiting.front().map(|(id, _)| id)) {
+            if let Some(id) = missing_result(&open, &waiting) {
                 return Err(bad(
                     format!("{at}.role"),
                     format!("the tool call `{id}` has no result before this message"),
@@ -507,19 +506,18 @@ pub fn to_react(messages: &[Message]) -> Result<Vec<lm::react::Message>, Message
                         react_call(&c.function, &format!("{at}.tool_calls[{j}].function"))?,
                     ));
                 }
-                call_ids = calls.iter().map(|(id, _)| id.clone()).collect();
-                answered = 0;
                 let mut calls = calls.into_iter();
+                let first = calls.next();
+                open = first.as_ref().map(|(id, _)| (id.clone(), false));
                 out.push(RMessage {
                     role: Role::Assistant,
                     content,
-                    call: calls.next().map(|(_, c)| c),
+                    call: first.map(|(_, c)| c),
                 });
                 waiting.extend(calls);
             }
             "tool" | "function" => {
-                let want = call_ids.get(answered);
-                answered += 1;
+                let want = open.take().map(|(id, _)| id);
                 if let (Some(want), Some(got)) = (want, m.tool_call_id.as_deref()) {
                     if !want.is_empty() && want != got {
                         return Err(bad(
@@ -536,9 +534,8 @@ pub fn to_react(messages: &[Message]) -> Result<Vec<lm::react::Message>, Message
                     content,
                     call: None,
                 });
-                unanswered = None;
                 if let Some((id, call)) = waiting.pop_front() {
-                    unanswered = Some(id);
+                    open = Some((id, true));
                     out.push(RMessage {
                         role: Role::Assistant,
                         content: String::new(),
@@ -554,13 +551,39 @@ pub fn to_react(messages: &[Message]) -> Result<Vec<lm::react::Message>, Message
             }
         }
     }
-    if let Some(id) = unanswered.as_ref().or(waiting.front().map(|(id, _)| id)) {
+    if let Some(id) = missing_result(&open, &waiting) {
         return Err(bad(
             "messages".into(),
             format!("the tool call `{id}` has no result"),
         ));
     }
     Ok(out)
+}
+
+/// The call that still needs its result before another kind of message: the open one when it
+/// must have one, else the next one waiting.
+fn missing_result<'a>(
+    open: &'a Option<(String, bool)>,
+    waiting: &'a std::collections::VecDeque<(String, lm::react::ToolCall)>,
+) -> Option<&'a String> {
+    match open {
+        Some((id, true)) => Some(id),
+        _ => waiting.front().map(|(id, _)| id),
+    }
+}
+
+/// The functions of `tools`; a tool of another type is refused, naming it.
+pub fn function_tools(tools: &[ToolSpec]) -> Result<Vec<lm::react::Tool>, MessageError> {
+    if let Some(i) = tools.iter().position(|t| t.kind != "function") {
+        return Err(bad(
+            format!("tools[{i}].type"),
+            format!(
+                "tool type `{}` is not supported: only `function` tools",
+                tools[i].kind
+            ),
+        ));
+    }
+    Ok(tools.iter().map(|t| t.function.clone()).collect())
 }
 
 fn react_call(f: &FunctionCall, param: &str) -> Result<lm::react::ToolCall, MessageError> {

@@ -162,17 +162,7 @@ fn offered_tools(req: &ChatRequest) -> Result<(ToolForm, Vec<lm::react::Tool>), 
                     .param("functions"),
             )
         }
-        (Some(specs), None) => {
-            if let Some(i) = specs.iter().position(|t| t.kind != "function") {
-                return Err(ApiError::invalid(format!(
-                    "tool type `{}` is not supported: only `function` tools",
-                    specs[i].kind
-                ))
-                .param(format!("tools[{i}].type")));
-            }
-            let tools = specs.iter().map(|t| t.function.clone()).collect();
-            (ToolForm::Tools, tools)
-        }
+        (Some(specs), None) => (ToolForm::Tools, openai::function_tools(specs)?),
         (None, Some(f)) => (ToolForm::Functions, f.clone()),
         (None, None) => (ToolForm::Off, Vec::new()),
     };
