@@ -18,7 +18,8 @@ pub enum Level {
     Avx2,
     /// AVX-512 F/BW/VL + VNNI; AVX-512 BF16 `vdpbf16ps` where present.
     Avx512,
-    /// Reserved for AMX tiles; runs the AVX-512 kernels for now.
+    /// AVX-512 plus AMX tiles (`tdpbf16ps`) for the compute-bound matmuls ([`crate::amx`]);
+    /// everything else runs the AVX-512 kernels.
     Amx,
     /// aarch64 Advanced SIMD; the dotprod `sdot` where present.
     Neon,
@@ -55,7 +56,7 @@ impl Level {
         supported_levels().contains(&self)
     }
 
-    /// Which code family runs at this level (AMX runs the AVX-512 kernels for now).
+    /// Which code family runs at this level (AMX runs the AVX-512 kernels outside [`crate::amx`]).
     pub fn isa(self) -> Isa {
         match self {
             Level::Portable => Isa::Portable,
@@ -137,7 +138,9 @@ fn amx_detected() -> bool {
     }
     // SAFETY: OSXSAVE is set, so XGETBV is available.
     let xcr0 = unsafe { xgetbv0() };
-    xcr0 & (0b11 << 17) == (0b11 << 17)
+    // The tile data is lent to a process only when it asks; without it the first tile
+    // instruction faults, so a refusal means no AMX level (the AVX-512 kernels run instead).
+    xcr0 & (0b11 << 17) == (0b11 << 17) && crate::amx::request_tiles()
 }
 
 #[cfg(target_arch = "x86_64")]

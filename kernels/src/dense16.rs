@@ -137,6 +137,9 @@ impl HalfWeight {
         if m == 0 || n == 0 {
             return;
         }
+        // No AMX tiles here: they would round the activations to bf16 too, and the 16-bit
+        // types promise logits within 1e-3 of f32 (measured 0.018 off on tiny-a with bf16
+        // activations, against 4e-5 with f32 ones).
         let n_tiles = n.div_ceil(TILE);
         (0..n_tiles).into_par_iter().for_each(|t| {
             let tile = &self.tiles[t * k * 64..(t + 1) * k * 64];

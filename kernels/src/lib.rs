@@ -6,6 +6,8 @@
 //! autovectorised; the reference the others are tested against), AVX2, AVX-512 and NEON, chosen
 //! at run time. `lm` and `vision` both use this crate and stay independent of each other.
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 #[cfg(target_arch = "aarch64")]
 mod arm;
 mod buffer;
@@ -18,6 +20,26 @@ mod tile;
 pub mod vit_attention;
 
 pub use buffer::LargeBuffer;
+
+/// Activation rows from which the AMX level multiplies on tiles (below, it runs the AVX-512
+/// kernels); `usize::MAX` where there are no tiles.
+pub fn amx_min_rows() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        amx::MIN_ROWS
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        usize::MAX
+    }
+}
+
+/// f32 → bf16 bits as the AMX level rounds its operands (tests compute its arithmetic exactly).
+#[cfg(target_arch = "x86_64")]
+#[doc(hidden)]
+pub fn amx_bf16_bits(v: f32) -> u32 {
+    amx::bf16_bits(v)
+}
 pub use cpu::Level;
 
 /// A CPU weight the model multiplies by: quantized tiles or 16-bit tiles.

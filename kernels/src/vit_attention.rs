@@ -81,6 +81,11 @@ enum Code {
 /// If this CPU cannot run `level`, or the slices do not match the sizes.
 pub fn attention_at(qkv: &[f32], n: usize, heads: usize, hd: usize, out: &mut [f32], level: Level) {
     cpu::assert_supported(level);
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Amx && n >= crate::amx::MIN_ROWS {
+        // SAFETY: the level was checked above.
+        return unsafe { attention_amx(qkv, n, heads, hd, out) };
+    }
     let code = match level.isa() {
         Isa::Avx512 if cpu::features().avx512_bf16 => Code::Avx512Bf16,
         Isa::Avx512 | Isa::Avx2 => Code::Avx2,
@@ -134,6 +139,143 @@ fn attention_with(qkv: &[f32], n: usize, heads: usize, hd: usize, out: &mut [f32
                 }
             }
             i += r;
+        }
+    });
+}
+
+/// Query rows per pass of the AMX attention: bounds a head's scores (4 MB at 1024). Smaller
+/// passes, whose scores would stay in L2, were measured slower (the keys are packed per pass).
+#[cfg(target_arch = "x86_64")]
+const QUERY_CHUNK: usize = 1024;
+
+/// `row = exp(row − max)` and the sum of those weights rounded to bf16 (as the tiles will
+/// round them).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn softmax_row_avx512(row: &mut [f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = if v > *l { v } else { *l };
+        }
+    }
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    crate::math::exp_shifted_in_place(row, max, Isa::Avx512);
+    let mut sums = [0f32; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (s, &e) in sums.iter_mut().zip(c) {
+            // Round to nearest even (the weights are finite and ≥ 0 here).
+            let b = e.to_bits();
+            *s += f32::from_bits(((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16);
+        }
+    }
+    let tail: f32 = chunks
+        .remainder()
+        .iter()
+        .map(|&e| bf16_value(bf16_bits(e)))
+        .sum();
+    sums.iter().sum::<f32>() + tail
+}
+
+/// The AMX level: per head, the scores `q·kᵀ` and then `e·v` as two tile matmuls
+/// ([`crate::amx`]), the softmax between them in f32. The same numerics as the fused kernels:
+/// q/√d, k, v and `e = exp(s − max)` rounded to bf16 (the tiles' operands), f32 sums, and the
+/// output divided by the sum of the rounded weights. A head's scores (4 MB for the ViT's 1024
+/// patches) are written out: the tiles multiply several times faster than `vdpbf16ps`, and a
+/// pass over the scores costs less than the products it saves.
+///
+/// # Safety
+/// The AMX level is supported.
+#[cfg(target_arch = "x86_64")]
+unsafe fn attention_amx(qkv: &[f32], n: usize, heads: usize, hd: usize, out: &mut [f32]) {
+    use crate::amx::{matmul, F32Rows};
+    use crate::tile::TileOut;
+    assert_eq!(qkv.len(), n * heads * 3 * hd, "qkv shape");
+    assert_eq!(out.len(), n * heads * hd, "output shape");
+    let scale = 1.0 / (hd as f32).sqrt();
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    thread_local! {
+        /// A head's operands and scores, kept between heads and calls: fresh megabytes cost a
+        /// page fault per 4 KB.
+        static BUFFERS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    (0..heads).into_par_iter().for_each(|h| {
+        // A head stolen by this thread while it waits inside a matmul gets its own buffers.
+        let mut kept =
+            BUFFERS.with(|b| b.try_borrow_mut().ok().map(|mut b| std::mem::take(&mut *b)));
+        let mut own = Vec::new();
+        let buf = kept.as_mut().unwrap_or(&mut own);
+        buf.resize(n * hd + QUERY_CHUNK * n + QUERY_CHUNK * hd, 0.0);
+        let (q, rest) = buf.split_at_mut(n * hd);
+        let (scores, ctx) = rest.split_at_mut(QUERY_CHUNK * n);
+        let stride = heads * 3 * hd;
+        for (j, q) in q.chunks_exact_mut(hd).enumerate() {
+            for (o, &x) in q.iter_mut().zip(&qkv[j * stride + h * 3 * hd..][..hd]) {
+                *o = x * scale;
+            }
+        }
+        let q: &[f32] = q;
+        // Keys: row j = token j; values as rows: row d = channel d across the tokens.
+        let keys = F32Rows {
+            n,
+            k: hd,
+            data: &qkv[h * 3 * hd + hd..],
+            row_stride: stride,
+            col_stride: 1,
+        };
+        let values = F32Rows {
+            n: hd,
+            k: n,
+            data: &qkv[h * 3 * hd + 2 * hd..],
+            row_stride: 1,
+            col_stride: stride,
+        };
+        // Queries a chunk at a time (all of the ViT's 1024 at once).
+        for i0 in (0..n).step_by(QUERY_CHUNK) {
+            let rows = QUERY_CHUNK.min(n - i0);
+            let q = &q[i0 * hd..(i0 + rows) * hd];
+            let scores = &mut scores[..rows * n];
+            let ctx = &mut ctx[..rows * hd];
+            // SAFETY: the caller checked the level.
+            unsafe { matmul(&keys, q, rows, TileOut::new(scores, q, (rows, n, hd), None)) };
+            let sums: Vec<f32> = scores
+                .chunks_mut(n)
+                // SAFETY: the AMX level has AVX-512.
+                .map(|row| unsafe { softmax_row_avx512(row) })
+                .collect();
+            let scores: &[f32] = scores;
+            // SAFETY: as above.
+            unsafe {
+                matmul(
+                    &values,
+                    scores,
+                    rows,
+                    TileOut::new(ctx, scores, (rows, hd, n), None),
+                )
+            };
+            for (u, (row, sum)) in ctx.chunks_exact(hd).zip(&sums).enumerate() {
+                // SAFETY: row `i0 + u`, columns `h·hd..(h+1)·hd` belong to this head alone.
+                let dst = unsafe {
+                    let at = (i0 + u) * heads * hd + h * hd;
+                    std::slice::from_raw_parts_mut(out_ptr.get().add(at), hd)
+                };
+                for (o, &c) in dst.iter_mut().zip(row) {
+                    *o = c / sum;
+                }
+            }
+        }
+        if let Some(b) = kept {
+            BUFFERS.with(|c| {
+                if let Ok(mut c) = c.try_borrow_mut() {
+                    *c = b;
+                }
+            });
         }
     });
 }
@@ -704,9 +846,20 @@ mod tests {
             let qkv = values(n * heads * 3 * hd, seed);
             let rounded = reference(&qkv, n, heads, hd, true);
             let exact_ref = reference(&qkv, n, heads, hd, false);
-            for (name, code) in &codes {
+            // The AMX level's tile path (from MIN_ROWS tokens) computes the same numerics.
+            let mut runs: Vec<(String, Option<Code>)> = codes
+                .iter()
+                .map(|(name, c)| (name.clone(), Some(*c)))
+                .collect();
+            if Level::Amx.supported() && n >= crate::amx_min_rows() {
+                runs.push(("amx tiles".into(), None));
+            }
+            for (name, code) in &runs {
                 let mut got = vec![f32::NAN; n * heads * hd];
-                attention_with(&qkv, n, heads, hd, &mut got, *code);
+                match code {
+                    Some(code) => attention_with(&qkv, n, heads, hd, &mut got, *code),
+                    None => attention_at(&qkv, n, heads, hd, &mut got, Level::Amx),
+                }
                 // Values are in [-3, 3]: |v − out| ≤ 6.
                 let bound = 6.0 / 512.0 * (1.0 + 1.0 / 256.0) + 1e-5;
                 let err = max_err(&got, &rounded);

@@ -27,6 +27,8 @@ use crate::cpu::{self, Isa, Level};
 use crate::tile::TileOut;
 use crate::LargeBuffer;
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 #[cfg(target_arch = "x86_64")]
@@ -367,6 +369,12 @@ impl CpuQWeight {
         let (n, k) = (self.n, self.k);
         let out = TileOut::new(out, x, (m, n, k), bias);
         if m == 0 || n == 0 {
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if level == Level::Amx && m >= crate::amx::MIN_ROWS {
+            // SAFETY: the level was checked above.
+            unsafe { crate::amx::matmul(self, x, m, out) };
             return;
         }
         let acts: Vec<Act> = if m == 1 {
@@ -765,6 +773,9 @@ mod tests {
                 for &level in &levels {
                     let mut got = vec![f32::NAN; m * n];
                     qw.matmul_at(&x, m, &mut got, None, level);
+                    // From MIN_ROWS rows the AMX level multiplies bf16 on tiles, other numerics
+                    // than the int8 sums: `amx_tiles_compute_the_bf16_product` checks it exactly.
+                    let tiles = level == Level::Amx && m >= crate::amx_min_rows();
                     let err = got
                         .iter()
                         .zip(&reference)
@@ -773,7 +784,7 @@ mod tests {
                         err < 0.02 * scale,
                         "{format:?} {level} {m}x{k}x{n}: max error {err} vs scale {scale}"
                     );
-                    for (g, p) in got.iter().zip(&portable) {
+                    for (g, p) in got.iter().zip(&portable).filter(|_| !tiles) {
                         assert!(
                             (g - p).abs() <= 1e-5 * scale,
                             "{format:?} {level} {m}x{k}x{n}: {g} vs portable {p}"
@@ -785,7 +796,7 @@ mod tests {
                     for (i, (b, p)) in biased.iter().zip(&got).enumerate() {
                         assert_eq!(*b, p + bias[i % n], "{format:?} {level} bias at {i}");
                     }
-                    if level != Level::Portable {
+                    if level != Level::Portable && !tiles {
                         match &simd {
                             Some((other, want)) => assert!(
                                 got == *want,
@@ -988,5 +999,50 @@ mod tests {
         assert!(CpuQWeight::from_ggml(Format::Q4K, 2, 256, &[0; 287]).is_err());
         assert!(CpuQWeight::from_ggml(Format::Q8_0, 2, 96, &[0; 203]).is_err());
         assert!(CpuQWeight::from_ggml(Format::Q8_0, 2, 96, &[0; 204]).is_ok());
+    }
+
+    /// The AMX level's tile matmul (from `MIN_ROWS` activation rows) against its own arithmetic
+    /// done exactly: `Σ bf16(x)·bf16(w)` in f64, where `w` is GGML's dequantized weight. The
+    /// tiles sum exact f32 products in f32 in their own order; over k ≤ 2048 terms that moves a
+    /// result by about √k f32 ulps of `Σ|x·w|` (bound used: 1e-5 of it), while one misplaced
+    /// weight or input moves it by a whole term, ~Σ|x·w|/k ≥ 5e-4 of it.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn amx_tiles_compute_the_bf16_product() {
+        if !cpu::levels_to_test("amx tiles").contains(&Level::Amx) {
+            return;
+        }
+        let bf = |v: f32| f32::from_bits(crate::amx_bf16_bits(v) << 16) as f64;
+        for format in [Format::Q4K, Format::Q8_0] {
+            for (m, k, n) in [
+                (32, 256, 32),
+                (33, 512, 17),
+                (70, 768, 300),
+                (100, 2048, 40),
+                (64, 256, 1),
+                (47, 1792, 65),
+            ] {
+                let (qw, _, deq) = weight(format, n, k, (m * 7 + n) as u64);
+                let x = floats(m as u64 + 5, m * k, 4.0);
+                let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.5 - 7.0).collect();
+                let mut got = vec![f32::NAN; m * n];
+                qw.matmul_at(&x, m, &mut got, Some(&bias), Level::Amx);
+                for i in 0..m {
+                    for j in 0..n {
+                        let terms = x[i * k..(i + 1) * k]
+                            .iter()
+                            .zip(&deq[j * k..(j + 1) * k])
+                            .map(|(a, b)| bf(*a) * bf(*b));
+                        let (sum, abs) = terms.fold((0f64, 0f64), |(s, a), t| (s + t, a + t.abs()));
+                        let want = sum + bias[j] as f64;
+                        let g = got[i * n + j] as f64;
+                        assert!(
+                            (g - want).abs() <= 1e-5 * abs + 1e-6 * bias[j].abs() as f64,
+                            "{format:?} {m}x{k}x{n} at ({i}, {j}): {g} vs {want} (Σ|t| {abs})"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
