@@ -278,8 +278,8 @@ const CHUNK_STEPS: usize = BAND_BYTES / (BAND_PANELS * STEP_PAIRS * 4);
 /// `out = x · wᵀ (+ bias)` on the tiles, for `m ≥ 1` rows of `x` (`[m, k]`).
 ///
 /// Each task takes a band of up to 4 panels (128 weight rows) and walks the inner dimension in
-/// chunks whose panels stay in L2 (1 MB); every activation block passes each chunk, its
-/// accumulators kept per band. The activations are read once per band.
+/// chunks whose panels stay in L2 (1 MB); every activation block passes each chunk with its
+/// accumulators in L1 (parked in L2 between chunks). The activations are read once per band.
 ///
 /// # Safety
 /// The AMX level is supported ([`crate::cpu::Level::Amx`]).
