@@ -22,7 +22,7 @@
 use rayon::prelude::*;
 use std::cell::RefCell;
 
-use crate::tile::TileOut;
+use crate::tile::{pair, TileOut};
 
 /// Weight rows per panel (two 16-column B tiles).
 pub(crate) const PANEL: usize = 32;
@@ -64,24 +64,6 @@ pub(crate) fn request_tiles() -> bool {
     {
         false
     }
-}
-
-/// f32 → bf16 bits, rounding to nearest even; NaN stays NaN.
-#[inline(always)]
-pub(crate) fn bf16_bits(x: f32) -> u32 {
-    let b = x.to_bits();
-    let rounded = (b + 0x7FFF + ((b >> 16) & 1)) >> 16;
-    if x.is_nan() {
-        (b >> 16) | 0x40
-    } else {
-        rounded
-    }
-}
-
-/// Two values as one bf16 pair lane (`a` low, as `tdpbf16ps` pairs them).
-#[inline(always)]
-pub(crate) fn pair(a: f32, b: f32) -> u32 {
-    bf16_bits(a) | (bf16_bits(b) << 16)
 }
 
 /// A weight the AMX matmul can take: it widens any 32 of its rows into a bf16 panel.
@@ -203,6 +185,32 @@ struct Line([u32; 16]);
 /// A buffer of whole cache lines, seen as `T`s.
 struct Lines(Vec<Line>);
 
+impl Default for Lines {
+    fn default() -> Self {
+        Lines::new()
+    }
+}
+
+/// This thread's buffer kept in `cell`, taken out for one call and handed back with [`keep`]. A
+/// call nested on the same thread (a rayon task stolen while the first waits) finds it taken and
+/// starts from an empty one.
+pub(crate) fn take_kept<T: Default>(cell: &'static std::thread::LocalKey<RefCell<T>>) -> T {
+    cell.with(|c| {
+        c.try_borrow_mut()
+            .map(|mut b| std::mem::take(&mut *b))
+            .unwrap_or_default()
+    })
+}
+
+/// Hands a buffer back to this thread's `cell` for the next call ([`take_kept`]).
+pub(crate) fn keep<T>(cell: &'static std::thread::LocalKey<RefCell<T>>, buf: T) {
+    cell.with(|c| {
+        if let Ok(mut c) = c.try_borrow_mut() {
+            *c = buf;
+        }
+    });
+}
+
 impl Lines {
     const fn new() -> Self {
         Lines(Vec::new())
@@ -288,14 +296,7 @@ pub(crate) unsafe fn matmul(w: &impl Panels, x: &[f32], m: usize, out: TileOut) 
     let st = steps(k);
     let m_blocks = m.div_ceil(BLOCK);
     let len = m_blocks * st * BLOCK * STEP;
-    // A nested call on this thread (a rayon task stolen while waiting) gets its own buffer.
-    let mut own = Lines::new();
-    let mut kept = ACTIVATIONS.with(|c| {
-        c.try_borrow_mut()
-            .ok()
-            .map(|mut l| std::mem::replace(&mut *l, Lines::new()))
-    });
-    let lines = kept.as_mut().unwrap_or(&mut own);
+    let mut lines = take_kept(&ACTIVATIONS);
     let a: &mut [u16] = lines.slice_mut(len);
     activations(x, m, k, a);
     let a: &[u16] = a;
@@ -381,13 +382,7 @@ pub(crate) unsafe fn matmul(w: &impl Panels, x: &[f32], m: usize, out: TileOut) 
                 }
             });
         });
-    if let Some(l) = kept {
-        ACTIVATIONS.with(|c| {
-            if let Ok(mut c) = c.try_borrow_mut() {
-                *c = l;
-            }
-        });
-    }
+    keep(&ACTIVATIONS, lines);
 }
 
 /// An f32 matrix `[n, k]` taken as weight rows (rounded to bf16 as they are packed): element
@@ -416,25 +411,12 @@ impl Panels for F32Rows<'_> {
             }
         };
         for (s, out) in (s0..s0 + ns).zip(panel.chunks_exact_mut(STEP_PAIRS)) {
-            // Walk the matrix along its contiguous direction.
-            if self.col_stride == 1 {
+            for p in 0..16 {
+                let kk = s * STEP + 2 * p;
                 for t in 0..2 {
                     for c in 0..16 {
                         let j = j0 + 16 * t + c;
-                        for p in 0..16 {
-                            let kk = s * STEP + 2 * p;
-                            out[t * 256 + p * 16 + c] = pair(at(j, kk), at(j, kk + 1));
-                        }
-                    }
-                }
-            } else {
-                for p in 0..16 {
-                    let kk = s * STEP + 2 * p;
-                    for t in 0..2 {
-                        for c in 0..16 {
-                            let j = j0 + 16 * t + c;
-                            out[t * 256 + p * 16 + c] = pair(at(j, kk), at(j, kk + 1));
-                        }
+                        out[t * 256 + p * 16 + c] = pair(at(j, kk), at(j, kk + 1));
                     }
                 }
             }

@@ -22,8 +22,9 @@ pub mod vit_attention;
 pub use buffer::LargeBuffer;
 
 /// Activation rows from which the AMX level multiplies on tiles (below, it runs the AVX-512
-/// kernels); `usize::MAX` where there are no tiles.
-pub fn amx_min_rows() -> usize {
+/// kernels); `usize::MAX` where there are no tiles. Tests pick their comparisons by it.
+#[cfg(test)]
+pub(crate) fn amx_min_rows() -> usize {
     #[cfg(target_arch = "x86_64")]
     {
         amx::MIN_ROWS
@@ -34,12 +35,6 @@ pub fn amx_min_rows() -> usize {
     }
 }
 
-/// f32 → bf16 bits as the AMX level rounds its operands (tests compute its arithmetic exactly).
-#[cfg(target_arch = "x86_64")]
-#[doc(hidden)]
-pub fn amx_bf16_bits(v: f32) -> u32 {
-    amx::bf16_bits(v)
-}
 pub use cpu::Level;
 
 /// A CPU weight the model multiplies by: quantized tiles or 16-bit tiles.

@@ -68,3 +68,29 @@ pub(crate) fn f16_to_f32(h: u32) -> f32 {
     };
     f32::from_bits(v.to_bits() | sign)
 }
+
+/// f32 → bf16 bits, rounding to nearest even (what `vcvtne2ps2bf16` does; NaN stays NaN).
+/// Branch-free (both results, then a select), so that loops over it vectorise.
+#[inline(always)]
+pub(crate) fn bf16_bits(x: f32) -> u32 {
+    let b = x.to_bits();
+    let rounded = (b.wrapping_add(0x7FFF + ((b >> 16) & 1))) >> 16;
+    if x.is_nan() {
+        (b >> 16) | 0x40
+    } else {
+        rounded
+    }
+}
+
+/// bf16 bits widened to f32 (exact).
+#[inline(always)]
+pub(crate) fn bf16_value(bits: u32) -> f32 {
+    f32::from_bits(bits << 16)
+}
+
+/// Two values as one 32-bit lane of bf16 pairs (`a` in the low half, as `vdpbf16ps` and
+/// `tdpbf16ps` pair them).
+#[inline(always)]
+pub(crate) fn pair(a: f32, b: f32) -> u32 {
+    bf16_bits(a) | (bf16_bits(b) << 16)
+}

@@ -20,6 +20,7 @@
 use rayon::prelude::*;
 
 use crate::cpu::{self, Isa, Level};
+use crate::tile::{bf16_bits, bf16_value, pair};
 
 /// Keys (or value channels) per 512-bit vector of f32 lanes.
 const LANES: usize = 16;
@@ -27,24 +28,6 @@ const LANES: usize = 16;
 const ROWS: usize = 4;
 /// Query rows per parallel task.
 const TASK_ROWS: usize = 64;
-
-/// f32 → bf16 bits, rounding to nearest even (what `vcvtne2ps2bf16` does; NaN stays NaN).
-fn bf16_bits(x: f32) -> u32 {
-    let b = x.to_bits();
-    if x.is_nan() {
-        return (b >> 16) | 0x40;
-    }
-    (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-}
-
-fn bf16_value(bits: u32) -> f32 {
-    f32::from_bits(bits << 16)
-}
-
-/// Two values as one 32-bit lane of bf16 pairs (`a` in the low half, as `vdpbf16ps` pairs them).
-fn pair(a: f32, b: f32) -> u32 {
-    bf16_bits(a) | (bf16_bits(b) << 16)
-}
 
 /// One head's operands in the kernel's layouts (all `u32` lanes are bf16 pairs).
 struct Head {
@@ -170,9 +153,7 @@ unsafe fn softmax_row_avx512(row: &mut [f32]) -> f32 {
     let mut chunks = row.chunks_exact(LANES);
     for c in &mut chunks {
         for (s, &e) in sums.iter_mut().zip(c) {
-            // Round to nearest even (the weights are finite and ≥ 0 here).
-            let b = e.to_bits();
-            *s += f32::from_bits(((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16);
+            *s += bf16_value(bf16_bits(e));
         }
     }
     let tail: f32 = chunks
@@ -206,11 +187,7 @@ unsafe fn attention_amx(qkv: &[f32], n: usize, heads: usize, hd: usize, out: &mu
         static BUFFERS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     (0..heads).into_par_iter().for_each(|h| {
-        // A head stolen by this thread while it waits inside a matmul gets its own buffers.
-        let mut kept =
-            BUFFERS.with(|b| b.try_borrow_mut().ok().map(|mut b| std::mem::take(&mut *b)));
-        let mut own = Vec::new();
-        let buf = kept.as_mut().unwrap_or(&mut own);
+        let mut buf = crate::amx::take_kept(&BUFFERS);
         buf.resize(n * hd + QUERY_CHUNK * n + QUERY_CHUNK * hd, 0.0);
         let (q, rest) = buf.split_at_mut(n * hd);
         let (scores, ctx) = rest.split_at_mut(QUERY_CHUNK * n);
@@ -270,13 +247,7 @@ unsafe fn attention_amx(qkv: &[f32], n: usize, heads: usize, hd: usize, out: &mu
                 }
             }
         }
-        if let Some(b) = kept {
-            BUFFERS.with(|c| {
-                if let Ok(mut c) = c.try_borrow_mut() {
-                    *c = b;
-                }
-            });
-        }
+        crate::amx::keep(&BUFFERS, buf);
     });
 }
 

@@ -36,30 +36,14 @@ unsafe fn quarter<const Q: i32, const SIGNED: bool>(v: __m512i) -> __m512 {
 #[inline(always)]
 unsafe fn spread(v: __m512) -> [__m512; 4] {
     std::array::from_fn(|q| {
-        let idx = _mm512_setr_epi32(
-            4 * q as i32,
-            4 * q as i32,
-            4 * q as i32,
-            4 * q as i32,
-            4 * q as i32 + 1,
-            4 * q as i32 + 1,
-            4 * q as i32 + 1,
-            4 * q as i32 + 1,
-            4 * q as i32 + 2,
-            4 * q as i32 + 2,
-            4 * q as i32 + 2,
-            4 * q as i32 + 2,
-            4 * q as i32 + 3,
-            4 * q as i32 + 3,
-            4 * q as i32 + 3,
-            4 * q as i32 + 3,
-        );
+        let lanes: [i32; 16] = std::array::from_fn(|e| (4 * q + e / 4) as i32);
+        let idx = _mm512_loadu_si512(lanes.as_ptr().cast());
         _mm512_permutexvar_ps(idx, v)
     })
 }
 
 /// Four quarters of values (value `e % 4` of row `4Q + e/4`) as two panel rows: inputs 0, 1 of
-/// each of the 16 rows, then inputs 2, 3 (bf16 rounded to nearest even, as [`pair`]).
+/// each of the 16 rows, then inputs 2, 3 (bf16 rounded to nearest even, as [`crate::tile::pair`]).
 #[inline(always)]
 unsafe fn panel_rows(f: [__m512; 4], out: *mut u32) {
     let v01 = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(f[1], f[0]));

@@ -1012,7 +1012,7 @@ mod tests {
         if !cpu::levels_to_test("amx tiles").contains(&Level::Amx) {
             return;
         }
-        let bf = |v: f32| f32::from_bits(crate::amx_bf16_bits(v) << 16) as f64;
+        let bf = |v: f32| crate::tile::bf16_value(crate::tile::bf16_bits(v)) as f64;
         for format in [Format::Q4K, Format::Q8_0] {
             for (m, k, n) in [
                 (32, 256, 32),
